@@ -1,0 +1,1 @@
+"""Scenes, datasets, recordings and channel models: everything that produces or stores inputs."""

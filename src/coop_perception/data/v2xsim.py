@@ -1,0 +1,416 @@
+"""V2X-Sim 2.0 on-disk format (nuScenes tables + per-agent LiDAR sweeps): writer and reader.
+
+Layout under the dataset root::
+
+    {version}/scene.json, sample.json, sample_data.json, ego_pose.json, ...   (nuScenes tables)
+    sweeps/LIDAR_TOP_id_{k}/scene_{n}_{frame:06d}.pcd.bin                   (float32 N x 5)
+
+Timestamps are microseconds, quaternions ``[w, x, y, z]``, annotation ``size`` is ``[w, l, h]``
+and ``translation`` the box centre in the global frame. The reader serves real V2X-Sim data and
+our synthetic scenes alike and copes with the real data's quirks (semantic-LiDAR channels,
+agents missing from samples, 4-column files, no lidarseg.json).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..geometry import (make_pose, matrix_to_quat_wxyz, points_in_boxes, quat_wxyz_to_yaw,
+                        yaw_to_quat_wxyz)
+from .labels import category_to_label
+
+DEFAULT_VERSION = 'v2.0-mini'
+TABLES = ('log', 'map', 'scene', 'sample', 'sample_data', 'ego_pose', 'calibrated_sensor', 'sensor',
+          'sample_annotation', 'instance', 'category', 'attribute', 'visibility')
+LIDAR_CHANNEL = re.compile(r'^LIDAR_TOP_id_(\d+)$')
+VISIBILITY_LEVELS = (('1', 'v0-40'), ('2', 'v40-60'), ('3', 'v60-80'), ('4', 'v80-100'))
+
+
+def channel_name(agent: int) -> str:
+    return f'LIDAR_TOP_id_{agent}'
+
+
+def _token(*parts) -> str:
+    """Deterministic 32-hex token, so the same scene always gets the same tokens."""
+    return hashlib.md5('/'.join(map(str, parts)).encode()).hexdigest()
+
+
+# ============================================================================ writer
+class V2XSimWriter:
+    """Write scenes frame by frame; tables are written by close()."""
+
+    def __init__(self, root, version: str = DEFAULT_VERSION, dataset: str = 'synthetic'):
+        self.root = Path(root)
+        self.version = version
+        self.dataset = dataset
+        self.tables: dict[str, list[dict]] = {t: [] for t in TABLES}
+        self._sensors: dict[int, str] = {}
+        self._categories: dict[str, str] = {}
+        self._attributes: dict[str, str] = {}
+        for level, desc in VISIBILITY_LEVELS:
+            self.tables['visibility'].append({'token': level, 'level': desc,
+                                              'description': f'visibility of the object {desc}%'})
+        log = _token(dataset, 'log')
+        self.tables['log'].append({'token': log, 'logfile': dataset, 'vehicle': 'v2x',
+                                   'date_captured': '2026-11-29', 'location': 'synthetic-town'})
+        self.tables['map'].append({'token': _token(dataset, 'map'), 'log_tokens': [log],
+                                   'category': 'semantic_prior', 'filename': ''})
+        self._log = log
+        self._scene = None
+        self._sd_index: dict[str, dict] = {}
+        self._ann_index: dict[str, dict] = {}
+
+    # -- helpers
+    def _sensor(self, agent: int) -> str:
+        if agent not in self._sensors:
+            tok = _token(self.dataset, 'sensor', agent)
+            self._sensors[agent] = tok
+            self.tables['sensor'].append({'token': tok, 'channel': channel_name(agent),
+                                          'modality': 'lidar'})
+        return self._sensors[agent]
+
+    def _named(self, table: str, cache: dict, name: str) -> str:
+        if name not in cache:
+            cache[name] = _token(self.dataset, table, name)
+            self.tables[table].append({'token': cache[name], 'name': name, 'description': name})
+        return cache[name]
+
+    # -- scenes
+    def begin_scene(self, name: str, description: str = ''):
+        tok = _token(self.dataset, 'scene', name)
+        self._scene = {'token': tok, 'log_token': self._log, 'nbr_samples': 0, 'name': name,
+                       'description': description, 'first_sample_token': '', 'last_sample_token': ''}
+        self._prev_sample = ''
+        self._prev_sd: dict[int, str] = {}
+        self._prev_ann: dict[int, str] = {}
+        self._instances: dict[int, dict] = {}
+
+    def add_frame(self, frame) -> None:
+        """frame: a `synth.Frame` (or anything with the same fields)."""
+        sc = self._scene
+        name = sc['name']
+        sample = _token(self.dataset, name, 'sample', frame.index)
+        self.tables['sample'].append({'token': sample, 'timestamp': int(frame.timestamp_us),
+                                      'prev': self._prev_sample, 'next': '', 'scene_token': sc['token']})
+        if self._prev_sample:
+            self.tables['sample'][-2]['next'] = sample
+        else:
+            sc['first_sample_token'] = sample
+        sc['last_sample_token'] = sample
+        sc['nbr_samples'] += 1
+        self._prev_sample = sample
+
+        for scan in frame.scans:
+            k = scan.agent_id
+            ch = channel_name(k)
+            rel = f'sweeps/{ch}/{name}_{frame.index:06d}.pcd.bin'
+            path = self.root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.ascontiguousarray(scan.points, dtype=np.float32).tofile(path)
+            sd = _token(self.dataset, name, 'sd', frame.index, k)
+            ep = _token(self.dataset, name, 'ep', frame.index, k)
+            cs = _token(self.dataset, name, 'cs', k)
+            self.tables['ego_pose'].append({
+                'token': ep, 'timestamp': int(scan.timestamp_us),
+                'rotation': matrix_to_quat_wxyz(scan.T_world_ego[:3, :3]).tolist(),
+                'translation': scan.T_world_ego[:3, 3].tolist()})
+            if k not in self._prev_sd:  # the mount is fixed within a scene
+                self.tables['calibrated_sensor'].append({
+                    'token': cs, 'sensor_token': self._sensor(k),
+                    'translation': scan.T_ego_sensor[:3, 3].tolist(),
+                    'rotation': matrix_to_quat_wxyz(scan.T_ego_sensor[:3, :3]).tolist(),
+                    'camera_intrinsic': []})
+            prev = self._prev_sd.get(k, '')
+            self.tables['sample_data'].append({
+                'token': sd, 'sample_token': sample, 'ego_pose_token': ep,
+                'calibrated_sensor_token': cs, 'timestamp': int(scan.timestamp_us),
+                'fileformat': 'pcd', 'is_key_frame': True, 'height': 0,
+                'width': int(len(scan.points)), 'filename': rel, 'prev': prev, 'next': ''})
+            if prev:
+                self._sd_index[prev]['next'] = sd
+            self._sd_index[sd] = self.tables['sample_data'][-1]
+            self._prev_sd[k] = sd
+
+        agents = sorted(frame.agent_points)
+        for i, iid in enumerate(frame.instance_ids.tolist()):
+            ann = _token(self.dataset, name, 'ann', frame.index, iid)
+            inst = self._instances.get(iid)
+            if inst is None:
+                inst = {'token': _token(self.dataset, name, 'inst', iid),
+                        'category_token': self._named('category', self._categories, frame.categories[i]),
+                        'nbr_annotations': 0, 'first_annotation_token': ann, 'last_annotation_token': ann}
+                self._instances[iid] = inst
+                self.tables['instance'].append(inst)
+            prev = self._prev_ann.get(iid, '')
+            per_agent = {str(k): int(frame.agent_points[k][i]) for k in agents}
+            total = sum(per_agent.values())
+            x, y, z, l, w, h, yaw = frame.boxes[i].tolist()
+            rec = {'token': ann, 'sample_token': sample, 'instance_token': inst['token'],
+                   'visibility_token': _visibility(frame.agent_points, i),
+                   'attribute_tokens': [self._named('attribute', self._attributes, frame.attributes[i])],
+                   'translation': [x, y, z], 'size': [w, l, h],
+                   'rotation': yaw_to_quat_wxyz(yaw).tolist(), 'prev': prev, 'next': '',
+                   'num_lidar_pts': total, 'num_radar_pts': 0,
+                   'velocity': frame.velocities[i].tolist(), 'agent_lidar_pts': per_agent}
+            if prev:
+                self._ann_index[prev]['next'] = ann
+            self._ann_index[ann] = rec
+            self.tables['sample_annotation'].append(rec)
+            inst['nbr_annotations'] += 1
+            inst['last_annotation_token'] = ann
+            self._prev_ann[iid] = ann
+
+    def end_scene(self):
+        self.tables['scene'].append(self._scene)
+        self._scene = None
+
+    def close(self):
+        meta = self.root / self.version
+        meta.mkdir(parents=True, exist_ok=True)
+        for name, rows in self.tables.items():
+            with open(meta / f'{name}.json', 'w') as fh:
+                json.dump(rows, fh, indent=0)
+
+
+def _visibility(agent_points: dict, i: int) -> str:
+    best = max((int(c[i]) for c in agent_points.values()), default=0)
+    return '4' if best >= 50 else '3' if best >= 15 else '2' if best >= 5 else '1'
+
+
+# ============================================================================ reader
+@dataclass
+class SceneInfo:
+    name: str
+    token: str
+    sample_tokens: list[str]
+
+
+@dataclass
+class AgentFrame:
+    agent_id: int
+    channel: str
+    timestamp_us: int                 # capture time
+    T_world_ego: np.ndarray           # (4, 4)
+    T_ego_sensor: np.ndarray          # (4, 4)
+    path: Path
+    expected_points: int              # 0 when the file does not say (real V2X-Sim)
+    sample_data_token: str
+
+    @property
+    def T_world_sensor(self) -> np.ndarray:
+        return self.T_world_ego @ self.T_ego_sensor
+
+    def load_points(self) -> np.ndarray:
+        """(N, 5) float32 [x, y, z, intensity, ring] in the sensor frame (ring = -1 if unknown)."""
+        return read_pcd_bin(self.path, self.expected_points)
+
+    @property
+    def points(self) -> np.ndarray:
+        """(N, 4) float32 [x, y, z, intensity] in the sensor frame."""
+        return self.load_points()[:, :4]
+
+
+def read_pcd_bin(path: Path, expected_points: int = 0) -> np.ndarray:
+    """Read a nuScenes/V2X-Sim .pcd.bin: float32 rows of 5 (or 4) values -> (N, 5)."""
+    try:
+        raw = np.fromfile(path, dtype=np.float32)
+    except FileNotFoundError:
+        raise UserError(path, 'LiDAR file is missing') from None
+    if path.stat().st_size % 4:
+        raise UserError(path, f'truncated: {path.stat().st_size} bytes is not a whole number of float32')
+    if expected_points:
+        if raw.size != 5 * expected_points:
+            raise UserError(path, f'truncated: {raw.size} floats, expected {expected_points} points x 5')
+        return raw.reshape(-1, 5)
+    if raw.size % 5 == 0:
+        return raw.reshape(-1, 5)
+    if raw.size % 4 == 0:  # some V2X-Sim sweeps carry x, y, z, intensity only
+        pts = raw.reshape(-1, 4)
+        return np.concatenate([pts, np.full((len(pts), 1), -1, np.float32)], 1)
+    raise UserError(path, f'truncated: {raw.size} floats is neither N x 5 nor N x 4')
+
+
+@dataclass
+class GroundTruth:
+    """Objects of one sample, world frame, at the sample timestamp."""
+    boxes: np.ndarray                 # (M, 7) [x, y, z, l, w, h, yaw]
+    velocities: np.ndarray            # (M, 2) m/s
+    labels: np.ndarray                # (M,) index into labels.CLASSES, -1 for other categories
+    categories: list[str]
+    instance_tokens: list[str]
+    agent_points: dict[int, np.ndarray] = field(default_factory=dict)  # agent -> (M,) counts
+
+    def boxes_at(self, dt_s: float) -> np.ndarray:
+        """Boxes moved with their velocity by dt_s seconds (e.g. to another agent's capture time)."""
+        out = self.boxes.copy()
+        out[:, :2] += self.velocities * dt_s
+        return out
+
+
+@dataclass
+class Sample:
+    scene_name: str
+    scene_index: int
+    frame_index: int
+    token: str
+    timestamp_us: int
+    agents: dict[int, AgentFrame]
+    gt: GroundTruth
+
+    def agent_box(self, agent: int) -> int:
+        """Index of the ground-truth box of the agent's own vehicle, or -1 (e.g. the RSU)."""
+        a = self.agents[agent]
+        dt = (a.timestamp_us - self.timestamp_us) * 1e-6
+        if len(self.gt.boxes) == 0:
+            return -1
+        origin = np.array([[*a.T_world_ego[:2, 3], 0.0]])
+        inside = points_in_boxes(origin, _flatten_z(self.gt.boxes_at(dt)))[:, 0]
+        hits = np.nonzero(inside)[0]
+        return int(hits[0]) if len(hits) else -1
+
+
+def _flatten_z(boxes: np.ndarray) -> np.ndarray:
+    """Boxes stretched to include z = 0 so a ground-level origin tests by BEV footprint only."""
+    out = boxes.copy()
+    out[:, 2] = 0.0
+    out[:, 5] = 1e3
+    return out
+
+
+class V2XSimDataset:
+    """Index over a V2X-Sim-format dataset. Raises UserError for missing or inconsistent files."""
+
+    def __init__(self, root, version: str = DEFAULT_VERSION):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(self.root, 'dataset folder does not exist')
+        meta = self.root / version
+        if not meta.is_dir():
+            found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / 'scene.json').exists())
+            raise UserError(meta, 'metadata folder not found' + (f' (found: {", ".join(found)})' if found else ''))
+        self.meta = meta
+        t = {name: self._load(name) for name in ('scene', 'sample', 'sample_data', 'ego_pose',
+                                                  'calibrated_sensor', 'sensor', 'sample_annotation',
+                                                  'instance', 'category')}
+        self._t = t
+        self._index()
+
+    def _load(self, name: str) -> dict[str, dict]:
+        path = self.meta / f'{name}.json'
+        try:
+            with open(path) as fh:
+                rows = json.load(fh)
+        except FileNotFoundError:
+            raise UserError(path, 'table is missing') from None
+        except json.JSONDecodeError as exc:
+            raise UserError(path, f'not valid JSON ({exc.msg} at line {exc.lineno})') from None
+        return {r['token']: r for r in rows}
+
+    def _ref(self, table: str, token: str, by: str, from_table: str) -> dict:
+        try:
+            return self._t[table][token]
+        except KeyError:
+            raise UserError(self.meta / f'{from_table}.json',
+                            f'{from_table} {by} refers to missing {table} token {token!r}') from None
+
+    def _index(self):
+        t = self._t
+        # Scenes ordered by name and samples by their prev/next chain.
+        self.scenes: list[SceneInfo] = []
+        for sc in sorted(t['scene'].values(), key=lambda s: s['name']):
+            tokens, tok = [], sc['first_sample_token']
+            while tok:
+                s = self._ref('sample', tok, sc['token'], 'scene' if not tokens else 'sample')
+                tokens.append(tok)
+                tok = s['next']
+            self.scenes.append(SceneInfo(sc['name'], sc['token'], tokens))
+        self._lidar_sd: dict[str, dict[int, dict]] = {}
+        for sd in t['sample_data'].values():
+            cs = self._ref('calibrated_sensor', sd['calibrated_sensor_token'], sd['token'], 'sample_data')
+            sensor = self._ref('sensor', cs['sensor_token'], cs['token'], 'calibrated_sensor')
+            m = LIDAR_CHANNEL.match(sensor['channel'])  # SEMLIDAR_TOP_id_k and cameras are skipped
+            if not m or not sd.get('is_key_frame', True):
+                continue
+            self._ref('sample', sd['sample_token'], sd['token'], 'sample_data')
+            self._ref('ego_pose', sd['ego_pose_token'], sd['token'], 'sample_data')
+            self._lidar_sd.setdefault(sd['sample_token'], {})[int(m.group(1))] = sd
+        self._anns: dict[str, list[dict]] = {}
+        for ann in t['sample_annotation'].values():
+            self._ref('sample', ann['sample_token'], ann['token'], 'sample_annotation')
+            inst = self._ref('instance', ann['instance_token'], ann['token'], 'sample_annotation')
+            self._ref('category', inst['category_token'], inst['token'], 'instance')
+            self._anns.setdefault(ann['sample_token'], []).append(ann)
+
+    # -- access
+    def num_frames(self, scene_index: int) -> int:
+        return len(self.scenes[scene_index].sample_tokens)
+
+    def agents(self) -> list[int]:
+        return sorted({k for per in self._lidar_sd.values() for k in per})
+
+    def sample(self, scene_index: int, frame_index: int) -> Sample:
+        if not 0 <= scene_index < len(self.scenes):
+            raise UserError(self.meta, f'scene index {scene_index} out of range (0..{len(self.scenes) - 1})')
+        scene = self.scenes[scene_index]
+        if not 0 <= frame_index < len(scene.sample_tokens):
+            raise UserError(self.meta, f'frame {frame_index} out of range for {scene.name} '
+                                       f'(0..{len(scene.sample_tokens) - 1})')
+        token = scene.sample_tokens[frame_index]
+        sample = self._t['sample'][token]
+        agents = {k: self._agent_frame(k, sd) for k, sd in sorted(self._lidar_sd.get(token, {}).items())}
+        return Sample(scene.name, scene_index, frame_index, token, int(sample['timestamp']), agents,
+                      self._ground_truth(token))
+
+    def samples(self, scene_index: int | None = None):
+        scenes = range(len(self.scenes)) if scene_index is None else [scene_index]
+        for s in scenes:
+            for f in range(self.num_frames(s)):
+                yield self.sample(s, f)
+
+    def _agent_frame(self, agent: int, sd: dict) -> AgentFrame:
+        ep = self._t['ego_pose'][sd['ego_pose_token']]
+        cs = self._t['calibrated_sensor'][sd['calibrated_sensor_token']]
+        return AgentFrame(
+            agent_id=agent, channel=channel_name(agent), timestamp_us=int(sd['timestamp']),
+            T_world_ego=make_pose(ep['translation'], quat_wxyz=ep['rotation']),
+            T_ego_sensor=make_pose(cs['translation'], quat_wxyz=cs['rotation']),
+            path=self.root / sd['filename'], expected_points=int(sd.get('width') or 0),
+            sample_data_token=sd['token'])
+
+    def _ground_truth(self, sample_token: str) -> GroundTruth:
+        anns = self._anns.get(sample_token, [])
+        M = len(anns)
+        boxes = np.zeros((M, 7))
+        vel = np.zeros((M, 2))
+        cats, insts = [], []
+        agent_points: dict[int, np.ndarray] = {}
+        for i, a in enumerate(anns):
+            w, l, h = a['size']
+            boxes[i] = [*a['translation'], l, w, h, quat_wxyz_to_yaw(np.array(a['rotation']))]
+            vel[i] = a['velocity'][:2] if 'velocity' in a else self._finite_difference_velocity(a)
+            cats.append(self._t['category'][self._t['instance'][a['instance_token']]['category_token']]['name'])
+            insts.append(a['instance_token'])
+            for k, n in a.get('agent_lidar_pts', {}).items():
+                agent_points.setdefault(int(k), np.zeros(M, np.int64))[i] = n
+        labels = np.array([category_to_label(c) for c in cats], dtype=np.int64)
+        return GroundTruth(boxes, vel, labels, cats, insts, agent_points)
+
+    def _finite_difference_velocity(self, ann: dict) -> np.ndarray:
+        """Velocity from neighbouring annotations (as the nuScenes devkit does), else zero."""
+        anns = self._t['sample_annotation']
+        first = anns.get(ann['prev']) or ann
+        last = anns.get(ann['next']) or ann
+        if first is last:
+            return np.zeros(2)
+        dt = (self._t['sample'][last['sample_token']]['timestamp']
+              - self._t['sample'][first['sample_token']]['timestamp']) * 1e-6
+        if dt <= 0:
+            return np.zeros(2)
+        return (np.array(last['translation'][:2]) - np.array(first['translation'][:2])) / dt
+

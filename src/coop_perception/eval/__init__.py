@@ -1,0 +1,1 @@
+"""Evaluation: AP, sweeps, plots and reports."""
