@@ -77,6 +77,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench_data(args) -> int:
+    from .eval.bench_data import bench_synth
+
+    result = bench_synth(frames=args.frames, seed=args.seed)
+    print(f"{'stage':<28}{'median ms':>10}")
+    print(f"{'ray cast + annotation/scan':<28}{result['median_ms']['agent_scan']:>10.1f}")
+    print(f"{'read one scan':<28}{result['median_ms']['read_scan']:>10.2f}")
+    print(f"({result['scans']} agent-scans, {result['points_per_scan']} points per scan, seed {args.seed})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.synth import PRESETS
     from .data.v2xsim import DEFAULT_VERSION
@@ -112,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--extent', type=_positive(float), default=80.0, help='half width of the view, m')
     p.add_argument('--version', default=DEFAULT_VERSION)
     p.set_defaults(func=cmd_plot)
+
+    bench = sub.add_parser('bench', help='speed benchmarks (print tables)').add_subparsers(
+        dest='target', required=True)
+    p = bench.add_parser('data', help='synthetic scan generation and scan reading')
+    p.add_argument('--frames', type=_positive(int), default=20)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--json', help='also write the numbers as JSON here')
+    p.set_defaults(func=cmd_bench_data)
+
+    from .data.bag import add_cli as add_bag_cli
+    from .ros.bag_player import add_cli as add_play_cli
+
+    add_bag_cli(sub)
+    add_play_cli(sub)
 
     p = sub.add_parser('demo', help='the main job on built-in data (make demo)')
     p.add_argument('--out', default='out/demo', help='output folder')
