@@ -32,6 +32,7 @@ setup(
     entry_points={
         'console_scripts': [
             'coop-perception = coop_perception.cli:main',
+            'bag_player = coop_perception.ros.bag_player:main',
         ],
     },
 )

@@ -129,9 +129,6 @@ class Scenario:
         return chosen
 
     # ------------------------------------------------------------------ world at a time
-    def _actor_state(self, t: float):
-        return self.traffic.state(t)
-
     def _dynamic_mesh(self, ids, xy, yaw, exclude: int | None):
         boxes, mats, owners = [], [], []
         for i, (aid, p, h) in enumerate(zip(ids, xy, yaw)):
@@ -160,7 +157,7 @@ class Scenario:
         if agent == RSU_AGENT:
             return self.rsu_pose, make_pose([0.0, 0.0, self.cfg.rsu_height])
         actor = self.traffic.actors[self.vehicle_agents[agent - 1]]
-        ids, xy, yaw, _ = self._actor_state(t)
+        ids, xy, yaw, _ = self.traffic.state(t)
         k = int(np.nonzero(ids == actor.id)[0][0])
         ego = make_pose([xy[k, 0], xy[k, 1], 0.0], yaw=yaw[k])
         return ego, make_pose([0.0, 0.0, actor.size[2] + self.cfg.roof_clearance])
@@ -175,13 +172,13 @@ class Scenario:
 
     def frame(self, f: int) -> Frame:
         t_ref = f / self.cfg.rate_hz
-        ids, xy, yaw, vel = self._actor_state(t_ref)
+        ids, xy, yaw, vel = self.traffic.state(t_ref)
         gt_index = {aid: i for i, aid in enumerate(ids.tolist())}
         scans, counts = [], {}
         for k in self.agent_ids:
             t = t_ref + self.phase[k]
             T_we, T_es = self.agent_pose(k, t)
-            a_ids, a_xy, a_yaw, _ = self._actor_state(t)
+            a_ids, a_xy, a_yaw, _ = self.traffic.state(t)
             own = None if k == RSU_AGENT else self.vehicle_agents[k - 1]
             hits = self.lidar.scan(self.static_mesh, self._dynamic_mesh(a_ids, a_xy, a_yaw, own),
                                    T_we @ T_es, self.rng)
