@@ -1,0 +1,1 @@
+"""Cooperative fusion: compact feature codec, pose buffers, alignment, trust, fusion, pipeline."""
