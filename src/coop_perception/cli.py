@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--json', help='also write the numbers as JSON here')
     p.set_defaults(func=cmd_bench_data)
+    from .ros import replay_bench
+    p = bench.add_parser('replay', help='replay a bag at 1x into a subscriber: lateness, drops, codec cost')
+    replay_bench.add_arguments(p)
+    p.set_defaults(func=replay_bench.run)
 
     from .data.bag import add_cli as add_bag_cli
     from .ros.bag_player import add_cli as add_play_cli

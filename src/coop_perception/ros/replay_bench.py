@@ -139,15 +139,16 @@ def replay(bag_path, rate: float = 1.0, reliable: bool = False, settle_s: float 
     }
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog='python -m coop_perception.ros.replay_bench', description=__doc__.split('\n\n')[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('bag')
     p.add_argument('--rate', type=float, default=1.0)
     p.add_argument('--reliable', action='store_true',
                    help='player offers and subscriber requests reliable delivery (default: recorded QoS, '
                         'best-effort subscriber)')
     p.add_argument('--json', help='also write the results here')
-    args = p.parse_args(argv)
+
+
+def run(args) -> int:
     use_local_discovery()
     try:
         result = {'codec': codec_cost(args.bag), 'replay': replay(args.bag, args.rate, args.reliable)}
@@ -159,6 +160,13 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(text)
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog='python -m coop_perception.ros.replay_bench',
+                                description=__doc__.split('\n\n')[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == '__main__':
