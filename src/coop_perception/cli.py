@@ -90,6 +90,95 @@ def cmd_bench_data(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- detector commands
+MODELS = Path(__file__).resolve().parents[2] / 'models'
+
+
+def _detector_config(args):
+    from .detection import load_config
+    from .detection.config import with_overrides
+
+    cfg = load_config(args.config)
+    if getattr(args, 'iterations', None):
+        cfg = with_overrides(cfg, train={'iterations': args.iterations})
+    return cfg
+
+
+def _load_detector(args):
+    from .detection import apply_threads, load_detector
+
+    if not Path(args.weights).exists():
+        raise UserError(args.weights, 'detector checkpoint not found (train one with `train detector`)')
+    model = load_detector(args.weights, args.config)
+    apply_threads(model.cfg)
+    return model
+
+
+def cmd_train_detector(args) -> int:
+    from .data.v2xsim import V2XSimDataset
+    from .detection import apply_threads
+    from .detection.dataset import AgentViewExamples
+    from .detection.train import train
+
+    cfg = _detector_config(args)
+    apply_threads(cfg)
+    examples = AgentViewExamples(V2XSimDataset(args.data, args.version))
+    print(f'training on {len(examples)} agent views from {args.data} -> {args.out}')
+    summary = train(cfg, examples, args.out, resume=not args.restart)
+    print(f'wrote {summary.weights} after {summary.iterations} iterations; losses {summary.final_losses}')
+    return 0
+
+
+def cmd_eval_detector(args) -> int:
+    from .data.v2xsim import V2XSimDataset
+    from .detection.dataset import AgentViewExamples
+    from .detection.evaluate import evaluate_detector
+    from .eval.ap import format_ap_table
+
+    model = _load_detector(args)
+    agents = [int(a) for a in args.agents.split(',')] if args.agents else None
+    examples = AgentViewExamples(V2XSimDataset(args.data, args.version), agents=agents)
+    result = evaluate_detector(model, examples, max_range=args.range)
+    print(format_ap_table(result))
+    q = result['uncertainty']
+    print(f"uncertainty AUROC (false vs true positives at IoU {q['iou']}, "
+          f"{q['true_positives']} TP / {q['false_positives']} FP):")
+    for name, value in q['auroc'].items():
+        print(f'  {name:<8} {value:.3f}' if value is not None else f'  {name:<8} n/a')
+    print(f"  score    {q['score_auroc']:.3f}  (reference: the detection score itself)"
+          if q['score_auroc'] is not None else '')
+    for name, rho in q['error_spearman'].items():
+        print(f'  Spearman({name}, squared centre error on TPs) = {rho:.3f}' if rho is not None else '')
+    print(f"median latency {result['latency_ms']['median']:.1f} ms over {result['frames']} scans")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_bench_detector(args) -> int:
+    from .data.synth import Scenario, ScenarioConfig
+    from .detection.bench import STAGES, bench_detector
+
+    model = _load_detector(args)
+    scenario = Scenario(ScenarioConfig(seed=args.seed, frames=args.scans // 5 + 1))
+    scans = [s.points[:, :4] for f in scenario.frames() for s in f.scans][:args.scans]
+    result = bench_detector(model, scans)
+    print(f"{'stage':<16}{'median ms':>10}{'p90 ms':>10}")
+    for stage in STAGES:
+        print(f"{stage:<16}{result['median_ms'][stage]:>10.1f}{result['p90_ms'][stage]:>10.1f}")
+    print(f"({result['scans']} synthetic 32-beam scans, seed {args.seed}, "
+          f"{model.cfg.runtime.threads or 'all'} thread(s))")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _detector_args(p, weights: bool = True):
+    p.add_argument('--config', default=str(MODELS / 'detector.yaml'), help='detector config YAML')
+    if weights:
+        p.add_argument('--weights', default=str(MODELS / 'detector.pt'), help='detector checkpoint')
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.synth import PRESETS
     from .data.v2xsim import DEFAULT_VERSION
@@ -143,6 +232,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bag_cli(sub)
     add_play_cli(sub)
+
+    p = bench.add_parser('detector', help='per-stage detector latency on synthetic scans')
+    _detector_args(p)
+    p.add_argument('--scans', type=_positive(int), default=60, help='scans to time (median over them)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--json', help='also write the numbers as JSON here')
+    p.set_defaults(func=cmd_bench_detector)
+
+    train = sub.add_parser('train', help='train a model').add_subparsers(dest='target', required=True)
+    p = train.add_parser('detector', help='train the LiDAR detector on every agent view (resumable)')
+    p.add_argument('--data', required=True, help='training dataset root (the train preset)')
+    p.add_argument('--out', required=True, help='run folder: checkpoints, log, final weights')
+    p.add_argument('--iterations', type=_positive(int), help='override train.iterations')
+    p.add_argument('--restart', action='store_true', help='ignore an existing checkpoint in --out')
+    p.add_argument('--version', default=DEFAULT_VERSION)
+    _detector_args(p, weights=False)
+    p.set_defaults(func=cmd_train_detector)
+
+    evaluate = sub.add_parser('eval', help='evaluate (prints tables)').add_subparsers(dest='target', required=True)
+    p = evaluate.add_parser('detector', help='single-agent AP and uncertainty quality')
+    p.add_argument('--data', required=True, help='dataset root (the test preset)')
+    p.add_argument('--range', type=_positive(float), default=50.0, help='evaluate boxes within this of the sensor, m')
+    p.add_argument('--agents', help='comma-separated agent ids (default: all, RSU included)')
+    p.add_argument('--json', help='also write the results as JSON here')
+    p.add_argument('--version', default=DEFAULT_VERSION)
+    _detector_args(p)
+    p.set_defaults(func=cmd_eval_detector)
 
     p = sub.add_parser('demo', help='the main job on built-in data (make demo)')
     p.add_argument('--out', default='out/demo', help='output folder')

@@ -1,0 +1,254 @@
+"""Detector configuration: the YAML beside each checkpoint in ``models/``, parsed strictly.
+
+Unknown or missing keys are errors so that a typo cannot silently fall back to a default. The
+``voxel``, ``model`` and ``classes`` sections define what a checkpoint's weights mean; a checkpoint
+whose stored config differs from its YAML there is rejected (see :mod:`.checkpoint`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from coop_perception.data.labels import CLASSES
+from coop_perception.errors import UserError
+
+# Sections whose differences make a checkpoint's weights meaningless under the other config.
+ARCHITECTURE_SECTIONS = ('classes', 'voxel', 'model')
+
+
+@dataclass(frozen=True)
+class VoxelConfig:
+    range_xy: tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in the sensor frame (m)
+    z_range: tuple[float, float]  # metres above the ground below the sensor
+    voxel_size: tuple[float, float, float]  # x, y, z (m)
+    sensor_height: float | str  # metres above ground, or 'auto' (estimated from each scan)
+    default_sensor_height: float  # used when 'auto' finds too little ground
+    max_points: int  # scans with more in-range points are subsampled to this many
+    max_voxels: int  # beyond this, voxels farthest from the sensor are dropped
+    count_norm: float  # voxel point counts are divided by this (and clipped to 1) as a feature
+    use_intensity: bool
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """(D, H, W) = (z, y, x) voxel counts, the spconv spatial shape."""
+        x0, y0, x1, y1 = self.range_xy
+        vx, vy, vz = self.voxel_size
+        return (round((self.z_range[1] - self.z_range[0]) / vz), round((y1 - y0) / vy),
+                round((x1 - x0) / vx))
+
+    @property
+    def num_features(self) -> int:
+        # offset from voxel centre (3), height above ground (1), point count (1), intensity (0/1)
+        return 5 + int(self.use_intensity)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    encoder_channels: tuple[int, int, int]  # full-res SubM, stride-2 stage, BEV after z collapse
+    backbone_channels: tuple[int, int]  # BEV stage at output stride, stage at twice that stride
+    feature_channels: int  # shared BEV feature map (what collaborators send)
+    head_channels: int
+    dropout: float  # in the pointwise head; MC dropout samples the same masks at inference
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    score_threshold: float
+    pre_nms_top_k: int
+    nms_iou: tuple[float, ...]  # rotated BEV IoU threshold per class
+    max_boxes: int
+    mc_passes: int  # 0 disables MC dropout (epistemic columns become NaN)
+    mc_seed: int  # MC masks are drawn from a seeded generator so detections are reproducible
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    gaussian_overlap: float  # CenterPoint's min_overlap for the heatmap gaussian radius
+    min_radius: int  # cells
+    max_objects: int  # per scan; more are dropped (farthest first)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation: float  # uniform global yaw in [-rotation, rotation] (rad)
+    flip: bool  # random flips across the x and y axes
+    scale: tuple[float, float]  # uniform global scale range
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    heatmap: float
+    regression: float
+    nll: float  # heteroscedastic Laplace NLL of x, y, yaw with the log-variance heads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int
+    iterations: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_iterations: int
+    grad_clip: float
+    checkpoint_every: int
+    log_every: int
+    loss_weights: LossWeights
+    # offset x, y, z, log l, w, h, sin, cos, vx, vy
+    code_weights: tuple[float, float, float, float, float, float, float, float, float, float]
+    augment: AugmentConfig
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    # Backbone and head under bfloat16 autocast (training and inference); 'auto' where the CPU
+    # computes bf16 natively (AMX / AVX512-BF16), where it is several times faster than float32.
+    bf16: bool | str
+    # torch threads for the process running the detector (0: torch's default). Entry points apply
+    # it with model.apply_threads(); on shared cores one thread avoids stalls of 10x and more.
+    threads: int
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    classes: tuple[str, ...]
+    voxel: VoxelConfig
+    model: ModelConfig
+    decode: DecodeConfig
+    target: TargetConfig
+    runtime: RuntimeConfig
+    train: TrainConfig = field(repr=False)
+
+    @property
+    def output_stride(self) -> int:
+        return 2
+
+    @property
+    def cell_size(self) -> float:
+        return self.voxel.voxel_size[0] * self.output_stride
+
+    @property
+    def bev_shape(self) -> tuple[int, int]:
+        _, H, W = self.voxel.grid_shape
+        return H // self.output_stride, W // self.output_stride
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = '<dict>') -> 'DetectorConfig':
+        cfg = _build(cls, d, source, '')
+        _validate(cfg, source)
+        return cfg
+
+
+def load_config(path: str | Path) -> DetectorConfig:
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(path, f'cannot read detector config: {e}') from e
+    if not isinstance(d, dict):
+        raise UserError(path, 'detector config must be a mapping')
+    return DetectorConfig.from_dict(d, str(path))
+
+
+def with_overrides(cfg: DetectorConfig, **sections: dict[str, Any]) -> DetectorConfig:
+    """A copy of ``cfg`` with some keys replaced, e.g. ``with_overrides(cfg, decode={'mc_passes': 4})``."""
+    d = cfg.to_dict()
+    for name, values in sections.items():
+        _merge(d, name, values)
+    return DetectorConfig.from_dict(d, '<overrides>')
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = '') -> list[str]:
+    """Human-readable differences between two plain config dicts, one dotted key per line."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f'{prefix}{k}'
+        if k not in a or k not in b:
+            out.append(f'{key}: {"missing" if k not in a else a[k]!r} vs {"missing" if k not in b else b[k]!r}')
+        elif isinstance(a[k], dict) and isinstance(b[k], dict):
+            out.extend(config_diff(a[k], b[k], key + '.'))
+        elif a[k] != b[k]:
+            out.append(f'{key}: {a[k]!r} vs {b[k]!r}')
+    return out
+
+
+def _merge(d: dict, key: str, values: Any) -> None:
+    if isinstance(values, dict):
+        for k, v in values.items():
+            _merge(d[key], k, v)
+    else:
+        d[key] = values
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _build(cls: type, d: Any, source: str, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise UserError(source, f'{where or "config"}: expected a mapping, got {d!r}')
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown, missing = set(d) - set(fields), set(fields) - set(d)
+    if unknown or missing:
+        parts = ([f'unknown keys {sorted(unknown)}'] if unknown else []) + (
+            [f'missing keys {sorted(missing)}'] if missing else [])
+        raise UserError(source, f'{where or "config"}: ' + ', '.join(parts))
+    kwargs = {}
+    for name, f in fields.items():
+        ftype = f.type if not isinstance(f.type, str) else _TYPES.get(f.type, f.type)
+        value = d[name]
+        if dataclasses.is_dataclass(ftype):
+            value = _build(ftype, value, source, f'{where}{name}.')
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_TYPES = {c.__name__: c for c in (VoxelConfig, ModelConfig, DecodeConfig, TargetConfig,
+                                  RuntimeConfig, AugmentConfig, LossWeights, TrainConfig)}
+
+
+def _validate(cfg: DetectorConfig, source: str) -> None:
+    def fail(msg):
+        raise UserError(source, msg)
+
+    if tuple(cfg.classes) != CLASSES:
+        fail(f'classes {list(cfg.classes)} must equal coop_perception.data.labels.CLASSES {list(CLASSES)}')
+    v = cfg.voxel
+    x0, y0, x1, y1 = v.range_xy
+    for extent, size, name in ((x1 - x0, v.voxel_size[0], 'x'), (y1 - y0, v.voxel_size[1], 'y'),
+                               (v.z_range[1] - v.z_range[0], v.voxel_size[2], 'z')):
+        n = extent / size
+        if extent <= 0 or abs(n - round(n)) > 1e-6:
+            fail(f'voxel: {name} extent {extent} is not a positive multiple of voxel size {size}')
+    D, H, W = v.grid_shape
+    if H % 4 or W % 4 or D % 2:
+        # two stride-2 stages in the backbone and one in the encoder (z included)
+        fail(f'voxel: grid (z, y, x) = {(D, H, W)} must have H, W divisible by 4 and D by 2')
+    if v.voxel_size[0] != v.voxel_size[1]:
+        fail('voxel: x and y voxel sizes must be equal (square BEV cells)')
+    if not (v.sensor_height == 'auto' or isinstance(v.sensor_height, (int, float))):
+        fail(f"voxel.sensor_height must be a number or 'auto', got {v.sensor_height!r}")
+    if len(cfg.decode.nms_iou) != len(cfg.classes):
+        fail(f'decode.nms_iou needs one threshold per class ({len(cfg.classes)})')
+    if cfg.decode.mc_passes < 0 or not 0.0 <= cfg.model.dropout < 1.0:
+        fail('decode.mc_passes must be >= 0 and model.dropout in [0, 1)')
+    if cfg.runtime.bf16 not in (True, False, 'auto'):
+        fail(f"runtime.bf16 must be true, false or 'auto', got {cfg.runtime.bf16!r}")
+    if not isinstance(cfg.runtime.threads, int) or cfg.runtime.threads < 0:
+        fail('runtime.threads must be an integer >= 0')
+    lo, hi = cfg.train.augment.scale
+    if not 0 < lo <= hi:
+        fail('train.augment.scale must be 0 < low <= high')

@@ -1,0 +1,65 @@
+"""Single-agent detector evaluation: AP plus how well the uncertainty outputs work.
+
+Uncertainty quality (issue 4): for every uncertainty column, the AUROC of separating false from
+true positives (higher uncertainty should mean false positive) next to that of the score, and on
+true positives the rank correlation of predicted centre variance with the actual squared centre
+error.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import spearmanr
+from tqdm import tqdm
+
+from coop_perception.eval.ap import IOU_THRESHOLDS, APAccumulator, auroc
+
+from .decode import UNCERTAINTY_FIELDS
+from .model import Detector
+from .train import TrainExample
+
+# The single number reported as "uncertainty_auroc": MC-dropout predictive entropy, fixed
+# beforehand rather than picked as the best column on the test split.
+HEADLINE_UNCERTAINTY = 'epi_cls'
+UNCERTAINTY_IOU = 0.5  # what counts as a true positive for the uncertainty metrics
+
+
+def evaluate_detector(model: Detector, examples: Sequence, *, max_range: float | None = None,
+                      progress: bool = True) -> dict:
+    """Detect on every example (sensor-frame scan + ground truth, e.g. AgentViewExamples) ->
+    JSON-ready {'ap', 'mean', 'gt', 'frames', 'uncertainty_auroc', 'uncertainty', 'latency_ms'}."""
+    acc = APAccumulator(model.cfg.classes, IOU_THRESHOLDS, max_range)
+    totals = []
+    for i in tqdm(range(len(examples)), desc='eval detector', unit='scan', disable=not progress):
+        ex = TrainExample(*examples[i])
+        det = model.detect(ex.points, ex.sensor_height)
+        totals.append(det.timings_ms['total'])
+        acc.add_frame(det.boxes, det.scores, det.labels, ex.boxes, ex.labels,
+                      extra={name: det.uncertainty[:, j] for j, name in enumerate(UNCERTAINTY_FIELDS)})
+    out = acc.summary()
+    quality = uncertainty_quality(acc.detections(), list(acc.iou_thresholds).index(UNCERTAINTY_IOU))
+    out['uncertainty_auroc'] = quality['auroc'][HEADLINE_UNCERTAINTY]
+    out['uncertainty'] = quality
+    out['latency_ms'] = {'median': float(np.median(totals)) if totals else None}
+    return out
+
+
+def uncertainty_quality(det: dict[str, np.ndarray], t: int) -> dict:
+    """From APAccumulator.detections() with uncertainty columns as extras and IoU column ``t``."""
+    tp = det['tp'][:, t] if len(det['scores']) else np.zeros(0, bool)
+    result = {'iou': UNCERTAINTY_IOU, 'true_positives': int(tp.sum()), 'false_positives': int((~tp).sum()),
+              'auroc': {}, 'error_spearman': {}}
+    for name in UNCERTAINTY_FIELDS:
+        values = det.get(name, np.zeros(0))
+        ok = np.isfinite(values)
+        result['auroc'][name] = auroc(values[ok], ~tp[ok]) if len(values) else None
+    # the reference an uncertainty has to beat to add anything: the detection score itself
+    result['score_auroc'] = auroc(-det['scores'], ~tp) if len(tp) else None
+    if tp.sum() >= 3:
+        err2 = np.sum((det['boxes'][tp, :2] - det['matched_gt'][tp, t, :2]) ** 2, axis=1)
+        for name, pred in (('ale_xy', det['ale_x'][tp] + det['ale_y'][tp]), ('epi_reg', det['epi_reg'][tp])):
+            ok = np.isfinite(pred)
+            rho = spearmanr(pred[ok], err2[ok]).statistic if ok.sum() >= 3 else np.nan
+            result['error_spearman'][name] = None if not np.isfinite(rho) else float(rho)
+    return result

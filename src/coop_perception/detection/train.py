@@ -1,0 +1,158 @@
+"""Detector training: seeded, resumable, on any indexable collection of sensor-frame examples.
+
+Everything random is a pure function of (seed, iteration) or (seed, epoch) except dropout, whose
+torch RNG state is checkpointed; a resumed run therefore continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .augment import augment_scene
+from .checkpoint import check_config, read_checkpoint, save_checkpoint
+from .config import DetectorConfig, TrainConfig
+from .model import Detector
+from .targets import Targets, batch_targets, detection_loss, example_targets
+from .voxelize import resolve_sensor_height, voxelize
+
+log = logging.getLogger(__name__)
+CHECKPOINT = 'checkpoint.pt'  # latest full training state, overwritten
+FINAL = 'detector.pt'  # weights + config only, what gets shipped
+LOG = 'train_log.jsonl'
+_LR_FLOOR = 0.01  # cosine decay ends at this fraction of the peak learning rate
+
+
+class TrainExample(NamedTuple):
+    points: np.ndarray  # (N, 3+) float32, sensor frame
+    boxes: np.ndarray  # (M, 7) sensor frame
+    labels: np.ndarray  # (M,) int indices into CLASSES, -1 = ignore
+    velocities: np.ndarray  # (M, 2) m/s along the sensor axes
+    sensor_height: float | None = None  # m above ground; None: resolved as at inference
+
+
+@dataclass
+class Batch:
+    coords: torch.Tensor  # (V, 4) int32 [batch, z, y, x]
+    features: torch.Tensor  # (V, F)
+    size: int
+    targets: Targets
+
+
+@dataclass
+class TrainSummary:
+    iterations: int
+    final_losses: dict[str, float]
+    checkpoint: Path
+    weights: Path
+
+
+def prepare_batch(examples: Sequence, cfg: DetectorConfig, rng: np.random.Generator | None) -> Batch:
+    """Voxelise and build targets for a list of examples; ``rng`` None disables augmentation."""
+    coords, feats, per_example = [], [], []
+    for b, ex in enumerate(examples):
+        ex = TrainExample(*ex)
+        h = resolve_sensor_height(ex.points, cfg.voxel, ex.sensor_height)
+        pts, boxes, vel = ex.points, ex.boxes, ex.velocities
+        if rng is not None:
+            pts, boxes, vel, h = augment_scene(pts, boxes, vel, h, cfg.train.augment, rng)
+        vox = voxelize(pts, cfg.voxel, h)
+        coords.append(np.pad(vox.coords, ((0, 0), (1, 0)), constant_values=b))
+        feats.append(vox.features)
+        per_example.append(example_targets(boxes, ex.labels, vel, h, cfg))
+    return Batch(torch.from_numpy(np.concatenate(coords)), torch.from_numpy(np.concatenate(feats)),
+                 len(per_example), batch_targets(per_example, cfg))
+
+
+def lr_at(it: int, tc: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to _LR_FLOOR of the peak at ``tc.iterations``."""
+    if it < tc.warmup_iterations:
+        return tc.lr * (0.1 + 0.9 * it / max(1, tc.warmup_iterations))
+    span = max(1, tc.iterations - tc.warmup_iterations)
+    progress = min(1.0, (it - tc.warmup_iterations) / span)
+    return tc.lr * (_LR_FLOOR + (1 - _LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_indices(it: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices of iteration ``it``: epochs are seeded permutations, so no state to save."""
+    out = []
+    for pos in range(it * batch_size, (it + 1) * batch_size):
+        epoch, k = divmod(pos, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[k]))
+    return out
+
+
+def train(cfg: DetectorConfig, examples: Sequence, out_dir: str | Path, *, resume: bool = True,
+          progress: bool = True) -> TrainSummary:
+    """Train for ``cfg.train.iterations`` on ``examples`` (len + indexing, items TrainExample or
+    4/5-tuples), checkpointing to ``out_dir`` every ``cfg.train.checkpoint_every`` iterations.
+    With ``resume`` an existing checkpoint there is continued (its architecture must match)."""
+    tc = cfg.train
+    if len(examples) == 0:
+        raise ValueError('no training examples')
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tc.seed)
+    model = Detector(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    start = 0
+    if resume and (out / CHECKPOINT).exists():
+        ckpt = read_checkpoint(out / CHECKPOINT)
+        check_config(ckpt['config'], cfg, out / CHECKPOINT, 'the training config')
+        model.load_state_dict(ckpt['model'])
+        opt.load_state_dict(ckpt['optimizer'])
+        torch.set_rng_state(ckpt['torch_rng'])
+        start = int(ckpt['iteration'])
+        log.info('resuming %s at iteration %d', out / CHECKPOINT, start)
+        _truncate_log(out / LOG, start)
+
+    def checkpoint(it: int) -> None:
+        save_checkpoint(out / CHECKPOINT, model, optimizer=opt.state_dict(), iteration=it,
+                        torch_rng=torch.get_rng_state())
+
+    losses: dict[str, float] = {}
+    bar = tqdm(total=tc.iterations, initial=start, unit='it', desc='train detector', disable=not progress)
+    with open(out / LOG, 'a') as logf:
+        for it in range(start, tc.iterations):
+            t0 = time.perf_counter()
+            idx = batch_indices(it, len(examples), tc.batch_size, tc.seed)
+            batch = prepare_batch([examples[i] for i in idx], cfg, np.random.default_rng([tc.seed, it]))
+            for g in opt.param_groups:
+                g['lr'] = lr_at(it, tc)
+            if len(batch.features) == 0:
+                log.warning('iteration %d: batch %s has no points in range, skipped', it, idx)
+            else:
+                maps = model(batch.coords, batch.features, batch.size)
+                loss, parts = detection_loss(maps, batch.targets, cfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                opt.step()
+                losses = {k: float(v) for k, v in parts.items()}
+            bar.update(1)
+            bar.set_postfix({k: f'{v:.3f}' for k, v in losses.items()})
+            done = it + 1
+            if done % tc.log_every == 0 or done == tc.iterations:
+                logf.write(json.dumps({'iteration': done, **losses, 'lr': lr_at(it, tc),
+                                       'sec_per_it': time.perf_counter() - t0}) + '\n')
+                logf.flush()
+            if done % tc.checkpoint_every == 0 or done == tc.iterations:
+                checkpoint(done)
+    bar.close()
+    save_checkpoint(out / FINAL, model.eval())
+    return TrainSummary(tc.iterations, losses, out / CHECKPOINT, out / FINAL)
+
+
+def _truncate_log(path: Path, last: int) -> None:
+    """Drop log rows a crashed run wrote after its last checkpoint; they are about to be redone."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)['iteration'] <= last]
+        path.write_text(''.join(row + '\n' for row in rows))
