@@ -1,0 +1,99 @@
+"""Dynamic feature trust modulus (CoDynTrust's DFTM): one trust value in [0, 1] per collaborator
+ROI from its detection score, classification and regression uncertainty (aleatoric and
+epistemic) and its staleness.
+
+Two forms share one interface, `trust(attributes) -> (n,)`:
+
+* `ThresholdTrust` — the calibrated gate: an ROI is trusted when its score is high enough and every
+  uncertainty is below a threshold calibrated on validation true positives; trust then decays
+  exponentially with age.
+* `LearnedTrust` — a small MLP on the same inputs, trained jointly with the fusion network.
+
+Attribute columns (the one place they are named): ROI_ATTRIBUTES.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+# score (0..1), the four uncertainties (codec order), age (s) = ego stamp - capture stamp
+ROI_ATTRIBUTES = ('score', 'cls_aleatoric', 'cls_epistemic', 'reg_aleatoric', 'reg_epistemic', 'age')
+UNCERTAINTIES = ROI_ATTRIBUTES[1:5]
+
+
+@dataclass
+class ThresholdTrust:
+    """Calibrated gate. thresholds: upper bound per uncertainty (same order as UNCERTAINTIES)."""
+    min_score: float = 0.3
+    thresholds: dict[str, float] = field(default_factory=lambda: {u: np.inf for u in UNCERTAINTIES})
+    half_life_s: float = 0.5       # trust halves every half_life_s of staleness
+    soft: float = 0.0              # 0: hard gate; > 0: logistic gate of this width (in log units)
+
+    def trust(self, attributes: np.ndarray) -> np.ndarray:
+        """(n, len(ROI_ATTRIBUTES)) -> (n,) trust in [0, 1]."""
+        a = np.asarray(attributes, dtype=np.float64)
+        if len(a) == 0:
+            return np.zeros(0)
+        gate = (a[:, 0] >= self.min_score).astype(np.float64)
+        for j, name in enumerate(UNCERTAINTIES, start=1):
+            limit = self.thresholds.get(name, np.inf)
+            if not np.isfinite(limit):
+                continue
+            if self.soft > 0:
+                excess = np.log(np.maximum(a[:, j], 1e-9)) - np.log(max(limit, 1e-9))
+                gate *= 1.0 / (1.0 + np.exp(excess / self.soft))
+            else:
+                gate *= a[:, j] <= limit
+        return gate * decay(a[:, 5], self.half_life_s)
+
+    @classmethod
+    def calibrate(cls, attributes: np.ndarray, is_true_positive: np.ndarray, quantile: float = 0.95,
+                  **kwargs) -> 'ThresholdTrust':
+        """Thresholds at the `quantile` of each uncertainty over true positives (validation data):
+        an ROI more uncertain than 95 % of correct detections is not trusted."""
+        a = np.asarray(attributes, dtype=np.float64)
+        tp = np.asarray(is_true_positive, bool)
+        thresholds = {}
+        for j, name in enumerate(UNCERTAINTIES, start=1):
+            values = a[tp, j][np.isfinite(a[tp, j])]
+            thresholds[name] = float(np.quantile(values, quantile)) if len(values) else np.inf
+        return cls(thresholds=thresholds, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {'kind': 'threshold', 'min_score': self.min_score, 'thresholds': self.thresholds,
+                'half_life_s': self.half_life_s, 'soft': self.soft}
+
+
+def decay(age_s: np.ndarray, half_life_s: float) -> np.ndarray:
+    """Staleness factor 2^(-age / half_life); negative ages (clock offsets) count as fresh."""
+    return np.power(0.5, np.maximum(np.asarray(age_s, np.float64), 0.0) / half_life_s)
+
+
+def trust_features(attributes: torch.Tensor) -> torch.Tensor:
+    """(..., 6) raw attributes -> network inputs: score, log uncertainties, age (s)."""
+    score = attributes[..., :1]
+    logs = torch.log(attributes[..., 1:5].clamp_min(1e-6))
+    return torch.cat([score, logs, attributes[..., 5:6]], -1)
+
+
+class LearnedTrust(nn.Module):
+    """MLP (6 -> hidden -> 1, sigmoid) on `trust_features`; learned jointly with the fusion."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(len(ROI_ATTRIBUTES), hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        # Start trusting everything that is fresh, so early fusion training sees the collaborators.
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.constant_(self.net[2].bias, 2.0)
+
+    def forward(self, attributes: torch.Tensor) -> torch.Tensor:
+        """(..., 6) -> (...,) trust in (0, 1)."""
+        return torch.sigmoid(self.net(trust_features(attributes))[..., 0])
+
+    @torch.inference_mode()
+    def trust(self, attributes: np.ndarray) -> np.ndarray:
+        a = torch.as_tensor(np.asarray(attributes, np.float32))
+        return self(a).numpy().astype(np.float64) if len(a) else np.zeros(0)

@@ -1,0 +1,311 @@
+import numpy as np
+import pytest
+
+from coop_perception.data.pointcloud import FLOAT64, INT8, Field, dtype_to_fields
+from coop_perception.detection.decode import BevGrid, Detections
+from coop_perception.fusion.codec import (
+    MESSAGE_UNCERTAINTY_FIELDS, FeatureMessageError, cell_bytes, decode, dequantise, encode,
+    make_message, message_dtype, message_uncertainty, quantise, select_occupied_cells,
+    select_roi_cells)
+from coop_perception.geometry import points_in_boxes
+
+C = 16
+# A 32 x 32 grid of 0.8 m cells over +-12.8 m: the detector's cell size on a smaller extent.
+GRID = BevGrid(origin=np.array([-12.8, -12.8]), cell_size=0.8, shape=(32, 32))
+E = FeatureMessageError
+
+
+def make_det(boxes, scores, *, features=None, confidence=None, velocities=None, uncertainty=None,
+             seed=0, grid=GRID, channels=C) -> Detections:
+    rng = np.random.default_rng(seed)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
+    n = len(boxes)
+    H, W = grid.shape
+    if features is None:
+        features = np.maximum(rng.normal(size=(channels, H, W)), 0).astype(np.float32)
+        features[0] += 0.1  # every cell occupied unless a test clears it
+    return Detections(
+        boxes=boxes, scores=np.asarray(scores, np.float32), labels=np.zeros(n, np.int64),
+        velocities=(rng.normal(size=(n, 2)) if velocities is None else np.asarray(velocities)).astype(np.float32),
+        uncertainty=(rng.uniform(0.01, 1, (n, 6)) if uncertainty is None else np.asarray(uncertainty)).astype(np.float32),
+        features=features,
+        confidence=np.ones((H, W), np.float32) if confidence is None else confidence,
+        grid=grid, sensor_height=1.8)
+
+
+BOXES = np.array([[3.1, 2.3, 0.0, 4.6, 1.9, 1.6, 0.5],
+                  [-6.0, -4.2, 0.0, 10.0, 2.5, 3.0, -1.2],
+                  [8.0, -8.0, 0.0, 0.7, 0.7, 1.7, 0.0]])
+SCORES = [0.9, 0.6, 0.4]
+
+
+def roi_message(**kw):
+    det = make_det(BOXES, SCORES)
+    return det, make_message(det, select_roi_cells(det, **kw), agent_id=2, stamp_ns=1_700_000_000_123_456_789)
+
+
+def decode_(fields, data, step, channels=C, **kw):
+    width = len(data) // step if step else 0
+    return decode(fields, data, step, width=kw.pop('width', width), grid=GRID, channels=channels,
+                  agent_id=2, stamp_ns=5, **kw)
+
+
+def cell_centres(grid=GRID):
+    return grid.cell_centres().reshape(-1, 2)
+
+
+# ------------------------------------------------------------------ layout, quantisation, round trip
+def test_wire_layout_has_one_int8_feature_field():
+    assert cell_bytes(64) == 110  # 11 float32 + int16 roi + 64 int8
+    fields, big = dtype_to_fields(message_dtype(64))
+    assert not big
+    assert [f.name for f in fields] == ['x', 'y', 'scale', 'confidence', *MESSAGE_UNCERTAINTY_FIELDS,
+                                        'vx', 'vy', 'score', 'roi', 'features']
+    assert fields[-1] == Field('features', 46, INT8, 64)
+
+
+def test_quantise_is_symmetric_per_cell_with_half_step_error():
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(200, C)) * rng.lognormal(0, 2, (200, 1))).astype(np.float32)
+    x[5] = 0.0
+    q, scale = quantise(x)
+    assert q.dtype == np.int8 and scale.dtype == np.float32
+    assert scale[5] == 0 and not q[5].any()
+    assert np.allclose(scale, np.abs(x).max(1) / 127)
+    assert np.abs(q).max(1)[np.arange(200) != 5].min() == 127
+    err = np.abs(dequantise(q, scale) - x)
+    assert (err <= scale[:, None] * 0.5 * (1 + 1e-5)).all()
+
+
+def test_round_trip_is_byte_exact_and_features_within_quantisation_error():
+    det, msg = roi_message()
+    fields, data, step = encode(msg)
+    assert step == cell_bytes(C) and len(data) == msg.num_cells * step and msg.num_cells > 20
+    out = decode_(fields, data, step)
+    for name in ('cells', 'features', 'scale', 'confidence', 'uncertainty', 'velocity', 'roi', 'score'):
+        a, b = getattr(msg, name), getattr(out, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert encode(out)[1] == data
+    original = det.features[:, ((msg.cells[:, 1] + 12.8) // 0.8).astype(int),
+                            ((msg.cells[:, 0] + 12.8) // 0.8).astype(int)].T
+    err = out.dequantised() - original
+    assert (np.abs(err) <= out.scale[:, None] * 0.5 * (1 + 1e-5)).all()
+    assert np.linalg.norm(err) / np.linalg.norm(original) < 0.01
+
+
+def test_decode_accepts_foreign_field_order_padding_and_big_endian():
+    _, msg = roi_message()
+    fields, data, _ = encode(msg)
+    rec = np.frombuffer(data, message_dtype(C))
+    names = list(reversed(rec.dtype.names))  # another order, 4 padding bytes at the end
+    offsets, off = [], 0
+    for n in names:
+        offsets.append(off)
+        off += rec.dtype.fields[n][0].itemsize
+    big = np.dtype({'names': names, 'offsets': offsets, 'itemsize': off + 4,
+                    'formats': [rec.dtype.fields[n][0].newbyteorder('>') for n in names]})
+    other = np.zeros(len(rec), big)
+    for n in names:
+        other[n] = rec[n]
+    f2, is_big = dtype_to_fields(big)
+    out = decode_(f2, other.tobytes(), big.itemsize, is_bigendian=is_big)
+    assert is_big and encode(out)[1] == data
+
+
+def test_empty_message_and_missing_velocity():
+    det = make_det(BOXES, SCORES)
+    empty = make_message(det, select_roi_cells(det, score_threshold=0.95), 1, 0)
+    fields, data, step = encode(empty)
+    assert empty.num_cells == 0 and data == b''
+    assert decode_(fields, data, step, width=0).num_cells == 0
+
+    _, msg = roi_message()
+    fields, data, step = encode(msg)
+    no_v = [f for f in fields if f.name not in ('vx', 'vy')]
+    out = decode_(no_v, data, step)
+    assert not out.velocity.any() and np.array_equal(out.features, msg.features)
+
+
+# ------------------------------------------------------------------ validation
+def _mutated(field, value, rows=slice(None)):
+    _, msg = roi_message()
+    fields, data, step = encode(msg)
+    rec = np.frombuffer(data, message_dtype(C)).copy()
+    rec[field][rows] = value
+    return fields, rec.tobytes(), step
+
+
+def _replace_field(name, **changes):
+    _, msg = roi_message()
+    fields, data, step = encode(msg)
+    return [f._replace(**changes) if f.name == name else f for f in fields], data, step
+
+
+@pytest.mark.parametrize('case,reason,match', [
+    ('missing scale', E.MISSING_FIELD, 'scale'),
+    ('vx without vy', E.MISSING_FIELD, 'vy'),
+    ('feature count', E.CHANNELS, 'count 16.*32 channels'),
+    ('x as float64', E.LAYOUT, "'x' has datatype"),
+    ('point_step too short', E.LAYOUT, 'does not fit'),
+    ('data length', E.LAYOUT, 'data has'),
+    ('overlapping fields', E.LAYOUT, 'overlap'),
+    ('NaN scale', E.BAD_SCALE, 'NaN'),
+    ('negative scale', E.BAD_SCALE, 'negative'),
+    ('NaN x', E.NON_FINITE, 'x/y'),
+    ('infinite vx', E.NON_FINITE, 'vx/vy'),
+    ('confidence above 1', E.BAD_VALUE, 'confidence'),
+    ('negative variance', E.BAD_VALUE, 'uncertainty'),
+    ('roi below -1', E.BAD_VALUE, 'roi'),
+    ('cell outside the grid', E.OUT_OF_GRID, 'outside the 32x32 grid'),
+    ('cell between centres', E.OFF_LATTICE, 'not centres'),
+    ('duplicate cell', E.DUPLICATE_CELL, 'more than once'),
+])
+def test_bad_messages_are_rejected_with_a_reason(case, reason, match):
+    channels = C
+    if case == 'missing scale':
+        fields, data, step = encode(roi_message()[1])
+        fields = [f for f in fields if f.name != 'scale']
+    elif case == 'vx without vy':
+        fields, data, step = encode(roi_message()[1])
+        fields = [f for f in fields if f.name != 'vy']
+    elif case == 'feature count':
+        fields, data, step = encode(roi_message()[1])
+        channels = 32
+    elif case == 'x as float64':
+        fields, data, step = _replace_field('x', datatype=FLOAT64)
+    elif case == 'point_step too short':
+        fields, data, step = encode(roi_message()[1])
+        fields, data, step = fields, data[:len(data) // step * (step - 2)], step - 2
+    elif case == 'data length':
+        fields, data, step = encode(roi_message()[1])
+        data = data[:-1]
+        with pytest.raises(FeatureMessageError) as info:
+            decode_(fields, data, step, width=len(data) // step + 1)
+        assert info.value.reason == reason and 'data has' in str(info.value)
+        return
+    elif case == 'overlapping fields':
+        fields, data, step = _replace_field('y', offset=2)
+    elif case == 'NaN scale':
+        fields, data, step = _mutated('scale', np.nan, 3)
+    elif case == 'negative scale':
+        fields, data, step = _mutated('scale', -1.0, 3)
+    elif case == 'NaN x':
+        fields, data, step = _mutated('x', np.nan, 0)
+    elif case == 'infinite vx':
+        fields, data, step = _mutated('vx', np.inf, 0)
+    elif case == 'confidence above 1':
+        fields, data, step = _mutated('confidence', 1.5, 0)
+    elif case == 'negative variance':
+        fields, data, step = _mutated('reg_aleatoric', -0.1, 0)
+    elif case == 'roi below -1':
+        fields, data, step = _mutated('roi', -2, 0)
+    elif case == 'cell outside the grid':
+        fields, data, step = _mutated('x', 13.2, 0)  # centre of the first cell past the edge
+    elif case == 'cell between centres':
+        fields, data, step = _mutated('x', 0.0, 0)   # a cell corner
+    elif case == 'duplicate cell':
+        _, msg = roi_message()
+        fields, data, step = encode(msg)
+        rec = np.frombuffer(data, message_dtype(C)).copy()
+        rec['x'][1], rec['y'][1] = rec['x'][0], rec['y'][0]
+        data = rec.tobytes()
+    with pytest.raises(FeatureMessageError, match=match) as info:
+        decode_(fields, data, step, channels=channels)
+    assert info.value.reason == reason
+
+
+def test_nan_uncertainty_means_not_estimated_and_passes():
+    fields, data, step = _mutated('cls_epistemic', np.nan)
+    assert np.isnan(decode_(fields, data, step).uncertainty[:, 1]).all()
+
+
+# ------------------------------------------------------------------ policies
+def _enlarged(boxes, margin):
+    out = np.array(boxes, np.float64)
+    out[:, 3:5] += 2 * margin
+    out[:, 2], out[:, 5] = 0.0, 1e3
+    return out
+
+
+def test_roi_cells_are_exactly_the_cells_inside_the_enlarged_boxes():
+    det = make_det(BOXES, SCORES)
+    margin = 0.4
+    sel = select_roi_cells(det, score_threshold=0.0, max_rois=10, margin_m=margin,
+                           min_confidence=0.0, max_bytes=None)
+    centres = np.column_stack([cell_centres(), np.zeros(32 * 32)])
+    inside = points_in_boxes(centres, _enlarged(BOXES, margin))   # (3, H*W)
+    expected = np.flatnonzero(inside.any(0))
+    assert np.array_equal(sel.rows * 32 + sel.cols, expected)
+    # a cell in several boxes belongs to the highest-scoring one (scores descend with the index)
+    assert np.array_equal(sel.roi, inside[:, expected].argmax(0))
+    assert np.bincount(sel.roi, minlength=3).tolist() == [int(c) for c in inside.sum(1)]  # no overlap here
+    # a rotated 4.6 x 1.9 m car + 0.4 m margins covers (5.4 x 2.7) / 0.64 ~ 23 cells
+    assert 18 <= (sel.roi == 0).sum() <= 28
+
+
+def test_overlapping_rois_go_to_the_higher_score():
+    boxes = np.array([[0.0, 0.0, 0, 4.0, 2.0, 1.5, 0.0], [1.6, 0.0, 0, 4.0, 2.0, 1.5, 0.0]])
+    det = make_det(boxes, [0.5, 0.8])
+    sel = select_roi_cells(det, score_threshold=0.0, margin_m=0.0, min_confidence=0.0)
+    x = GRID.origin[0] + (sel.cols + 0.5) * 0.8
+    assert set(sel.roi[x > 0.4]) == {1}              # the overlap (x in [-0.4, 2]) and beyond
+    assert set(sel.roi[x < -0.4]) == {0}
+    assert len(np.unique(sel.rows * 32 + sel.cols)) == len(sel.rows)
+
+
+def test_roi_policy_thresholds_caps_and_skips_empty_cells():
+    conf = np.full((32, 32), 0.5, np.float32)
+    conf[20:, :] = 0.05                              # y >= 3.2 m: below the confidence threshold
+    det = make_det(BOXES, SCORES, confidence=conf)
+    det.features[:, :, :8] = 0.0                     # x < -6.4: all-zero features
+    sel = select_roi_cells(det, score_threshold=0.5, max_rois=10, margin_m=0.4,
+                           min_confidence=0.1, max_bytes=None)
+    assert set(sel.roi) == {0, 1}                    # 0.4 is below the score threshold
+    assert (conf[sel.rows, sel.cols] >= 0.1).all() and (sel.rows < 20).all()
+    assert det.features[:, sel.rows, sel.cols].any(0).all() and (sel.cols >= 8).all()
+    unfiltered = select_roi_cells(det, score_threshold=0.5, margin_m=0.4, min_confidence=0.0,
+                                  max_bytes=None)
+    assert (unfiltered.rows >= 20).any() and len(unfiltered.roi) > len(sel.roi)
+    assert set(select_roi_cells(det, score_threshold=0.0, max_rois=1, min_confidence=0.0).roi) == {0}
+
+    full = select_roi_cells(det, score_threshold=0.0, min_confidence=0.0, max_bytes=None)
+    n0 = (full.roi == 0).sum()
+    budget = (n0 + 1) * cell_bytes(C)                # room for ROI 0 only
+    capped = select_roi_cells(det, score_threshold=0.0, min_confidence=0.0, max_bytes=budget)
+    assert set(capped.roi) == {0} and len(capped.roi) == n0
+    assert len(encode(make_message(det, capped, 0, 0))[1]) <= budget
+
+
+def test_cells_carry_their_roi_attributes_and_background_is_zero():
+    det = make_det(BOXES, SCORES)
+    msg = make_message(det, select_occupied_cells(det), 0, 7)
+    assert msg.num_cells == 32 * 32
+    fg = msg.roi >= 0
+    r = msg.roi[fg]
+    assert np.array_equal(msg.score[fg], det.scores[r])
+    assert np.array_equal(msg.velocity[fg], det.velocities[r])
+    assert np.array_equal(msg.uncertainty[fg], message_uncertainty(det.uncertainty, det.boxes)[r])
+    assert not msg.score[~fg].any() and not msg.velocity[~fg].any() and not msg.uncertainty[~fg].any()
+    assert np.array_equal(msg.roi, select_occupied_cells(det).roi) and set(r) == {0, 1, 2}
+
+
+def test_occupied_policy_keeps_every_nonzero_cell():
+    det = make_det(BOXES, SCORES)
+    det.features[:, 3:9, :] = 0.0
+    det.features[5, 4, 4] = -0.2                     # one nonzero channel makes a cell occupied
+    sel = select_occupied_cells(det)
+    occupied = det.features.any(0)
+    assert np.array_equal(sel.rows * 32 + sel.cols, np.flatnonzero(occupied))
+    centres = np.column_stack([cell_centres(), np.zeros(32 * 32)])
+    in_any = points_in_boxes(centres, _enlarged(BOXES, 0.4)).any(0)
+    assert np.array_equal(sel.roi >= 0, in_any[occupied.reshape(-1)])
+
+
+def test_uncertainty_mapping():
+    u = np.array([[0.1, 0.2, 0.01, 0.5, 0.3, 0.04], [np.nan, 0, 0, 0, np.nan, np.nan]])
+    boxes = np.array([[0, 0, 0, 4.0, 2.0, 1.5, 0.3], [0, 0, 0, 1, 1, 1, 0]])
+    out = message_uncertainty(u, boxes)
+    assert out.dtype == np.float32 and out.shape == (2, 4)
+    # cls_aleatoric, cls_epistemic, reg_aleatoric = x + y + corner radius^2 * yaw, reg_epistemic
+    assert np.allclose(out[0], [0.5, 0.3, 0.1 + 0.2 + (16 + 4) / 4 * 0.01, 0.04])
+    assert np.isnan(out[1, [1, 2, 3]]).all() and out[1, 0] == 0

@@ -1,0 +1,76 @@
+import numpy as np
+import torch
+
+from coop_perception.fusion.network import MultiScaleFusion, max_fusion
+from coop_perception.fusion.trust import LearnedTrust, ThresholdTrust, decay
+
+
+def attrs(score, unc, age):
+    return np.array([[score, *unc, age]], dtype=np.float64)
+
+
+def test_threshold_gate_and_decay():
+    gate = ThresholdTrust(min_score=0.3, thresholds={'cls_aleatoric': 1.0, 'cls_epistemic': 0.5,
+                                                     'reg_aleatoric': 0.2, 'reg_epistemic': 0.1},
+                          half_life_s=0.5)
+    assert gate.trust(attrs(0.9, [0.5, 0.2, 0.1, 0.05], 0.0))[0] == 1.0
+    assert gate.trust(attrs(0.2, [0.5, 0.2, 0.1, 0.05], 0.0))[0] == 0.0      # low score
+    assert gate.trust(attrs(0.9, [0.5, 0.2, 0.3, 0.05], 0.0))[0] == 0.0      # uncertain box
+    assert gate.trust(attrs(0.9, [0.5, 0.2, 0.1, 0.05], 0.5))[0] == 0.5      # one half-life old
+    assert gate.trust(np.zeros((0, 6))).shape == (0,)
+    assert np.allclose(decay(np.array([-0.1, 0.0, 1.0]), 0.5), [1.0, 1.0, 0.25])
+
+
+def test_threshold_calibration_uses_true_positive_quantiles():
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.uniform(0.3, 1, (1000, 1)), rng.uniform(0, 1, (1000, 4)), np.zeros((1000, 1))], 1)
+    tp = a[:, 3] < 0.5               # correct boxes have small regression uncertainty
+    gate = ThresholdTrust.calibrate(a, tp, quantile=0.95)
+    assert abs(gate.thresholds['reg_aleatoric'] - 0.475) < 0.03
+    assert gate.trust(a)[~tp].mean() < 0.1 and gate.trust(a)[tp].mean() > 0.7
+
+
+def test_learned_trust_starts_trusting_and_learns():
+    net = LearnedTrust()
+    x = torch.tensor([[0.9, 0.1, 0.1, 0.1, 0.1, 0.0], [0.9, 0.1, 0.1, 5.0, 0.1, 0.0]])
+    assert (net(x) > 0.8).all()
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    target = torch.tensor([1.0, 0.0])
+    for _ in range(200):
+        loss = torch.nn.functional.binary_cross_entropy(net(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    t = net.trust(x.numpy())
+    assert t[0] > 0.9 and t[1] < 0.1
+
+
+def test_untrained_fusion_is_ego_only_and_ignores_invalid_agents():
+    torch.manual_seed(0)
+    net = MultiScaleFusion(8, scales=2).eval()
+    x = torch.randn(2, 3, 8, 16, 16)
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    with torch.no_grad():
+        assert torch.equal(net(x, valid), x[:, 0])
+        # make the projection non-zero: then an invalid agent's content must not matter
+        torch.nn.init.normal_(net.project.weight)
+        a = net(x, valid)
+        y = x.clone()
+        y[0, 2] = 100.0
+        y[1, 1:] = -100.0
+        assert torch.allclose(a, net(y, valid), atol=1e-5)
+
+
+def test_fusion_backpropagates_to_all_scales():
+    net = MultiScaleFusion(8, scales=2)
+    torch.nn.init.normal_(net.project.weight)
+    x = torch.randn(1, 2, 8, 16, 16, requires_grad=True)
+    net(x, torch.tensor([[True, True]])).sum().backward()
+    assert x.grad[0, 1].abs().sum() > 0
+    assert all(p.grad is not None for p in net.down.parameters())
+
+
+def test_max_fusion():
+    x = torch.tensor([[[[[1.0]]], [[[3.0]]], [[[9.0]]]]])  # (1, 3, 1, 1, 1)
+    valid = torch.tensor([[True, True, False]])
+    assert max_fusion(x, valid).item() == 3.0
