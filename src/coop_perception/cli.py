@@ -173,6 +173,66 @@ def cmd_bench_detector(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- fusion commands
+def _feature_cache(args, model, ds):
+    from .fusion.cache import FeatureCache, build_cache
+
+    import hashlib
+
+    # keyed by the detector weights: a retrained detector never reads stale features
+    weights_id = hashlib.sha256(Path(args.weights).read_bytes()).hexdigest()[:16]
+    root = Path(args.cache or Path(args.data) / 'feature_cache') / weights_id
+    written = build_cache(ds, model, root)
+    if written:
+        print(f'cached {written} new agent views in {root}')
+    return FeatureCache(root, model.grid())
+
+
+def cmd_train_fusion(args) -> int:
+    from .data.v2xsim import V2XSimDataset
+    from .fusion.train import FusionExamples, FusionTrainConfig, train_fusion
+
+    model = _load_detector(args)
+    ds = V2XSimDataset(args.data, args.version)
+    examples = FusionExamples(ds, _feature_cache(args, model, ds))
+    cfg = FusionTrainConfig(**({'iterations': args.iterations} if args.iterations else {}))
+    print(f'training fusion on {len(examples)} ego frames -> {args.out}')
+    path = train_fusion(model, examples, args.out, cfg, resume=not args.restart)
+    print(f'wrote {path}')
+    return 0
+
+
+def cmd_eval_fusion(args) -> int:
+    from .data.v2xsim import V2XSimDataset
+    from .eval.fusion_eval import evaluate_fusion, format_results
+    from .fusion.model import FusionModel
+    from .fusion.pipeline import METHODS
+
+    methods = args.methods.split(',')
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise UserError('--methods', f'unknown method(s) {", ".join(sorted(unknown))}; choose from {", ".join(METHODS)}')
+    try:
+        delays = [float(d) for d in args.delays.split(',')]
+    except ValueError:
+        raise UserError('--delays', f'expected comma-separated milliseconds, got {args.delays!r}') from None
+    model = _load_detector(args)
+    fusion = None
+    if 'trust' in methods:
+        if not Path(args.fusion).exists():
+            raise UserError(args.fusion, 'fusion checkpoint not found (train one with `train fusion`)')
+        fusion = FusionModel.load(args.fusion)
+    ds = V2XSimDataset(args.data, args.version)
+    cache = _feature_cache(args, model, ds)
+    egos = [int(e) for e in args.egos.split(',')] if args.egos else None
+    result = evaluate_fusion(ds, model, cache, fusion, methods, delays, channel_model=args.channel,
+                             seed=args.seed, max_range=args.range, egos=egos)
+    print(format_results(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def _detector_args(p, weights: bool = True):
     p.add_argument('--config', default=str(MODELS / 'detector.yaml'), help='detector config YAML')
     if weights:
@@ -259,6 +319,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--version', default=DEFAULT_VERSION)
     _detector_args(p)
     p.set_defaults(func=cmd_eval_detector)
+
+    p = train.add_parser('fusion', help='train the trust fusion on cached detector features (resumable)')
+    p.add_argument('--data', required=True, help='training dataset root (the train preset)')
+    p.add_argument('--cache', help='feature cache folder (default: DATA/feature_cache), one subfolder per detector; built if missing')
+    p.add_argument('--out', required=True, help='run folder: checkpoints, log, final weights')
+    p.add_argument('--iterations', type=_positive(int), help='training iterations')
+    p.add_argument('--restart', action='store_true', help='ignore an existing checkpoint in --out')
+    p.add_argument('--version', default=DEFAULT_VERSION)
+    _detector_args(p)
+    p.set_defaults(func=cmd_train_fusion)
+
+    p = evaluate.add_parser('fusion', help='AP of every fusion method under communication delay')
+    p.add_argument('--data', required=True, help='dataset root (the test preset)')
+    p.add_argument('--cache', help='feature cache folder (default: DATA/feature_cache), one subfolder per detector; built if missing')
+    p.add_argument('--delays', default='0,100,200,300,500', help='mean latencies to sweep, ms')
+    p.add_argument('--methods', default='ego,late,early,max,trust', help='comma-separated fusion methods')
+    p.add_argument('--channel', default='uniform', help='latency model (uniform, fixed, bernoulli_frames)')
+    p.add_argument('--seed', type=int, default=0, help='channel seed')
+    p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
+    p.add_argument('--range', type=_positive(float), default=50.0, help='evaluate within this of the ego, m')
+    p.add_argument('--fusion', default=str(MODELS / 'fusion.pt'), help='trust fusion checkpoint')
+    p.add_argument('--json', help='also write the results as JSON here')
+    p.add_argument('--version', default=DEFAULT_VERSION)
+    _detector_args(p)
+    p.set_defaults(func=cmd_eval_fusion)
 
     p = sub.add_parser('demo', help='the main job on built-in data (make demo)')
     p.add_argument('--out', default='out/demo', help='output folder')

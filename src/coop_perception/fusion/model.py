@@ -1,0 +1,91 @@
+"""Trust-modulated multi-scale fusion: the learned part of the cooperative detector.
+
+Per ego frame the inputs are the ego's own BEV features and up to K collaborators' features already
+warped into the ego grid (`align.warp_to_ego`), with per-cell ROI attributes. The learned trust
+modulus scales each collaborator ROI cell, background cells of collaborators are suppressed, the
+ego is never masked; `MultiScaleFusion` then fuses the agents. The detector's own (frozen) head
+turns the fused map into boxes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .align import WarpedFeatures
+from .network import MultiScaleFusion, max_fusion
+from .trust import ROI_ATTRIBUTES, LearnedTrust
+
+
+@dataclass
+class FusionInputs:
+    """Numpy inputs of one ego frame; K collaborator slots (unused ones have valid False)."""
+    ego: np.ndarray          # (C, H, W) float32
+    collab: np.ndarray       # (K, C, H, W) float32, warped into the ego grid
+    attributes: np.ndarray   # (K, H, W, 6) float32, columns trust.ROI_ATTRIBUTES
+    roi: np.ndarray          # (K, H, W) bool, the cell carries a collaborator ROI
+    valid: np.ndarray        # (K,) bool
+
+
+def stack_inputs(ego_features: np.ndarray, warped: list[WarpedFeatures], slots: int) -> FusionInputs:
+    """Ego features (C, H, W) + up to `slots` warped messages -> FusionInputs (extra ones dropped)."""
+    C, H, W = ego_features.shape
+    collab = np.zeros((slots, C, H, W), np.float32)
+    attributes = np.zeros((slots, H, W, len(ROI_ATTRIBUTES)), np.float32)
+    roi = np.zeros((slots, H, W), bool)
+    valid = np.zeros(slots, bool)
+    for i, w in enumerate(warped[:slots]):
+        collab[i] = w.features
+        attributes[i, ..., 0] = w.score
+        attributes[i, ..., 1:5] = np.nan_to_num(w.uncertainty, nan=1e3)  # unknown = very uncertain
+        attributes[i, ..., 5] = w.age_s
+        roi[i] = w.roi >= 0
+        valid[i] = True
+    return FusionInputs(ego_features.astype(np.float32, copy=False), collab, attributes, roi, valid)
+
+
+def collate(batch: list[FusionInputs]) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.stack([getattr(b, name) for b in batch]))
+            for name in ('ego', 'collab', 'attributes', 'roi', 'valid')}
+
+
+def fuse(ego, collab, attributes, roi, valid, method: str, model: 'FusionModel | None' = None):
+    """'trust': learned trust on collaborator ROI cells, then the multi-scale fusion of `model`;
+    'max': every collaborator ROI cell at full weight, element-wise max (needs no model).
+    Background cells of collaborators are suppressed either way; the ego is never masked.
+    -> fused (B, C, H, W), trust (B, K, H, W)."""
+    keep = roi.to(collab.dtype) * valid[:, :, None, None]
+    trust = keep if method == 'max' else model.trust(attributes) * keep
+    agents = torch.cat([ego[:, None], collab * trust[:, :, None]], 1)
+    valid_all = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
+    if method == 'max':
+        return max_fusion(agents, valid_all), trust
+    return model.fusion(agents, valid_all), trust
+
+
+class FusionModel(nn.Module):
+    """method 'trust': learned trust + multi-scale fusion; 'max': plain element-wise max of all
+    collaborator cells (no trust, no learning)."""
+
+    def __init__(self, channels: int, scales: int = 2, trust_hidden: int = 16):
+        super().__init__()
+        self.trust = LearnedTrust(trust_hidden)
+        self.fusion = MultiScaleFusion(channels, scales)
+        self.config = {'channels': channels, 'scales': scales, 'trust_hidden': trust_hidden}
+
+    def forward(self, ego, collab, attributes, roi, valid, method: str = 'trust'):
+        """Tensors as in `collate` (batched) -> fused (B, C, H, W) and trust (B, K, H, W)."""
+        return fuse(ego, collab, attributes, roi, valid, method, self)
+
+    def save(self, path, **extra) -> None:
+        torch.save({'config': self.config, 'state': self.state_dict(), **extra}, path)
+
+    @classmethod
+    def load(cls, path) -> 'FusionModel':
+        ckpt = torch.load(Path(path), map_location='cpu', weights_only=False)
+        model = cls(**ckpt['config'])
+        model.load_state_dict(ckpt['state'])
+        return model.eval()

@@ -1,0 +1,239 @@
+"""`CooperativeDetector`: the per-frame cooperative detector used by offline evaluation and by the
+ROS fusion node alike (one code path).
+
+Feed it, as they arrive, the ego's scans (or their detector output), collaborators' inputs
+(feature messages for 'max'/'trust', box lists for 'late', raw points for 'early') and everyone's
+poses, all with their capture stamps (int ns); then ask `detect(ego_stamp_ns)`. For each
+collaborator the newest input not newer than the ego stamp and not older than `max_age_s` is used;
+a missing collaborator is simply absent. Bad or unusable inputs are dropped, logged once per reason
+and counted in `drops`.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..detection.decode import Detections, rotated_nms
+from ..geometry import invert_pose, transform_points
+from .align import warp_boxes, warp_to_ego
+from .codec import FeatureMessage, make_message, select_roi_cells
+from .model import FusionModel, collate, fuse, stack_inputs
+from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
+
+log = logging.getLogger(__name__)
+METHODS = ('ego', 'late', 'early', 'max', 'trust')
+
+
+@dataclass
+class CooperativeConfig:
+    method: str = 'trust'
+    max_age_s: float = 1.0                 # collaborator inputs older than this are ignored
+    slots: int = 4                         # collaborators fused per frame (newest first)
+    roi_policy: dict = field(default_factory=dict)   # codec.select_roi_cells keyword arguments
+    late_nms_iou: float = 0.2
+    history: int = 20                      # inputs kept per collaborator
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f'unknown fusion method {self.method!r} (choose from {", ".join(METHODS)})')
+
+
+@dataclass
+class FusedDetections:
+    """Detections in the ego sensor frame at the ego stamp."""
+    boxes: np.ndarray          # (N, 7)
+    scores: np.ndarray         # (N,)
+    labels: np.ndarray         # (N,)
+    velocities: np.ndarray     # (N, 2) m/s
+    trust: np.ndarray          # (N,) collaborator trust at the box centre (0: ego evidence only)
+    sources: np.ndarray        # (N,) int bit mask of contributing agents (bit k = agent k)
+    stamp_ns: int
+    ages_s: dict               # collaborator -> age (s) of the input used
+    timings_ms: dict = field(default_factory=dict)
+
+
+def collaborator_message(det: Detections, agent, stamp_ns: int, roi_policy: dict | None = None) -> FeatureMessage:
+    """What a collaborator puts on the air for one scan: its ROI cells."""
+    return make_message(det, select_roi_cells(det, **(roi_policy or {})), agent, stamp_ns)
+
+
+class CooperativeDetector:
+    def __init__(self, detector, ego_id, cfg: CooperativeConfig | None = None,
+                 fusion_model: FusionModel | None = None, pose_config: PoseBufferConfig | None = None):
+        self.detector = detector
+        self.ego_id = ego_id
+        self.cfg = cfg or CooperativeConfig()
+        if self.cfg.method == 'trust' and fusion_model is None:
+            raise ValueError("method 'trust' needs a trained fusion model")
+        self.fusion = fusion_model.eval() if fusion_model is not None else None
+        self.poses = PoseBuffers(pose_config)
+        self.drops: Counter = Counter()
+        self._warned: set = set()
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget every buffered input (e.g. after the clock jumped back)."""
+        self._ego: dict[int, tuple[Detections, np.ndarray | None]] = {}
+        self._inputs: dict = defaultdict(dict)   # agent -> {stamp_ns: input}
+        self.poses.reset()
+
+    def _drop(self, reason: str, detail: str = '') -> None:
+        self.drops[reason] += 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning('dropped input (%s)%s; further drops of this kind are only counted', reason,
+                        f': {detail}' if detail else '')
+
+    # ------------------------------------------------------------------ inputs
+    def add_pose(self, agent, stamp_ns: int, T_world_sensor: np.ndarray) -> None:
+        try:
+            self.poses.insert(agent, int(stamp_ns), T_world_sensor)
+        except ValueError as exc:
+            self._drop('bad_pose', str(exc))
+
+    def add_ego_scan(self, stamp_ns: int, points: np.ndarray) -> Detections:
+        det = self.detector.detect(points)
+        self.add_ego_detections(stamp_ns, det, points if self.cfg.method == 'early' else None)
+        return det
+
+    def add_ego_detections(self, stamp_ns: int, det: Detections, points: np.ndarray | None = None) -> None:
+        self._ego[int(stamp_ns)] = (det, points)
+        for old in sorted(self._ego)[:-self.cfg.history]:
+            del self._ego[old]
+
+    def add_input(self, agent, stamp_ns: int, item) -> None:
+        """A collaborator's FeatureMessage, box list (dict with boxes, scores, labels, velocities)
+        or raw points (N, 3+), captured at stamp_ns."""
+        if agent == self.ego_id:
+            self._drop('ego_as_collaborator', f'agent {agent} is the ego')
+            return
+        buf = self._inputs[agent]
+        buf[int(stamp_ns)] = item
+        for old in sorted(buf)[:-self.cfg.history]:
+            del buf[old]
+
+    def _select(self, agent, ego_stamp: int):
+        """Newest input of `agent` not newer than the ego stamp and within max_age."""
+        buf = self._inputs.get(agent, {})
+        stamps = [s for s in buf if s <= ego_stamp]
+        if not stamps:
+            if buf:
+                self._drop('future', f'agent {agent} has only inputs newer than the ego frame')
+            return None
+        stamp = max(stamps)
+        if (ego_stamp - stamp) / NS_PER_S > self.cfg.max_age_s:
+            self._drop('stale', f'agent {agent} input is {(ego_stamp - stamp) / NS_PER_S:.2f} s old')
+            return None
+        try:
+            pose = self.poses.lookup(agent, stamp)
+        except PoseLookupError as exc:
+            self._drop('no_pose', str(exc))
+            return None
+        return stamp, buf[stamp], pose
+
+    # ------------------------------------------------------------------ fusion
+    def detect(self, ego_stamp_ns: int) -> FusedDetections | None:
+        """Fused detections for the ego frame captured at ego_stamp_ns (None if that frame or the
+        ego pose is unknown)."""
+        ego_stamp = int(ego_stamp_ns)
+        if ego_stamp not in self._ego:
+            self._drop('no_ego_frame', f'no ego scan at {ego_stamp}')
+            return None
+        det, ego_points = self._ego[ego_stamp]
+        try:
+            T_ego = self.poses.lookup(self.ego_id, ego_stamp)
+        except PoseLookupError as exc:
+            self._drop('no_ego_pose', str(exc))
+            return None
+        chosen = {}
+        if self.cfg.method != 'ego':
+            for agent in sorted(self._inputs, key=str):
+                picked = self._select(agent, ego_stamp)
+                if picked is not None:
+                    chosen[agent] = picked
+        ages = {a: (ego_stamp - s) / NS_PER_S for a, (s, _, _) in chosen.items()}
+        method = self.cfg.method
+        if method == 'ego' or not chosen:
+            return self._wrap(det, np.zeros(len(det.boxes)), np.full(len(det.boxes), 1 << self.ego_id),
+                              ego_stamp, ages)
+        if method == 'late':
+            return self._late(det, chosen, T_ego, ego_stamp, ages)
+        if method == 'early':
+            return self._early(det, ego_points, chosen, T_ego, ego_stamp, ages)
+        return self._intermediate(det, chosen, T_ego, ego_stamp, ages)
+
+    def _wrap(self, det, trust, sources, stamp, ages) -> FusedDetections:
+        return FusedDetections(det.boxes, det.scores, det.labels, det.velocities, trust, sources, stamp, ages,
+                               dict(det.timings_ms))
+
+    def _late(self, det, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
+        parts = [(det.boxes, det.scores, det.labels, det.velocities, np.full(len(det.boxes), self.ego_id))]
+        for agent, (stamp, item, pose) in chosen.items():
+            if not isinstance(item, dict):
+                self._drop('wrong_input_kind', f'late fusion needs box lists, agent {agent} sent {type(item).__name__}')
+                continue
+            boxes, vel = warp_boxes(item['boxes'], item['velocities'], pose, T_ego, stamp, ego_stamp)
+            parts.append((boxes, item['scores'], item['labels'], vel, np.full(len(boxes), agent)))
+        boxes, scores, labels, vel, src = (np.concatenate(x) for x in zip(*parts))
+        keep = []
+        for k in np.unique(labels):
+            idx = np.flatnonzero(labels == k)
+            keep.append(idx[rotated_nms(boxes[idx], scores[idx], self.cfg.late_nms_iou)])
+        keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+        keep = keep[np.argsort(-scores[keep], kind='stable')]
+        trust = np.where(src[keep] == self.ego_id, 0.0, 1.0)
+        sources = np.left_shift(1, src[keep].astype(np.int64))
+        return FusedDetections(boxes[keep], scores[keep], labels[keep], vel[keep], trust, sources, ego_stamp, ages)
+
+    def _early(self, det, ego_points, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
+        if ego_points is None:
+            self._drop('no_ego_points', 'early fusion needs the ego scan (add_ego_scan or points=)')
+            return self._wrap(det, np.zeros(len(det.boxes)), np.full(len(det.boxes), 1 << self.ego_id), ego_stamp, ages)
+        clouds = [np.asarray(ego_points, np.float32)[:, :4]]
+        mask = 1 << self.ego_id
+        T_ego_world = invert_pose(T_ego)
+        for agent, (_, item, pose) in chosen.items():
+            if isinstance(item, (dict, FeatureMessage)):
+                self._drop('wrong_input_kind', f'early fusion needs points, agent {agent} sent {type(item).__name__}')
+                continue
+            clouds.append(transform_points(T_ego_world @ pose, np.asarray(item, np.float32)[:, :4]))
+            mask |= 1 << agent
+        fused = self.detector.detect(np.concatenate(clouds), sensor_height=det.sensor_height)
+        return self._wrap(fused, np.ones(len(fused.boxes)), np.full(len(fused.boxes), mask), ego_stamp, ages)
+
+    def _intermediate(self, det, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
+        method = self.cfg.method
+        warped, agents = [], []
+        for agent, (stamp, item, pose) in sorted(chosen.items(), key=lambda kv: -kv[1][0]):
+            if not isinstance(item, FeatureMessage):
+                self._drop('wrong_input_kind', f'{method} fusion needs feature messages, agent {agent} sent '
+                                               f'{type(item).__name__}')
+                continue
+            warped.append(warp_to_ego(item, pose, T_ego, det.grid, ego_stamp,
+                                      motion_compensation=(method == 'trust')))
+            agents.append(agent)
+        inputs = stack_inputs(det.features, warped, self.cfg.slots)
+        with torch.inference_mode():
+            fused, trust = fuse(**collate([inputs]), method=method, model=self.fusion)
+        out = self.detector.detect_from_features(fused[0], det.sensor_height)
+        trust = trust[0].numpy()
+        rows, cols = _cells_of(out.boxes, det.grid)
+        box_trust = trust[:, rows, cols] if len(rows) else np.zeros((len(trust), 0))
+        sources = np.full(len(out.boxes), 1 << self.ego_id, np.int64)
+        for i, agent in enumerate(agents[:self.cfg.slots]):
+            sources |= np.where(box_trust[i] > 0, 1 << agent, 0)
+        return self._wrap(out, box_trust.max(0) if len(agents) else np.zeros(len(out.boxes)), sources,
+                          ego_stamp, ages)
+
+
+def _cells_of(boxes: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray]:
+    """Grid (row, col) of each box centre, clipped into the grid."""
+    H, W = grid.shape
+    cols = np.clip(((boxes[:, 0] - grid.origin[0]) / grid.cell_size).astype(int), 0, W - 1)
+    rows = np.clip(((boxes[:, 1] - grid.origin[1]) / grid.cell_size).astype(int), 0, H - 1)
+    return rows, cols

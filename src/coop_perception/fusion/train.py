@@ -1,0 +1,165 @@
+"""Training of the trust-modulated fusion on cached detector features (backbone and head frozen).
+
+Each example is one vehicle agent's frame as ego; every other agent (road-side unit included)
+contributes the ROI message it would have sent, picked under a random communication latency (the
+newest scan whose capture + latency is not after the ego's capture), warped and motion-compensated
+into the ego grid exactly as at run time. The loss is the detector's own loss on the cooperative
+ground truth (objects any agent has LiDAR returns on) at the ego's capture time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data.synth import RSU_AGENT
+from ..detection.targets import batch_targets, detection_loss, example_targets
+from ..geometry import invert_pose, rotate_vectors_2d, transform_boxes
+from .align import warp_to_ego
+from .cache import FeatureCache
+from .codec import make_message, select_roi_cells
+from .model import FusionInputs, FusionModel, collate, stack_inputs
+
+log = logging.getLogger(__name__)
+CHECKPOINT = 'checkpoint.pt'
+FINAL = 'fusion.pt'
+
+
+@dataclass
+class FusionTrainConfig:
+    iterations: int = 2000
+    batch_size: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    max_latency_ms: float = 600.0      # uniform latency per collaborator message
+    loss_probability: float = 0.1      # a collaborator's message is lost
+    slots: int = 4                     # collaborators per ego frame
+    scales: int = 2
+    checkpoint_every: int = 200
+    seed: int = 0
+
+
+def cooperative_targets(sample, ego: int):
+    """Ground truth in the ego's sensor frame at its capture time: objects any agent sees, minus
+    the ego's own vehicle. -> boxes (M, 7), labels (M,), velocities (M, 2)."""
+    gt = sample.gt
+    agent = sample.agents[ego]
+    boxes = gt.boxes_at((agent.timestamp_us - sample.timestamp_us) * 1e-6)
+    keep = np.ones(len(boxes), bool)
+    if gt.agent_points:
+        keep &= np.sum(list(gt.agent_points.values()), axis=0) >= 1
+    own = sample.agent_box(ego)
+    if own >= 0:
+        keep[own] = False
+    T = invert_pose(agent.T_world_sensor)
+    return transform_boxes(T, boxes[keep]), np.asarray(gt.labels)[keep], rotate_vectors_2d(T, gt.velocities[keep])
+
+
+def delayed_frame(stamps_ns: np.ndarray, ego_stamp_ns: int, latency_ns: int) -> int | None:
+    """Newest frame index whose message (capture + latency) has arrived by the ego stamp."""
+    ok = np.flatnonzero(stamps_ns + latency_ns <= ego_stamp_ns)
+    return int(ok[-1]) if len(ok) else None
+
+
+class FusionExamples:
+    """Indexable (scene, frame, ego) examples drawn from a dataset and its feature cache."""
+
+    def __init__(self, dataset, cache: FeatureCache, roi_policy: dict | None = None):
+        self.dataset, self.cache = dataset, cache
+        self.roi_policy = roi_policy or {}
+        self.index = []
+        # capture stamps (ns) per (scene, agent) and frame; missing scans never arrive
+        self.stamps: dict[tuple[int, int], np.ndarray] = {}
+        for s in range(len(dataset.scenes)):
+            n = dataset.num_frames(s)
+            for f in range(n):
+                for k, agent in dataset.sample(s, f).agents.items():
+                    self.stamps.setdefault((s, k), np.full(n, np.iinfo(np.int64).max // 2, np.int64))
+                    self.stamps[(s, k)][f] = agent.timestamp_us * 1000
+                    if k != RSU_AGENT:
+                        self.index.append((s, f, k))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def example(self, i: int, rng: np.random.Generator, cfg: FusionTrainConfig):
+        s, f, ego = self.index[i]
+        sample = self.dataset.sample(s, f)
+        scene = sample.scene_name
+        ego_view = self.cache.load(scene, f, ego)
+        warped = []
+        for k in sorted(sample.agents):
+            if k == ego or rng.random() < cfg.loss_probability:
+                continue
+            latency = int(rng.uniform(0, cfg.max_latency_ms) * 1e6)
+            j = delayed_frame(self.stamps[(s, k)][:f + 1], ego_view.stamp_ns, latency)
+            if j is None:
+                continue
+            view = self.cache.load(scene, j, k)
+            msg = make_message(view.detections, select_roi_cells(view.detections, **self.roi_policy), k,
+                               view.stamp_ns)
+            warped.append(warp_to_ego(msg, view.T_world_sensor, ego_view.T_world_sensor, self.cache.grid,
+                                      ego_view.stamp_ns, motion_compensation=True))
+        rng.shuffle(warped)
+        inputs = stack_inputs(ego_view.detections.features, warped, cfg.slots)
+        return inputs, cooperative_targets(sample, ego), ego_view.detections.sensor_height
+
+
+def train_fusion(detector, examples: FusionExamples, out_dir, cfg: FusionTrainConfig,
+                 resume: bool = True, progress: bool = True) -> Path:
+    """Train FusionModel with the detector frozen; resumable from out_dir/checkpoint.pt."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    dcfg = detector.cfg
+    model = FusionModel(dcfg.model.feature_channels, cfg.scales).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head = detector.head.eval()
+    for p in detector.parameters():
+        p.requires_grad_(False)
+    start = 0
+    if resume and (out / CHECKPOINT).exists():
+        ckpt = torch.load(out / CHECKPOINT, map_location='cpu', weights_only=False)
+        model.load_state_dict(ckpt['state'])
+        opt.load_state_dict(ckpt['optimizer'])
+        start = int(ckpt['iteration'])
+        log.info('resuming fusion training at iteration %d', start)
+    bar = tqdm(total=cfg.iterations, initial=start, desc='train fusion', unit='it', disable=not progress)
+    with open(out / 'train_log.jsonl', 'a') as logf:
+        for it in range(start, cfg.iterations):
+            rng = np.random.default_rng([cfg.seed, it])
+            picks = rng.choice(len(examples), cfg.batch_size, replace=False)
+            inputs: list[FusionInputs] = []
+            per_example = []
+            for i in picks:
+                x, (boxes, labels, vel), h = examples.example(int(i), rng, cfg)
+                inputs.append(x)
+                per_example.append(example_targets(boxes, labels, vel, h, dcfg))
+            lr = cfg.lr * 0.5 * (1 + np.cos(np.pi * it / cfg.iterations))
+            for g in opt.param_groups:
+                g['lr'] = lr
+            fused, trust = model(**collate(inputs))
+            maps = head(fused)
+            maps = {k: v.float() for k, v in maps.items() if k != 'cells'}
+            loss, parts = detection_loss(maps, batch_targets(per_example, dcfg), dcfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            bar.update(1)
+            row = {k: float(v) for k, v in parts.items()}
+            bar.set_postfix({k: f'{v:.3f}' for k, v in row.items()})
+            done = it + 1
+            if done % 20 == 0:
+                logf.write(json.dumps({'iteration': done, 'lr': lr, **row}) + '\n')
+                logf.flush()
+            if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+                model.save(out / CHECKPOINT, optimizer=opt.state_dict(), iteration=done)
+    bar.close()
+    model.eval().save(out / FINAL, train_config=vars(cfg))
+    return out / FINAL

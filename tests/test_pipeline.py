@@ -1,0 +1,103 @@
+"""CooperativeDetector: input selection by stamp, drops with reasons, every fusion method."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coop_perception.detection import Detector, load_config
+from coop_perception.detection.config import with_overrides
+from coop_perception.fusion.model import FusionModel
+from coop_perception.fusion.pipeline import CooperativeConfig, CooperativeDetector, collaborator_message
+from coop_perception.geometry import make_pose
+
+CFG = load_config(Path(__file__).parents[1] / 'models' / 'detector.yaml')
+MS = 1_000_000
+
+
+@pytest.fixture(scope='module')
+def detector():
+    torch.manual_seed(0)
+    return Detector(with_overrides(CFG, decode={'score_threshold': 0.02, 'mc_passes': 2})).eval()
+
+
+def scan(seed, shift=0.0):
+    rng = np.random.default_rng(seed)
+    n = 8000
+    r, a = rng.uniform(3, 45, n), rng.uniform(-np.pi, np.pi, n)
+    ground = np.stack([r * np.cos(a), r * np.sin(a), np.full(n, -1.8), np.zeros(n)], 1)
+    car = np.concatenate([rng.uniform([8 + shift, -1, -1.6], [12.5 + shift, 1, -0.2], (600, 3)), np.zeros((600, 1))], 1)
+    return np.concatenate([ground, car]).astype(np.float32)
+
+
+def setup(detector, method, fusion=None, collaborator_stamps=(0,)):
+    coop = CooperativeDetector(detector, 1, CooperativeConfig(method=method, max_age_s=0.5), fusion)
+    T = make_pose([0, 0, 1.8], yaw=0.0)
+    coop.add_pose(1, 100 * MS, T)
+    coop.add_ego_scan(100 * MS, scan(1))
+    other = make_pose([5, 0, 1.8], yaw=0.1)
+    for stamp in collaborator_stamps:
+        coop.add_pose(2, stamp * MS, other)
+        pts = scan(2, shift=-5.0)
+        if method in ('max', 'trust'):
+            coop.add_input(2, stamp * MS, collaborator_message(detector.detect(pts), 2, stamp * MS,
+                                                               {'score_threshold': 0.02}))
+        elif method == 'late':
+            d = detector.detect(pts)
+            coop.add_input(2, stamp * MS, {'boxes': d.boxes, 'scores': d.scores, 'labels': d.labels,
+                                           'velocities': d.velocities})
+        else:
+            coop.add_input(2, stamp * MS, pts)
+    return coop
+
+
+@pytest.mark.parametrize('method', ['ego', 'late', 'early', 'max', 'trust'])
+def test_every_method_produces_ego_frame_detections(detector, method):
+    fusion = FusionModel(CFG.model.feature_channels) if method == 'trust' else None
+    coop = setup(detector, method, fusion, collaborator_stamps=(0, 60))
+    out = coop.detect(100 * MS)
+    assert out is not None and out.stamp_ns == 100 * MS
+    assert out.boxes.shape[1] == 7 and len(out.boxes) == len(out.scores) == len(out.trust) == len(out.sources)
+    if method != 'ego':
+        assert out.ages_s == {2: pytest.approx(0.04)}   # the newest input not newer than the ego frame
+    assert not coop.drops
+
+
+def test_untrained_trust_fusion_equals_ego_only(detector):
+    # the fusion projection starts at zero: an untrained model must not change the ego's result
+    ego = setup(detector, 'ego').detect(100 * MS)
+    trust = setup(detector, 'trust', FusionModel(CFG.model.feature_channels)).detect(100 * MS)
+    assert np.allclose(ego.boxes, trust.boxes) and np.allclose(ego.scores, trust.scores)
+
+
+def test_stale_future_and_poseless_inputs_are_dropped_and_counted(detector):
+    coop = setup(detector, 'late', collaborator_stamps=(-900,))      # 1 s old > max_age
+    coop.add_input(3, 150 * MS, {'boxes': np.zeros((0, 7)), 'scores': np.zeros(0), 'labels': np.zeros(0, int),
+                                 'velocities': np.zeros((0, 2))})    # future, and no pose for agent 3
+    coop.add_input(4, 90 * MS, {'boxes': np.zeros((0, 7)), 'scores': np.zeros(0), 'labels': np.zeros(0, int),
+                                'velocities': np.zeros((0, 2))})     # agent 4 never sent a pose
+    out = coop.detect(100 * MS)
+    assert out is not None and out.ages_s == {}
+    assert coop.drops['stale'] == 1 and coop.drops['future'] == 1 and coop.drops['no_pose'] == 1
+    assert coop.detect(123 * MS) is None and coop.drops['no_ego_frame'] == 1
+
+
+def test_wrong_input_kind_is_dropped(detector):
+    coop = setup(detector, 'max')
+    coop.add_pose(3, 80 * MS, make_pose([0, 5, 1.8]))
+    coop.add_input(3, 80 * MS, scan(3))   # raw points where a feature message is expected
+    assert coop.detect(100 * MS) is not None
+    assert coop.drops['wrong_input_kind'] == 1
+
+
+def test_reset_forgets_everything(detector):
+    coop = setup(detector, 'late')
+    coop.reset()
+    assert coop.detect(100 * MS) is None
+
+
+def test_unknown_method_and_missing_model():
+    with pytest.raises(ValueError, match='unknown fusion method'):
+        CooperativeConfig(method='magic')
+    with pytest.raises(ValueError, match='trained fusion model'):
+        CooperativeDetector(None, 1, CooperativeConfig(method='trust'))
