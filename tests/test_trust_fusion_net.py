@@ -67,7 +67,7 @@ def test_fusion_backpropagates_to_all_scales():
     x = torch.randn(1, 2, 8, 16, 16, requires_grad=True)
     net(x, torch.tensor([[True, True]])).sum().backward()
     assert x.grad[0, 1].abs().sum() > 0
-    assert all(p.grad is not None for p in net.down.parameters())
+    assert all(p.grad is not None for p in net.up.parameters())
 
 
 def test_max_fusion():
