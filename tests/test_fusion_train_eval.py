@@ -11,7 +11,9 @@ from coop_perception.detection import Detector, load_config
 from coop_perception.detection.config import with_overrides
 from coop_perception.eval.fusion_eval import evaluate_fusion, format_results
 from coop_perception.fusion.cache import FeatureCache, build_cache, load_view, save_view
+from coop_perception.fusion.calibrate import calibrate_gate
 from coop_perception.fusion.model import FusionModel
+from coop_perception.fusion.trust import ThresholdTrust
 from coop_perception.fusion.train import FusionExamples, FusionTrainConfig, delayed_frame, train_fusion
 
 CFG = load_config(Path(__file__).parents[1] / 'models' / 'detector.yaml')
@@ -87,3 +89,11 @@ def test_evaluation_sweep(setup):
     # untrained trust fusion is exactly ego-only
     assert rows[('trust', 300.0)]['ap50'] == rows[('ego', 300.0)]['ap50']
     assert 'AP@0.7' in format_results(result)
+
+
+def test_trust_gate_calibration(setup):
+    det, ds, cache = setup
+    gate, summary = calibrate_gate(ds, cache, det.cfg.classes, min_score=0.05, progress=False)
+    assert summary['true_positives'] + summary['false_positives'] > 0
+    assert set(gate.thresholds) == {'cls_aleatoric', 'cls_epistemic', 'reg_aleatoric', 'reg_epistemic'}
+    assert ThresholdTrust.from_dict(gate.to_dict()) == gate

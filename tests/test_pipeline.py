@@ -31,7 +31,7 @@ def scan(seed, shift=0.0):
 
 
 def setup(detector, method, fusion=None, collaborator_stamps=(0,)):
-    coop = CooperativeDetector(detector, 1, CooperativeConfig(method=method, max_age_s=0.5), fusion)
+    coop = CooperativeDetector(detector, 1, CooperativeConfig(method=method, max_age_s=0.5, gate=GATE), fusion)
     T = make_pose([0, 0, 1.8], yaw=0.0)
     coop.add_pose(1, 100 * MS, T)
     coop.add_ego_scan(100 * MS, scan(1))
@@ -39,7 +39,7 @@ def setup(detector, method, fusion=None, collaborator_stamps=(0,)):
     for stamp in collaborator_stamps:
         coop.add_pose(2, stamp * MS, other)
         pts = scan(2, shift=-5.0)
-        if method in ('max', 'trust'):
+        if method in ('max', 'trust', 'gate'):
             coop.add_input(2, stamp * MS, collaborator_message(detector.detect(pts), 2, stamp * MS,
                                                                {'score_threshold': 0.02}))
         elif method == 'late':
@@ -51,15 +51,20 @@ def setup(detector, method, fusion=None, collaborator_stamps=(0,)):
     return coop
 
 
-@pytest.mark.parametrize('method', ['ego', 'late', 'early', 'max', 'trust'])
+GATE = {'min_score': 0.0, 'thresholds': {'reg_aleatoric': 1e6}, 'half_life_s': 0.5}
+
+
+@pytest.mark.parametrize('method', ['ego', 'late', 'early', 'max', 'trust', 'gate'])
 def test_every_method_produces_ego_frame_detections(detector, method):
-    fusion = FusionModel(CFG.model.feature_channels) if method == 'trust' else None
+    fusion = FusionModel(CFG.model.feature_channels) if method in ('trust', 'gate') else None
     coop = setup(detector, method, fusion, collaborator_stamps=(0, 60))
     out = coop.detect(100 * MS)
     assert out is not None and out.stamp_ns == 100 * MS
     assert out.boxes.shape[1] == 7 and len(out.boxes) == len(out.scores) == len(out.trust) == len(out.sources)
     if method != 'ego':
         assert out.ages_s == {2: pytest.approx(0.04)}   # the newest input not newer than the ego frame
+    if method in ('max', 'gate'):
+        assert out.trust.max() > 0                      # collaborator cells contribute (2^-0.08 for the gate)
     assert not coop.drops
 
 

@@ -218,18 +218,41 @@ def cmd_eval_fusion(args) -> int:
         raise UserError('--delays', f'expected comma-separated milliseconds, got {args.delays!r}') from None
     model = _load_detector(args)
     fusion = None
-    if 'trust' in methods:
+    if {'trust', 'gate'} & set(methods):
         if not Path(args.fusion).exists():
             raise UserError(args.fusion, 'fusion checkpoint not found (train one with `train fusion`)')
         fusion = FusionModel.load(args.fusion)
+    gate = None
+    if 'gate' in methods:
+        import yaml
+        if not Path(args.gate).exists():
+            raise UserError(args.gate, 'trust gate not found (make one with `calibrate trust`)')
+        gate = yaml.safe_load(Path(args.gate).read_text())
     ds = V2XSimDataset(args.data, args.version)
     cache = _feature_cache(args, model, ds)
     egos = [int(e) for e in args.egos.split(',')] if args.egos else None
     result = evaluate_fusion(ds, model, cache, fusion, methods, delays, channel_model=args.channel,
-                             seed=args.seed, max_range=args.range, egos=egos)
+                             seed=args.seed, max_range=args.range, egos=egos, gate=gate)
     print(format_results(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_calibrate_trust(args) -> int:
+    import yaml
+
+    from .data.v2xsim import V2XSimDataset
+    from .fusion.calibrate import calibrate_gate
+
+    model = _load_detector(args)
+    ds = V2XSimDataset(args.data, args.version)
+    gate, summary = calibrate_gate(ds, _feature_cache(args, model, ds), model.cfg.classes, quantile=args.quantile)
+    Path(args.out).write_text(
+        f'# Trust gate calibrated on {args.data} (quantile {args.quantile} of true-positive uncertainty).\n'
+        + yaml.safe_dump(gate.to_dict(), sort_keys=False))
+    print(yaml.safe_dump({'gate': gate.to_dict(), 'calibration': summary}, sort_keys=False))
+    print(f'wrote {args.out}')
     return 0
 
 
@@ -340,10 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
     p.add_argument('--range', type=_positive(float), default=50.0, help='evaluate within this of the ego, m')
     p.add_argument('--fusion', default=str(MODELS / 'fusion.pt'), help='trust fusion checkpoint')
+    p.add_argument('--gate', default=str(MODELS / 'trust_gate.yaml'), help="calibrated gate for method 'gate'")
     p.add_argument('--json', help='also write the results as JSON here')
     p.add_argument('--version', default=DEFAULT_VERSION)
     _detector_args(p)
     p.set_defaults(func=cmd_eval_fusion)
+
+    calibrate = sub.add_parser('calibrate', help='calibrate on validation data').add_subparsers(
+        dest='target', required=True)
+    p = calibrate.add_parser('trust', help='thresholds of the trust gate from validation true positives')
+    p.add_argument('--data', required=True, help='validation dataset root (the val preset)')
+    p.add_argument('--cache', help='feature cache folder (default: DATA/feature_cache), one subfolder per detector')
+    p.add_argument('--quantile', type=float, default=0.95, help='quantile of true-positive uncertainty')
+    p.add_argument('--out', default=str(MODELS / 'trust_gate.yaml'), help='gate YAML to write')
+    p.add_argument('--version', default=DEFAULT_VERSION)
+    _detector_args(p)
+    p.set_defaults(func=cmd_calibrate_trust)
 
     p = sub.add_parser('demo', help='the main job on built-in data (make demo)')
     p.add_argument('--out', default='out/demo', help='output folder')

@@ -29,7 +29,7 @@ RAW_POINT_BYTES = 16  # x, y, z, intensity as float32: what a raw scan costs on 
 def _payload(method: str, view, agent, points_fn, roi_policy):
     """(input for the pipeline, bytes on the wire) of one collaborator scan."""
     det = view.detections
-    if method in ('max', 'trust'):
+    if method in ('max', 'trust', 'gate'):
         msg = collaborator_message(det, agent, view.stamp_ns, roi_policy)
         return msg, len(encode(msg)[1])
     if method == 'late':
@@ -44,7 +44,8 @@ def _payload(method: str, view, agent, points_fn, roi_policy):
 
 def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, methods, delays_ms, *,
                     channel_model: str = 'uniform', seed: int = 0, max_range: float = 50.0,
-                    egos=None, roi_policy: dict | None = None, progress: bool = True) -> dict:
+                    egos=None, roi_policy: dict | None = None, gate: dict | None = None,
+                    progress: bool = True) -> dict:
     classes = detector.cfg.classes
     results = []
     bar = tqdm(total=len(methods) * len(delays_ms) * len(dataset.scenes), desc='eval fusion', unit='scene',
@@ -67,8 +68,9 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
                 scene = samples[0].scene_name
                 for ego in [a for a in agents if a != RSU_AGENT and (egos is None or a in egos)]:
                     channel = channel_for_mean_latency(mean_ms, channel_model, seed=seed)
-                    coop = CooperativeDetector(detector, ego, CooperativeConfig(method=method, roi_policy=roi_policy or {}),
-                                               fusion_model if method == 'trust' else None)
+                    coop = CooperativeDetector(
+                        detector, ego, CooperativeConfig(method=method, roi_policy=roi_policy or {}, gate=gate),
+                        fusion_model if method in ('trust', 'gate') else None)
                     pending = []  # (arrival_ns, agent, stamp_ns, pose, item)
                     for f, smp in enumerate(samples):
                         if ego not in smp.agents:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .align import WarpedFeatures
 from .network import MultiScaleFusion, max_fusion
-from .trust import ROI_ATTRIBUTES, LearnedTrust
+from .trust import ROI_ATTRIBUTES, LearnedTrust, ThresholdTrust
 
 
 @dataclass
@@ -52,13 +52,21 @@ def collate(batch: list[FusionInputs]) -> dict[str, torch.Tensor]:
             for name in ('ego', 'collab', 'attributes', 'roi', 'valid')}
 
 
-def fuse(ego, collab, attributes, roi, valid, method: str, model: 'FusionModel | None' = None):
+def fuse(ego, collab, attributes, roi, valid, method: str, model: 'FusionModel | None' = None,
+         gate: 'ThresholdTrust | None' = None):
     """'trust': learned trust on collaborator ROI cells, then the multi-scale fusion of `model`;
+    'gate': the calibrated threshold gate instead of the learned trust, same fusion;
     'max': every collaborator ROI cell at full weight, element-wise max (needs no model).
     Background cells of collaborators are suppressed either way; the ego is never masked.
     -> fused (B, C, H, W), trust (B, K, H, W)."""
     keep = roi.to(collab.dtype) * valid[:, :, None, None]
-    trust = keep if method == 'max' else model.trust(attributes) * keep
+    if method == 'max':
+        trust = keep
+    elif method == 'gate':
+        flat = attributes.reshape(-1, attributes.shape[-1]).numpy()
+        trust = torch.from_numpy(gate.trust(flat).astype(np.float32)).reshape(keep.shape) * keep
+    else:
+        trust = model.trust(attributes) * keep
     agents = torch.cat([ego[:, None], collab * trust[:, :, None]], 1)
     valid_all = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
     if method == 'max':

@@ -23,9 +23,10 @@ from .align import warp_boxes, warp_to_ego
 from .codec import FeatureMessage, make_message, select_roi_cells
 from .model import FusionModel, collate, fuse, stack_inputs
 from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
+from .trust import ThresholdTrust
 
 log = logging.getLogger(__name__)
-METHODS = ('ego', 'late', 'early', 'max', 'trust')
+METHODS = ('ego', 'late', 'early', 'max', 'trust', 'gate')
 
 
 @dataclass
@@ -36,6 +37,7 @@ class CooperativeConfig:
     roi_policy: dict = field(default_factory=dict)   # codec.select_roi_cells keyword arguments
     late_nms_iou: float = 0.2
     history: int = 20                      # inputs kept per collaborator
+    gate: dict | None = None               # ThresholdTrust settings for method 'gate' (calibrated)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -67,8 +69,11 @@ class CooperativeDetector:
         self.detector = detector
         self.ego_id = ego_id
         self.cfg = cfg or CooperativeConfig()
-        if self.cfg.method == 'trust' and fusion_model is None:
-            raise ValueError("method 'trust' needs a trained fusion model")
+        if self.cfg.method in ('trust', 'gate') and fusion_model is None:
+            raise ValueError(f"method '{self.cfg.method}' needs a trained fusion model")
+        if self.cfg.method == 'gate' and not self.cfg.gate:
+            raise ValueError("method 'gate' needs calibrated thresholds (CooperativeConfig.gate)")
+        self.gate = ThresholdTrust.from_dict(self.cfg.gate) if self.cfg.gate else None
         self.fusion = fusion_model.eval() if fusion_model is not None else None
         self.poses = PoseBuffers(pose_config)
         self.drops: Counter = Counter()
@@ -215,11 +220,11 @@ class CooperativeDetector:
                                                f'{type(item).__name__}')
                 continue
             warped.append(warp_to_ego(item, pose, T_ego, det.grid, ego_stamp,
-                                      motion_compensation=(method == 'trust')))
+                                      motion_compensation=(method != 'max')))
             agents.append(agent)
         inputs = stack_inputs(det.features, warped, self.cfg.slots)
         with torch.inference_mode():
-            fused, trust = fuse(**collate([inputs]), method=method, model=self.fusion)
+            fused, trust = fuse(**collate([inputs]), method=method, model=self.fusion, gate=self.gate)
         out = self.detector.detect_from_features(fused[0], det.sensor_height)
         trust = trust[0].numpy()
         rows, cols = _cells_of(out.boxes, det.grid)

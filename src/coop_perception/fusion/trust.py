@@ -63,8 +63,15 @@ class ThresholdTrust:
         return cls(thresholds=thresholds, **kwargs)
 
     def to_dict(self) -> dict:
-        return {'kind': 'threshold', 'min_score': self.min_score, 'thresholds': self.thresholds,
+        return {'min_score': self.min_score, 'thresholds': dict(self.thresholds),
                 'half_life_s': self.half_life_s, 'soft': self.soft}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'ThresholdTrust':
+        unknown = set(d) - {'min_score', 'thresholds', 'half_life_s', 'soft'}
+        if unknown:
+            raise ValueError(f'unknown trust gate keys: {", ".join(sorted(unknown))}')
+        return cls(**{**d, 'thresholds': {k: float(v) for k, v in d.get('thresholds', {}).items()}})
 
 
 def decay(age_s: np.ndarray, half_life_s: float) -> np.ndarray:
