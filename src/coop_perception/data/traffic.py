@@ -189,7 +189,7 @@ class TrafficSimulator:
                     active.append(aid)
                     s_cur[aid], v_cur[aid] = s0, self.actors[aid].desired_speed
             pos = self._positions(active, s_cur)
-            self._spawn(t, active, s_cur, v_cur, pos)
+            self._spawn(active, s_cur, v_cur, pos)
             if active:
                 self._step(t, active, s_cur, v_cur)
             active = [a for a in active if s_cur[a] < self.actors[a].path.length]
@@ -211,7 +211,7 @@ class TrafficSimulator:
             return np.zeros((0, 2))
         return np.concatenate([self.actors[a].locate(np.array([s_cur[a]]))[0] for a in active])
 
-    def _spawn(self, t, active, s_cur, v_cur, pos):
+    def _spawn(self, active, s_cur, v_cur, pos):
         cfg, rng = self.cfg, self.rng
         for path in self.vehicle_routes:
             if rng.random() < cfg.vehicle_rate * cfg.dt and self._spawn_clear(path, pos, 14.0):
