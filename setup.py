@@ -33,6 +33,9 @@ setup(
         'console_scripts': [
             'coop-perception = coop_perception.cli:main',
             'bag_player = coop_perception.ros.bag_player:main',
+            'lidar_detector = coop_perception.ros.lidar_detector:main',
+            'v2x_channel = coop_perception.ros.v2x_channel:main',
+            'trust_fusion = coop_perception.ros.trust_fusion:main',
         ],
     },
 )

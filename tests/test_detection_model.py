@@ -153,7 +153,7 @@ def test_evaluation_report_is_plain_json(model):
     report = evaluate_detector(model, [ex, ex], max_range=50.0, progress=False)
     json.dumps(report, allow_nan=False)
     assert report['frames'] == 2 and report['gt']['car'] == 2 and set(report['ap']) == set(CFG.classes)
-    assert set(report['uncertainty']['auroc']) == set(UNCERTAINTY_FIELDS) and 'score_auroc' in report['uncertainty']
+    assert set(report['uncertainty']['auroc']) == {*UNCERTAINTY_FIELDS, 'ale_corner'} and 'score_auroc' in report['uncertainty']
     assert report['latency_ms']['median'] > 0
 
 

@@ -313,8 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.bag import add_cli as add_bag_cli
     from .ros.bag_player import add_cli as add_play_cli
 
+    from .ros.launcher import add_cli as add_launch_cli
+
     add_bag_cli(sub)
     add_play_cli(sub)
+    add_launch_cli(sub)
 
     p = bench.add_parser('detector', help='per-stage detector latency on synthetic scans')
     _detector_args(p)

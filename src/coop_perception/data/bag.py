@@ -82,6 +82,16 @@ def base_frame(agent: int) -> str:
     return f'agent{agent}/base_link'
 
 
+_AGENT_FRAME = re.compile(r'^/?agent(\d+)/')
+
+
+def agent_from_frame(frame_id: str) -> int | None:
+    """Agent id of a frame named ``agent{k}/...`` (a scan's frame, so also the frame of the
+    features and detections derived from it), or None for any other frame."""
+    m = _AGENT_FRAME.match(frame_id)
+    return int(m.group(1)) if m else None
+
+
 # --------------------------------------------------------------------------- QoS
 # rosbag2 records DDS defaults as these "infinite" durations.
 _INFINITE = QosTime(9223372036, 854775807)

@@ -245,6 +245,21 @@ def channel_for_mean_latency(mean_ms: float, model: str = 'uniform', *, spread: 
     return make_channel(spec)
 
 
+# What channel_for_mean_latency takes besides the mean, per model, and for every model.
+MODEL_SETTINGS = {'fixed': (), 'uniform': ('spread',), 'bernoulli_frames': ('frame_ms', 'trials'),
+                  'bandwidth': ('bandwidth_mbps', 'jitter_ms')}
+COMMON_SETTINGS = ('loss', 'seed', 'clock_offset_ms', 'clock_offset_std_ms')
+
+
+def channel_from_settings(model: str, mean_latency_ms: float, settings: dict) -> Channel:
+    """``channel_for_mean_latency`` from a flat config that holds the settings of every model
+    (e.g. ROS parameters): only those ``model`` uses are passed on."""
+    if model not in MODEL_SETTINGS:
+        raise ValueError(f'channel model must be one of {sorted(MODEL_SETTINGS)}, got {model!r}')
+    used = {k: settings[k] for k in MODEL_SETTINGS[model] + COMMON_SETTINGS if k in settings}
+    return channel_for_mean_latency(mean_latency_ms, model, **used)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)

@@ -31,6 +31,16 @@ _LOG_SIZE_CLAMP = (-5.0, 4.0)
 UNCERTAINTY_FIELDS = ('ale_x', 'ale_y', 'ale_yaw', 'ale_cls', 'epi_cls', 'epi_reg')
 
 
+def corner_variance(uncertainty: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(N, 6) uncertainty, (N, 7) boxes -> (N,) aleatoric variance of a BEV box corner (m^2):
+    ale_x + ale_y + (l^2 + w^2) / 4 * ale_yaw. To first order a heading error d moves every corner
+    by r * d, r = sqrt(l^2 + w^2) / 2; rotated IoU at 0.7 depends on the corners, and a heading
+    error on a 12 m bus moves them as much as a 1 m centre error."""
+    u = np.asarray(uncertainty, dtype=np.float64).reshape(-1, len(UNCERTAINTY_FIELDS))
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
+    return u[:, 0] + u[:, 1] + (boxes[:, 3] ** 2 + boxes[:, 4] ** 2) / 4.0 * u[:, 2]
+
+
 @dataclass(frozen=True)
 class BevGrid:
     """Geometry of the BEV maps: cell (row i, col j) covers x in origin[0] + [j, j+1) * cell_size,

@@ -131,19 +131,18 @@ def message_uncertainty(uncertainty: np.ndarray, boxes: np.ndarray) -> np.ndarra
 
     * cls_aleatoric = ale_cls (variance of the class logit)
     * cls_epistemic = epi_cls (MC-dropout entropy of the class probability, nats)
-    * reg_aleatoric = ale_x + ale_y + (l^2 + w^2) / 4 * ale_yaw (m^2)
+    * reg_aleatoric = detection.decode.corner_variance: the expected squared displacement of a
+      box corner from ale_x, ale_y and ale_yaw (m^2)
     * reg_epistemic = epi_reg (MC-dropout variance of the centre, m^2)
 
-    The yaw term turns the heading variance into metres: to first order a heading error d moves
-    every BEV corner by r * d, r = sqrt(l^2 + w^2) / 2, so reg_aleatoric is the expected squared
-    displacement of a box corner. Rotated IoU is what decides a match at 0.7, and a heading error
-    on a 12 m bus moves its corners as much as a 1 m centre error. epi_reg covers the centre only
-    because that is all the detector's MC passes measure. NaN (no MC passes) stays NaN.
+    epi_reg covers the centre only because that is all the detector's MC passes measure. NaN (no
+    MC passes) stays NaN.
     """
+    # imported here: the detection package pulls in torch, which decoding a message must not need
+    from coop_perception.detection.decode import corner_variance
+
     u = np.asarray(uncertainty, dtype=np.float64).reshape(-1, 6)
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 7)
-    corner_r2 = (boxes[:, 3] ** 2 + boxes[:, 4] ** 2) / 4.0
-    reg_ale = u[:, 0] + u[:, 1] + corner_r2 * u[:, 2]
+    reg_ale = corner_variance(u, boxes)
     return np.stack([u[:, 3], u[:, 4], reg_ale, u[:, 5]], axis=1).astype(np.float32)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..data.objects import make_objects
 from ..detection.decode import Detections, rotated_nms
 from ..geometry import invert_pose, transform_points
 from .align import warp_boxes, warp_to_ego
@@ -56,6 +57,15 @@ class FusedDetections:
     stamp_ns: int
     ages_s: dict               # collaborator -> age (s) of the input used
     timings_ms: dict = field(default_factory=dict)
+
+    def to_objects(self) -> np.ndarray:
+        """Object-list records (data.objects), the layout of ``/coop/objects``. ``source`` is the
+        agent when a single one contributed, -1 when several did (``sources`` has the bits)."""
+        sources = np.asarray(self.sources, np.int64)
+        single = (sources > 0) & ((sources & (sources - 1)) == 0)
+        agent = np.where(single, np.log2(np.maximum(sources, 1)).round().astype(np.int64), -1)
+        return make_objects(self.boxes, self.velocities, score=self.scores, label=self.labels,
+                            trust=self.trust, source=agent)
 
 
 def collaborator_message(det: Detections, agent, stamp_ns: int, roi_policy: dict | None = None) -> FeatureMessage:

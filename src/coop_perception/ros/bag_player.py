@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='wait before the first message, after discovery')
     p.add_argument('--wait-for-subscribers', type=_non_negative, default=0.0, metavar='SECONDS',
                    help='first wait up to SECONDS until every played topic has a subscriber')
+    p.add_argument('--wait-topics', nargs='+', metavar='TOPIC',
+                   help='with --wait-for-subscribers: wait for subscribers of these topics only')
     p.add_argument('--reliable', action='store_true',
                    help='offer reliable delivery on every topic instead of the recorded reliability, '
                         'so that subscribers asking for reliable (e.g. RViz by default) match the '
@@ -124,11 +126,13 @@ class BagPlayer:
         self.clock_period = 1.0 / clock_hz if clock_hz > 0 else None
         self.stats = PlayStats(counts={t: 0 for t in topics})
 
-    def wait_for_subscribers(self, timeout_s: float) -> list[str]:
-        """Block until every topic has a subscriber or the timeout passes; returns those without."""
+    def wait_for_subscribers(self, timeout_s: float, topics: list[str] | None = None) -> list[str]:
+        """Block until every topic (of ``topics``, default all) has a subscriber or the timeout
+        passes; returns those without."""
         deadline = time.monotonic() + timeout_s
+        watched = {t: self.publishers[t] for t in (topics or self.publishers)}
         while True:
-            lonely = [t for t, p in self.publishers.items() if p.get_subscription_count() == 0]
+            lonely = [t for t, p in watched.items() if p.get_subscription_count() == 0]
             if not lonely or time.monotonic() >= deadline:
                 return lonely
             time.sleep(0.02)
@@ -230,6 +234,10 @@ def _run(args, ros_args: list[str] | None) -> int:
     factory = RclpyMessages()
     with BagReader(args.bag) as bag:
         topics, skipped = select_topics(bag, args.topics, factory.has)
+        unplayed = sorted(set(args.wait_topics or ()) - set(topics))
+        if unplayed:
+            raise UserError(bag.path, f'--wait-topics {", ".join(unplayed)} not played '
+                                      f'(playing: {", ".join(topics)})')
         rclpy.init(args=ros_args)
         try:
             node = rclpy.create_node(NODE_NAME)
@@ -239,7 +247,7 @@ def _run(args, ros_args: list[str] | None) -> int:
             player = BagPlayer(node, bag, topics, rate=args.rate, start_offset_s=args.start_offset,
                                clock_hz=args.clock_hz, reliable=args.reliable)
             if args.wait_for_subscribers > 0:
-                lonely = player.wait_for_subscribers(args.wait_for_subscribers)
+                lonely = player.wait_for_subscribers(args.wait_for_subscribers, args.wait_topics)
                 if lonely:
                     log.warning(f'no subscriber after {args.wait_for_subscribers:g} s on: {", ".join(lonely)}')
             time.sleep(args.delay)

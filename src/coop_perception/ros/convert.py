@@ -207,6 +207,24 @@ def cloud_to_points(msg, names: Sequence[str] = ('x', 'y', 'z'), dtype=np.float3
     return pc.field_matrix(cloud_to_array(msg, require=names), names, dtype)
 
 
+def buffer_to_cloud(fields: Sequence, data: bytes, point_step: int, header, msgs: MessageFactory):
+    """A little-endian, unorganised buffer (e.g. ``fusion.codec.encode`` output) -> PointCloud2."""
+    width = len(data) // point_step if point_step else 0
+    return msgs('sensor_msgs/msg/PointCloud2', header=header, height=1, width=width,
+                fields=[msgs('sensor_msgs/msg/PointField', name=f.name, offset=f.offset,
+                             datatype=f.datatype, count=f.count) for f in fields],
+                is_bigendian=False, point_step=point_step, row_step=len(data),
+                data=np.frombuffer(data, dtype=np.uint8), is_dense=True)
+
+
+def cloud_layout(msg) -> dict:
+    """The layout keywords of ``fusion.codec.decode`` (and ``fusion.ego_map.decode_ego_map``)
+    from a PointCloud2, which they validate against its buffer."""
+    return {'fields': msg.fields, 'data': msg.data, 'point_step': int(msg.point_step),
+            'width': int(msg.width), 'height': int(msg.height), 'row_step': int(msg.row_step),
+            'is_bigendian': bool(msg.is_bigendian)}
+
+
 # --------------------------------------------------------------------------- poses
 def _pose_parts(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     T = np.asarray(T, dtype=np.float64)
@@ -278,6 +296,18 @@ def label_colors(labels: np.ndarray) -> np.ndarray:
     """(N,) label indices -> (N, 4) RGBA."""
     labels = np.asarray(labels, dtype=np.int64)
     return LABEL_COLORS[np.where((labels >= 0) & (labels < len(CLASSES)), labels, -1)]
+
+
+# RGBA of fused boxes at trust 0 (the ego's evidence alone) and trust 1 (full collaborator
+# trust); trust in between blends them.
+EGO_ONLY_COLOR = np.array([0.20, 0.60, 1.00, 1.0])
+TRUSTED_COLOR = np.array([0.20, 1.00, 0.30, 1.0])
+
+
+def trust_colors(trust: np.ndarray) -> np.ndarray:
+    """(N,) trust in [0, 1] -> (N, 4) RGBA."""
+    t = np.clip(np.nan_to_num(np.asarray(trust, np.float64)), 0.0, 1.0)[:, None]
+    return (1.0 - t) * EGO_ONLY_COLOR + t * TRUSTED_COLOR
 
 
 def default_texts(objects: np.ndarray, with_score: bool) -> list[str]:
