@@ -192,6 +192,7 @@ def _truncated(scene_bag, path):
     ('no-metadata', 'metadata.yaml is missing'),
     ('unknown-types', 'unknown message types: none of /foo (foo_msgs/msg/Bar)'),
     ('unknown-topic', 'no topic(s) /nope in bag'),
+    ('unplayed-wait', '--wait-topics /nope not played'),
     ('missing', 'no such bag'),
 ])
 def test_bad_input_is_one_line_and_exit_2(scene_bag, tmp_path, capsys, case, reason):
@@ -206,6 +207,8 @@ def test_bad_input_is_one_line_and_exit_2(scene_bag, tmp_path, capsys, case, rea
         bag = _unplayable_bag(tmp_path / 'bag')
     elif case == 'unknown-topic':
         bag, args = scene_bag, ['--topics', '/nope']
+    elif case == 'unplayed-wait':
+        bag, args = scene_bag, ['--wait-topics', '/nope']
     else:
         bag = tmp_path / 'nothing'
     assert bag_player.main([str(bag), *args]) == 2

@@ -26,7 +26,14 @@ def test_colcon_build_installs_ament_layout(tmp_path):
     for folder in ('launch', 'config', 'models'):
         assert (share / folder).is_dir(), folder
     assert (prefix / 'share' / 'ament_index' / 'resource_index' / 'packages' / 'coop_perception').exists()
-    # the installed executable runs
-    r = subprocess.run([str(lib / 'coop-perception'), '--help'], capture_output=True, text=True,
-                       env=dict(env, PYTHONPATH=str(next((prefix / 'lib').glob('python3*/site-packages')))))
+    # the installed executables run
+    run_env = dict(env, PYTHONPATH=str(next((prefix / 'lib').glob('python3*/site-packages'))))
+    r = subprocess.run([str(lib / 'coop-perception'), '--help'], capture_output=True, text=True, env=run_env)
     assert r.returncode == 0 and 'synth' in r.stdout, r.stderr
+    for node in ('bag_player', 'lidar_detector', 'v2x_channel', 'trust_fusion'):
+        assert os.access(lib / node, os.X_OK), node
+    r = subprocess.run([str(lib / 'v2x_channel'), '--help'], capture_output=True, text=True, env=run_env)
+    assert r.returncode == 0 and 'V2X' in r.stdout, r.stderr
+    for name in ('coop_perception.launch.py', 'v2x_replay.launch.py'):
+        assert (share / 'launch' / name).exists(), name
+    assert (share / 'config' / 'coop_perception.yaml').exists() and (share / 'config' / 'coop_perception.rviz').exists()

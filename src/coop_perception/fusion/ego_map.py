@@ -1,0 +1,79 @@
+"""The ego's full BEV map, from its detector node to its fusion node (``coop/bev``).
+
+The fusion needs the ego's whole feature map, not only ROIs, and the sensor height the detector
+normalised heights with (estimated per scan when the config says ``auto``). Both travel in the
+codec's wire layout with every non-zero cell (``select_occupied_cells``) and one extra float32
+field, ``sensor_height``, repeated on every cell like the codec's per-ROI values; codec consumers
+ignore the extra field. Features are int8 per cell, the same quantisation the offline feature
+cache applies to the ego map, so the live fusion sees what offline evaluation sees.
+
+The receiver rebuilds a :class:`Detections` by running the detector's head on the map: boxes for
+frames without collaborators, and the features and grid the fusion combines.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from coop_perception.data.pointcloud import (PointCloudError, array_to_buffer, buffer_to_array,
+                                             check_layout)
+
+from .codec import FeatureMessageError, decode, encode, make_message, select_occupied_cells
+
+SENSOR_HEIGHT_FIELD = 'sensor_height'
+
+
+def encode_ego_map(det, agent_id: Hashable, stamp_ns: int) -> tuple[list, bytes, int]:
+    """Detections of one scan -> (fields, data, point_step) of the ``coop/bev`` PointCloud2."""
+    msg = make_message(det, select_occupied_cells(det), agent_id, stamp_ns)
+    fields, data, step = encode(msg)
+    base = check_layout(fields, height=1, width=msg.num_cells, point_step=step,
+                        row_step=len(data), data_len=len(data), require=())
+    names = list(base.names)
+    dtype = np.dtype({'names': names + [SENSOR_HEIGHT_FIELD],
+                      'formats': [base.fields[n][0] for n in names] + ['<f4'],
+                      'offsets': [base.fields[n][1] for n in names] + [base.itemsize],
+                      'itemsize': base.itemsize + 4})
+    rec = np.zeros(msg.num_cells, dtype)
+    cells = np.frombuffer(data, base)
+    for name in names:
+        rec[name] = cells[name]
+    rec[SENSOR_HEIGHT_FIELD] = det.sensor_height
+    fields, _, step, data = array_to_buffer(rec)
+    return fields, data, step
+
+
+def decode_ego_map(fields: Sequence, data, point_step: int, *, width: int, detector, agent_id: Hashable,
+                   stamp_ns: int, height: int = 1, row_step: int | None = None,
+                   is_bigendian: bool = False):
+    """A received ``coop/bev`` cloud -> Detections of ``detector`` (head run on the map, no MC
+    passes: the fusion uses no ego uncertainty). Raises FeatureMessageError like codec.decode."""
+    from coop_perception.detection.decode import empty_detections
+    from coop_perception.detection.voxelize import VoxelStats
+
+    grid = detector.grid()
+    channels = detector.cfg.model.feature_channels
+    row_step = width * point_step if row_step is None else row_step
+    msg = decode(fields, data, point_step, width=width, grid=grid, channels=channels,
+                 agent_id=agent_id, stamp_ns=stamp_ns, height=height, row_step=row_step,
+                 is_bigendian=is_bigendian)
+    try:
+        dtype = check_layout(fields, height=height, width=width, point_step=point_step,
+                             row_step=row_step, data_len=len(data), is_bigendian=is_bigendian,
+                             require=(SENSOR_HEIGHT_FIELD,))
+    except PointCloudError as e:
+        raise FeatureMessageError(FeatureMessageError.MISSING_FIELD, str(e)) from None
+    heights = buffer_to_array(data, dtype, height=height, width=width, row_step=row_step)[SENSOR_HEIGHT_FIELD]
+    heights = np.asarray(heights, np.float64).reshape(-1)
+    if not np.isfinite(heights).all():
+        raise FeatureMessageError(FeatureMessageError.NON_FINITE, 'sensor_height holds NaN or infinite values')
+    if msg.num_cells == 0:  # what the detector returns for a scan without voxels
+        h = detector.cfg.voxel.default_sensor_height
+        return empty_detections(detector.cfg, grid, h, VoxelStats(), {}, 'empty ego map')
+    H, W = grid.shape
+    cols = np.floor((msg.cells[:, 0] - grid.origin[0]) / grid.cell_size).astype(np.int64)
+    rows = np.floor((msg.cells[:, 1] - grid.origin[1]) / grid.cell_size).astype(np.int64)
+    features = np.zeros((channels, H, W), np.float32)
+    features[:, rows, cols] = msg.dequantised().T
+    return detector.detect_from_features(features, float(heights[0]), mc_passes=0)

@@ -1,0 +1,201 @@
+"""``coop-perception launch``: the nodes of ``launch/coop_perception.launch.py`` (with ``--bag``,
+of ``launch/v2x_replay.launch.py`` without RViz) as separate processes, with the same parameter
+file, parameters and names, for machines without the ROS 2 CLI (``ros2 launch`` needs launch_ros).
+
+Every node runs as ``python -m coop_perception.ros.<executable> --ros-args -r __node:=NAME
+-r __ns:=/NAMESPACE --params-file CONFIG -p KEY:=VALUE ...``, what ``ros2 launch`` runs for a
+launch_ros ``Node``. The bag player starts with the nodes and waits until every agent's lidar and
+odometry topic has a subscriber, i.e. every node has loaded its models.
+
+This module does not import rclpy; ``node_specs`` is what tests compare the launch files with.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coop_perception.data.bag import lidar_topic, odom_topic
+from coop_perception.errors import UserError
+from coop_perception.ros.env import use_local_discovery
+from coop_perception.ros.paths import package_path
+
+# What the launch files default to.
+DEFAULT_AGENTS = 5
+DEFAULT_EGO = 1
+# Long enough for every node to import torch and load its models on a busy 2-core machine.
+PLAYER_WAIT_S = 120.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node as launch_ros describes it. ``executable`` is a console script of setup.py,
+    which runs ``coop_perception.ros.<executable>:main``."""
+    executable: str
+    name: str
+    namespace: str = ''
+    parameters: dict = field(default_factory=dict)     # on top of the parameter file
+    arguments: tuple[str, ...] = ()                    # before --ros-args
+    uses_config: bool = True                           # gets the parameter file
+
+    @property
+    def label(self) -> str:
+        return f'{self.namespace}/{self.name}' if self.namespace else self.name
+
+    def command(self, config: Path | None) -> list[str]:
+        cmd = [sys.executable, '-m', f'coop_perception.ros.{self.executable}', *self.arguments,
+               '--ros-args', '-r', f'__node:={self.name}']
+        if self.namespace:
+            cmd += ['-r', f'__ns:=/{self.namespace}']
+        if self.uses_config and config is not None:
+            cmd += ['--params-file', str(config)]
+        for key, value in self.parameters.items():
+            cmd += ['-p', f'{key}:={_yaml_value(value)}']
+        return cmd
+
+
+def _yaml_value(value) -> str:
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, (list, tuple)):
+        return '[' + ','.join(str(v) for v in value) + ']'
+    return str(value)
+
+
+def node_specs(num_agents: int = DEFAULT_AGENTS, ego: int = DEFAULT_EGO, use_sim_time: bool = True) -> list[NodeSpec]:
+    """A detector per agent (the ego's also publishes its full map), the ego's V2X channel and
+    fusion. An empty collaborator list is left out: it is the default and ``[]`` has no type."""
+    if num_agents < 1 or not 0 <= ego < num_agents:
+        raise UserError(f'--ego {ego}', f'must be one of the agents 0..{num_agents - 1}')
+    others = [k for k in range(num_agents) if k != ego]
+    collaborators = {'agents': others} if others else {}
+    specs = [NodeSpec('lidar_detector', 'lidar_detector', f'agent{k}',
+                      {'use_sim_time': use_sim_time, 'publish_bev': k == ego}) for k in range(num_agents)]
+    for name in ('v2x_channel', 'trust_fusion'):
+        specs.append(NodeSpec(name, name, f'agent{ego}', {'use_sim_time': use_sim_time, **collaborators}))
+    return specs
+
+
+def player_spec(bag, num_agents: int = DEFAULT_AGENTS, rate: float = 1.0, loop: bool = False,
+                wait_s: float = PLAYER_WAIT_S) -> NodeSpec:
+    """bag_player, waiting until the nodes subscribe every agent's lidar and odometry."""
+    topics = [t for k in range(num_agents) for t in (lidar_topic(k), odom_topic(k))]
+    arguments = (str(bag), '--rate', str(rate), *(('--loop',) if loop else ()),
+                 '--wait-for-subscribers', str(wait_s), '--wait-topics', *topics)
+    return NodeSpec('bag_player', 'bag_player', arguments=arguments, uses_config=False)
+
+
+class Launch:
+    """Runs ``specs`` as child processes (stdout and stderr to ``log_dir/<label>.log`` if given,
+    else inherited); a context manager that stops them all on exit."""
+
+    def __init__(self, specs: list[NodeSpec], config: Path | None, *, env: dict | None = None,
+                 log_dir: Path | None = None):
+        self.specs = {s.label: s for s in specs}
+        self.config = config
+        self.env = use_local_discovery(dict(os.environ if env is None else env))
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self) -> 'Launch':
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        for label, spec in self.specs.items():
+            out = None
+            if self.log_dir:
+                out = open(self.log_dir / (label.replace('/', '_') + '.log'), 'w')
+            self.processes[label] = subprocess.Popen(spec.command(self.config), env=self.env, stdout=out,
+                                                     stderr=subprocess.STDOUT if out else None)
+            if out:
+                out.close()  # the child holds its own descriptor
+        return self
+
+    def poll(self) -> dict[str, int | None]:
+        """label -> exit code (None while running)."""
+        return {label: p.poll() for label, p in self.processes.items()}
+
+    def signal(self, label: str, sig: int = signal.SIGINT) -> None:
+        p = self.processes[label]
+        if p.poll() is None:
+            p.send_signal(sig)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> dict[str, int]:
+        """SIGINT (what Ctrl-C sends) to every running node, then SIGTERM and SIGKILL for those
+        still running after ``timeout_s``; returns the exit codes."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            running = [p for p in self.processes.values() if p.poll() is None]
+            if not running:
+                break
+            for p in running:
+                p.send_signal(sig)
+            deadline = time.monotonic() + timeout_s
+            for p in running:
+                try:
+                    p.wait(max(deadline - time.monotonic(), 0.01))
+                except subprocess.TimeoutExpired:
+                    pass
+        return {label: p.wait() for label, p in self.processes.items()}
+
+    def __enter__(self) -> 'Launch':
+        return self.start()
+
+    def __exit__(self, *_):
+        self.stop()
+
+
+# --------------------------------------------------------------------------- CLI
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser('launch', help='start the ROS nodes as processes (ros2 launch without the ROS CLI)',
+                              description=__doc__.split('\n\n')[0])
+    p.add_argument('config', nargs='?', type=Path, default=None,
+                   help="parameter file (default: the package's config/coop_perception.yaml)")
+    p.add_argument('--agents', type=int, default=DEFAULT_AGENTS, help=f'agents 0..N-1 (default {DEFAULT_AGENTS})')
+    p.add_argument('--ego', type=int, default=DEFAULT_EGO, help=f'ego agent (default {DEFAULT_EGO})')
+    p.add_argument('--wall-time', action='store_true', help='nodes use wall-clock time instead of /clock')
+    p.add_argument('--bag', type=Path, help='also replay this bag (v2x_replay.launch.py); stop when it ends')
+    p.add_argument('--rate', type=float, default=1.0, help='replay speed factor (default 1)')
+    p.add_argument('--loop', action='store_true', help='replay the bag until interrupted')
+    p.add_argument('--linger', type=float, default=3.0, metavar='SECONDS',
+                   help='after the bag ends, keep the nodes running this long for messages in flight')
+    p.add_argument('--log-dir', type=Path, help="write each node's output to DIR/<namespace>_<node>.log")
+    p.add_argument('--print', action='store_true', help='print the commands and exit')
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    config = args.config or package_path('config', 'coop_perception.yaml')
+    if not config.exists():
+        raise UserError(config, 'no such parameter file')
+    specs = node_specs(args.agents, args.ego, use_sim_time=not args.wall_time)
+    if args.bag:
+        if not args.bag.exists():
+            raise UserError(args.bag, 'no such bag')
+        specs.append(player_spec(args.bag, args.agents, args.rate, args.loop))
+    if args.print:
+        for spec in specs:
+            print(' '.join(spec.command(config)))
+        return 0
+    failed = {}
+    with Launch(specs, config, log_dir=args.log_dir) as launch:
+        print(f'started {len(specs)} processes: {", ".join(launch.processes)} (Ctrl-C stops them)', flush=True)
+        try:
+            while True:
+                time.sleep(0.2)
+                codes = launch.poll()
+                for label, code in codes.items():
+                    if code not in (None, 0) and label not in failed:
+                        failed[label] = code
+                        print(f'{label} exited with code {code}', file=sys.stderr, flush=True)
+                if args.bag and codes['bag_player'] is not None:
+                    time.sleep(args.linger)
+                    break
+                if all(code is not None for code in codes.values()):
+                    break
+        except KeyboardInterrupt:
+            pass
+    return 1 if failed else 0

@@ -1,0 +1,139 @@
+"""``lidar_detector`` node: one agent's LiDAR detector, what it shares over V2X and shows in RViz.
+
+In the agent's namespace (``/agent{k}``) it subscribes ``lidar`` (sensor QoS: best effort, only the
+newest scan) and publishes, each with the scan's header:
+
+- ``coop/features``: the ROI cells of the BEV feature map (fusion.codec wire layout), for V2X;
+- ``coop/objects``: the local detections as an object list (data.objects layout);
+- ``coop/detections``: the same boxes for RViz (MarkerArray);
+- ``coop/bev`` (when ``publish_bev``): the whole feature map for the agent's own fusion node
+  (fusion.ego_map);
+- ``coop/detector_status``: JSON counters and timings (wall-clock period).
+
+A scan that cannot be read (inconsistent layout, missing fields) or is stamped in the future is
+rejected with a throttled warning and counted; non-finite points are dropped by the detector and
+counted.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from rclpy.node import Node
+
+from coop_perception.data.objects import make_objects
+from coop_perception.fusion import codec
+from coop_perception.fusion.ego_map import encode_ego_map
+from coop_perception.fusion.pipeline import collaborator_message
+from coop_perception.ros import convert as cv
+from coop_perception.ros.node import (LATEST_QOS, MARKER_ARRAY, POINTCLOUD2, RELIABLE_QOS, SCAN_QOS, InputGuard,
+                                      Param, Window, agent_id, ahead_of_clock_ns, declare_parameters, load_detector,
+                                      status_publisher)
+from coop_perception.ros.node import main as node_main
+
+NODE_NAME = 'lidar_detector'
+
+PARAMS = (
+    Param('agent_id', -1, 'agent id of this detector; -1: k of the namespace /agent{k}', (-1, 1023)),
+    Param('detector_config', '', "detector config YAML; '': the package's models/detector.yaml"),
+    Param('detector_weights', '', "detector checkpoint; '': the package's models/detector.pt"),
+    Param('mc_passes', -1, "MC-dropout passes for the epistemic uncertainty (0: none); -1: the "
+                           "detector config's decode.mc_passes", (-1, 64)),
+    Param('score_threshold', -1.0, "lowest detection score kept; -1: the detector config's "
+                                   'decode.score_threshold', (-1.0, 1.0)),
+    Param('threads', -1, "torch threads (0: torch's default); -1: the detector config's runtime.threads",
+          (-1, 256)),
+    Param('roi.score_threshold', codec.ROI_SCORE_THRESHOLD,
+          'sharing policy: detections with at least this score become shared ROIs', (0.0, 1.0)),
+    Param('roi.max_rois', codec.ROI_MAX, 'sharing policy: at most this many ROIs per scan', (0, 10000)),
+    Param('roi.margin_m', codec.ROI_MARGIN_M, 'sharing policy: ROI footprint grown by this on every side (m)',
+          (0.0, 100.0)),
+    Param('roi.min_confidence', codec.ROI_MIN_CONFIDENCE,
+          'sharing policy: ROI cells below this detector confidence are left out', (0.0, 1.0)),
+    Param('roi.max_bytes', codec.ROI_MAX_BYTES, 'sharing policy: message data budget in bytes; 0: no limit',
+          (0, 1 << 30)),
+    Param('publish_bev', False, 'also publish the whole feature map on coop/bev (the ego agent, for its '
+                                'fusion node)'),
+    Param('display_score_threshold', 0.3, 'lowest score drawn in coop/detections', (0.0, 1.0)),
+    Param('max_future_s', 1.0, "scans stamped further ahead of this node's clock are rejected (s)",
+          (0.0, 1e6)),
+    Param('warn_period_s', 5.0, 'at most one warning per kind of bad input in this period (s)', (0.0, 1e6)),
+    Param('status_period_s', 1.0, 'period of coop/detector_status (s, wall clock)', (0.01, 1e6)),
+)
+
+
+class LidarDetectorNode(Node):
+    NODE_NAME = NODE_NAME
+
+    def __init__(self, **node_kwargs):
+        super().__init__(NODE_NAME, **node_kwargs)
+        p = declare_parameters(self, PARAMS)
+        self.agent = agent_id(self, p['agent_id'])
+        self.detector = load_detector(p['detector_config'], p['detector_weights'], mc_passes=p['mc_passes'],
+                                      score_threshold=p['score_threshold'], threads=p['threads'])
+        self.roi_policy = {'score_threshold': p['roi.score_threshold'], 'max_rois': p['roi.max_rois'],
+                           'margin_m': p['roi.margin_m'], 'min_confidence': p['roi.min_confidence'],
+                           'max_bytes': p['roi.max_bytes'] or None}
+        self.fields = ('x', 'y', 'z', 'intensity') if self.detector.cfg.voxel.use_intensity else ('x', 'y', 'z')
+        self.display_threshold = p['display_score_threshold']
+        self.max_future_ns = int(p['max_future_s'] * 1e9)
+        self.msgs = cv.RclpyMessages()
+        self.guard = InputGuard(self.get_logger(), p['warn_period_s'])
+        self.scans = 0
+        self.last_stamp_ns = None
+        self.detect_ms, self.feature_bytes = Window(), Window()
+
+        cloud = self.msgs.get_class(POINTCLOUD2)
+        self.pub_features = self.create_publisher(cloud, 'coop/features', RELIABLE_QOS)
+        self.pub_objects = self.create_publisher(cloud, 'coop/objects', RELIABLE_QOS)
+        self.pub_markers = self.create_publisher(self.msgs.get_class(MARKER_ARRAY), 'coop/detections', RELIABLE_QOS)
+        self.pub_bev = self.create_publisher(cloud, 'coop/bev', LATEST_QOS) if p['publish_bev'] else None
+        status_publisher(self, self.msgs, 'coop/detector_status', p['status_period_s'], self.status)
+        # Subscribing last: a publisher waiting for subscribers (bag_player) starts once we can work.
+        self.create_subscription(cloud, 'lidar', self.guard.guarded(self.on_scan), SCAN_QOS)
+        self.get_logger().info(f'agent {self.agent}: detector ready ({self.detector.cfg.bev_shape[0]}x'
+                               f'{self.detector.cfg.bev_shape[1]} BEV cells); bev '
+                               f'{"on" if self.pub_bev else "off"}')
+
+    def on_scan(self, msg) -> None:
+        stamp = cv.stamp_ns(msg.header.stamp)
+        ahead = ahead_of_clock_ns(self, stamp)
+        if ahead > self.max_future_ns:
+            self.guard.reject('future_stamp', f'scan stamped {ahead * 1e-9:.3f} s ahead of this node\'s clock')
+            return
+        try:
+            points = cv.cloud_to_points(msg, self.fields)
+        except cv.PointCloudError as e:
+            self.guard.reject('malformed_scan', str(e))
+            return
+        t0 = time.perf_counter()
+        det = self.detector.detect(points)
+        self.detect_ms.add((time.perf_counter() - t0) * 1e3)
+        if det.stats.dropped_nonfinite:
+            self.guard.reject('nonfinite_points', f'{det.stats.dropped_nonfinite} of {len(points)} points '
+                                                  'are NaN or infinite (dropped, scan used)')
+        self.scans += 1
+        self.last_stamp_ns = stamp
+        header = msg.header
+        if self.pub_bev is not None:
+            self.pub_bev.publish(cv.buffer_to_cloud(*encode_ego_map(det, self.agent, stamp), header, self.msgs))
+        fields, data, step = codec.encode(collaborator_message(det, self.agent, stamp, self.roi_policy))
+        self.feature_bytes.add(len(data))
+        self.pub_features.publish(cv.buffer_to_cloud(fields, data, step, header, self.msgs))
+        objects = make_objects(det.boxes, det.velocities, score=det.scores, label=det.labels, source=self.agent)
+        self.pub_objects.publish(cv.objects_to_cloud(objects, header, self.msgs))
+        shown = objects[objects['score'] >= self.display_threshold]
+        self.pub_markers.publish(cv.objects_to_markers(shown, header, self.msgs, ns=f'agent{self.agent}'))
+
+    def status(self) -> dict:
+        return {'agent': self.agent, 'scans': self.scans, 'last_stamp_ns': self.last_stamp_ns,
+                'rejected': dict(self.guard.counts), 'detect_ms': self.detect_ms.summary(),
+                'feature_bytes': self.feature_bytes.summary(0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return node_main(LidarDetectorNode, argv, large_messages=True)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

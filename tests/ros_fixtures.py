@@ -1,0 +1,41 @@
+"""Small models and helpers shared by the ROS node tests (no rclpy import here)."""
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from coop_perception.detection import Detector, load_config, save_checkpoint
+from coop_perception.detection.config import with_overrides
+from coop_perception.fusion.model import FusionModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A detector small enough to run many times a second on a shared core: 25.6 m square, 32 x 32 BEV
+# cells of 16 channels, 2 MC passes.
+TINY = {'voxel': {'range_xy': [-12.8, -12.8, 12.8, 12.8]},
+        'model': {'encoder_channels': [8, 16, 16], 'backbone_channels': [16, 32], 'feature_channels': 16,
+                  'head_channels': 16},
+        'decode': {'mc_passes': 2, 'max_boxes': 20, 'pre_nms_top_k': 64}}
+
+
+def write_tiny_models(folder: Path) -> dict:
+    """Random-weight detector (config + checkpoint) and untrained fusion model in ``folder``;
+    returns the node parameters that load them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = with_overrides(load_config(ROOT / 'models' / 'detector.yaml'), **TINY)
+    (folder / 'detector.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    torch.manual_seed(0)
+    save_checkpoint(folder / 'detector.pt', Detector(cfg).eval())
+    FusionModel(cfg.model.feature_channels).save(folder / 'fusion.pt')
+    return {'detector_config': str(folder / 'detector.yaml'), 'detector_weights': str(folder / 'detector.pt'),
+            'fusion_model': str(folder / 'fusion.pt')}
+
+
+def ring_scan(seed: int, n: int = 6000) -> np.ndarray:
+    """(n, 4) float32 x, y, z, intensity: ground around a sensor 1.8 m up plus a car-sized block."""
+    rng = np.random.default_rng(seed)
+    r, a = rng.uniform(3, 12, n), rng.uniform(-np.pi, np.pi, n)
+    ground = np.stack([r * np.cos(a), r * np.sin(a), np.full(n, -1.8), np.zeros(n)], 1)
+    car = np.concatenate([rng.uniform([5, -1, -1.6], [9.5, 1, -0.2], (800, 3)), np.zeros((800, 1))], 1)
+    return np.concatenate([ground, car]).astype(np.float32)
