@@ -9,6 +9,7 @@ returns on, at the ego's capture time, in the ego frame, within `max_range` of t
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 from tqdm import tqdm
@@ -18,7 +19,7 @@ from ..data.objects import OBJECT_DTYPE
 from ..data.synth import RSU_AGENT
 from ..fusion.cache import FeatureCache
 from ..fusion.codec import ROI_SCORE_THRESHOLD, encode
-from ..fusion.pipeline import CooperativeConfig, CooperativeDetector, collaborator_message
+from ..fusion.pipeline import CooperativeConfig, CooperativeDetector, Sender, collaborator_message
 from ..fusion.train import cooperative_targets
 from .ap import APAccumulator
 
@@ -71,6 +72,7 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
                     coop = CooperativeDetector(
                         detector, ego, CooperativeConfig(method=method, roi_policy=roi_policy or {}, gate=gate),
                         fusion_model if method in ('trust', 'gate') else None)
+                    senders = {k: Sender() for k in agents}
                     pending = []  # (arrival_ns, agent, stamp_ns, pose, item)
                     for f, smp in enumerate(samples):
                         if ego not in smp.agents:
@@ -79,6 +81,8 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
                             if k == ego or method == 'ego':
                                 continue
                             view = cache.load(scene, f, k)
+                            view = replace(view, detections=senders[k].prepare(view.detections, view.T_world_sensor,
+                                                                                view.stamp_ns))
                             item, nbytes = _payload(method, view, k, lambda a=agent: a.load_points()[:, :4], roi_policy)
                             sent_bytes += nbytes
                             sent += 1

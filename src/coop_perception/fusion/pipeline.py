@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from ..geometry import invert_pose, transform_points
 from .align import warp_boxes, warp_to_ego
 from .codec import FeatureMessage, make_message, select_roi_cells
 from .model import FusionModel, collate, fuse, stack_inputs
+from .motion import VelocityTracker, VelocityTrackerConfig
 from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .trust import ThresholdTrust
 
@@ -71,6 +72,19 @@ class FusedDetections:
 def collaborator_message(det: Detections, agent, stamp_ns: int, roi_policy: dict | None = None) -> FeatureMessage:
     """What a collaborator puts on the air for one scan: its ROI cells."""
     return make_message(det, select_roi_cells(det, **(roi_policy or {})), agent, stamp_ns)
+
+
+class Sender:
+    """A collaborator's side: replaces the detector's single-sweep velocities by velocities tracked
+    over its own scans (fusion.motion), which the receiver's motion compensation relies on."""
+
+    def __init__(self, tracker: VelocityTrackerConfig | None = None):
+        self.tracker = VelocityTracker(tracker)
+
+    def prepare(self, det: Detections, T_world_sensor: np.ndarray, stamp_ns: int) -> Detections:
+        """Call once per scan, in capture order."""
+        vel = self.tracker.update(det.boxes, det.labels, T_world_sensor, stamp_ns)
+        return replace(det, velocities=vel.astype(np.float32))
 
 
 class CooperativeDetector:

@@ -22,8 +22,8 @@ from ..detection.targets import batch_targets, detection_loss, example_targets
 from ..geometry import invert_pose, rotate_vectors_2d, transform_boxes
 from .align import warp_to_ego
 from .cache import FeatureCache
-from .codec import make_message, select_roi_cells
 from .model import FusionInputs, FusionModel, collate, stack_inputs
+from .pipeline import Sender, collaborator_message
 
 log = logging.getLogger(__name__)
 CHECKPOINT = 'checkpoint.pt'
@@ -101,8 +101,12 @@ class FusionExamples:
             if j is None:
                 continue
             view = self.cache.load(scene, j, k)
-            msg = make_message(view.detections, select_roi_cells(view.detections, **self.roi_policy), k,
-                               view.stamp_ns)
+            sender = Sender()
+            if j > 0:  # the sender tracks velocities from its previous scan, as at run time
+                prev = self.cache.load(scene, j - 1, k)
+                sender.prepare(prev.detections, prev.T_world_sensor, prev.stamp_ns)
+            det = sender.prepare(view.detections, view.T_world_sensor, view.stamp_ns)
+            msg = collaborator_message(det, k, view.stamp_ns, self.roi_policy)
             warped.append(warp_to_ego(msg, view.T_world_sensor, ego_view.T_world_sensor, self.cache.grid,
                                       ego_view.stamp_ns, motion_compensation=True))
         rng.shuffle(warped)

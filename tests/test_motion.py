@@ -1,0 +1,48 @@
+import numpy as np
+
+from coop_perception.fusion.motion import VelocityTracker
+from coop_perception.geometry import invert_pose, make_pose, transform_boxes
+
+MS = 1_000_000
+
+
+def boxes_world(t):
+    """A car driving +x at 10 m/s, a parked car, a pedestrian walking +y at 1.5 m/s (world)."""
+    return np.array([[10.0 * t, 0.0, 0.8, 4.5, 1.9, 1.6, 0.0],
+                     [5.0, 8.0, 0.8, 4.4, 1.8, 1.5, 0.0],
+                     [-3.0, 1.5 * t, 0.9, 0.6, 0.6, 1.7, 0.0]])
+
+
+LABELS = np.array([0, 0, 2])
+
+
+def test_tracked_velocities_in_the_sensor_frame_of_a_moving_turning_sensor():
+    tracker = VelocityTracker()
+    for step in range(4):
+        t = 0.1 * step
+        sensor = make_pose([8.0 * t, -6.0, 1.8], yaw=0.3 + 0.2 * t)   # the sender drives and turns
+        local = transform_boxes(invert_pose(sensor), boxes_world(t))
+        order = np.array([2, 0, 1]) if step % 2 else np.arange(3)     # detection order does not matter
+        vel = tracker.update(local[order], LABELS[order], sensor, int(t * 1000 * MS))
+        if step == 0:
+            assert np.all(vel == 0)                                   # nothing to differentiate yet
+    yaw = 0.3 + 0.2 * 0.3
+    expect_world = np.array([[10.0, 0.0], [0.0, 0.0], [0.0, 1.5]])[order]
+    c, s = np.cos(-yaw), np.sin(-yaw)
+    expect = expect_world @ np.array([[c, s], [-s, c]])
+    assert np.allclose(vel, expect, atol=1e-6)
+
+
+def test_class_gate_speed_gate_and_time_going_back():
+    tracker = VelocityTracker()
+    I = np.eye(4)
+    tracker.update(boxes_world(0.0), LABELS, I, 0)
+    swapped = LABELS.copy()
+    swapped[2] = 3                                                    # a cyclist now: no match
+    vel = tracker.update(boxes_world(0.1), swapped, I, 100 * MS)
+    assert np.allclose(vel[0], [10, 0]) and np.all(vel[2] == 0)
+    far = boxes_world(0.2)
+    far[0, 0] += 20.0                                                 # 200 m/s would be needed
+    assert np.all(tracker.update(far, LABELS, I, 200 * MS)[0] == 0)
+    assert np.all(tracker.update(boxes_world(0.0), LABELS, I, 0) == 0)   # bag loop: start over
+    assert np.allclose(tracker.update(boxes_world(0.1), LABELS, I, 100 * MS)[0], [10, 0])
