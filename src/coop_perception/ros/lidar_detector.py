@@ -24,9 +24,11 @@ from rclpy.node import Node
 from coop_perception.data.objects import make_objects
 from coop_perception.fusion import codec
 from coop_perception.fusion.ego_map import encode_ego_map
-from coop_perception.fusion.pipeline import collaborator_message
+from coop_perception.fusion.pipeline import Sender, collaborator_message
+from coop_perception.fusion.pose_buffer import PoseBuffer, PoseLookupError
 from coop_perception.ros import convert as cv
-from coop_perception.ros.node import (LATEST_QOS, MARKER_ARRAY, POINTCLOUD2, RELIABLE_QOS, SCAN_QOS, InputGuard,
+from coop_perception.ros.node import (LATEST_QOS, MARKER_ARRAY, ODOM_QOS, ODOMETRY, POINTCLOUD2, RELIABLE_QOS,
+                                      SCAN_QOS, InputGuard,
                                       Param, Window, agent_id, ahead_of_clock_ns, declare_parameters, load_detector,
                                       status_publisher)
 from coop_perception.ros.node import main as node_main
@@ -82,6 +84,10 @@ class LidarDetectorNode(Node):
         self.scans = 0
         self.last_stamp_ns = None
         self.detect_ms, self.feature_bytes = Window(), Window()
+        # Shared ROI velocities come from tracking this agent's own detections in the map frame
+        # (fusion.motion), exactly as offline evaluation does; that needs this agent's odometry.
+        self.sender = Sender()
+        self.poses = PoseBuffer()
 
         cloud = self.msgs.get_class(POINTCLOUD2)
         self.pub_features = self.create_publisher(cloud, 'coop/features', RELIABLE_QOS)
@@ -90,10 +96,20 @@ class LidarDetectorNode(Node):
         self.pub_bev = self.create_publisher(cloud, 'coop/bev', LATEST_QOS) if p['publish_bev'] else None
         status_publisher(self, self.msgs, 'coop/detector_status', p['status_period_s'], self.status)
         # Subscribing last: a publisher waiting for subscribers (bag_player) starts once we can work.
+        self.create_subscription(self.msgs.get_class(ODOMETRY), 'odom', self.guard.guarded(self.on_odom), ODOM_QOS)
         self.create_subscription(cloud, 'lidar', self.guard.guarded(self.on_scan), SCAN_QOS)
         self.get_logger().info(f'agent {self.agent}: detector ready ({self.detector.cfg.bev_shape[0]}x'
                                f'{self.detector.cfg.bev_shape[1]} BEV cells); bev '
                                f'{"on" if self.pub_bev else "off"}')
+
+    def on_odom(self, msg) -> None:
+        try:
+            jumped = self.poses.insert(cv.stamp_ns(msg.header.stamp), cv.odometry_to_pose(msg))
+        except ValueError as e:
+            self.guard.reject('bad_pose', f'odometry: {e}')
+            return
+        if jumped:  # the clock went back (bag loop): old tracks mean nothing now
+            self.sender.tracker.reset()
 
     def on_scan(self, msg) -> None:
         stamp = cv.stamp_ns(msg.header.stamp)
@@ -112,6 +128,10 @@ class LidarDetectorNode(Node):
         if det.stats.dropped_nonfinite:
             self.guard.reject('nonfinite_points', f'{det.stats.dropped_nonfinite} of {len(points)} points '
                                                   'are NaN or infinite (dropped, scan used)')
+        try:
+            det = self.sender.prepare(det, self.poses.lookup(stamp), stamp)
+        except PoseLookupError as e:
+            self.guard.reject('no_pose_for_velocity', f'scan shared with the detector\'s own velocities: {e}')
         self.scans += 1
         self.last_stamp_ns = stamp
         header = msg.header
