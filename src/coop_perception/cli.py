@@ -256,6 +256,11 @@ def cmd_calibrate_trust(args) -> int:
     return 0
 
 
+def _cache_arg(p):
+    p.add_argument('--cache', help='feature cache folder (default: DATA/feature_cache), one subfolder per '
+                                   'detector; built if missing')
+
+
 def _detector_args(p, weights: bool = True):
     p.add_argument('--config', default=str(MODELS / 'detector.yaml'), help='detector config YAML')
     if weights:
@@ -348,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = train.add_parser('fusion', help='train the trust fusion on cached detector features (resumable)')
     p.add_argument('--data', required=True, help='training dataset root (the train preset)')
-    p.add_argument('--cache', help='feature cache folder (default: DATA/feature_cache), one subfolder per detector; built if missing')
+    _cache_arg(p)
     p.add_argument('--out', required=True, help='run folder: checkpoints, log, final weights')
     p.add_argument('--iterations', type=_positive(int), help='training iterations')
     p.add_argument('--restart', action='store_true', help='ignore an existing checkpoint in --out')
@@ -358,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = evaluate.add_parser('fusion', help='AP of every fusion method under communication delay')
     p.add_argument('--data', required=True, help='dataset root (the test preset)')
-    p.add_argument('--cache', help='feature cache folder (default: DATA/feature_cache), one subfolder per detector; built if missing')
+    _cache_arg(p)
     p.add_argument('--delays', default='0,100,200,300,500', help='mean latencies to sweep, ms')
     p.add_argument('--methods', default='ego,late,early,max,trust', help='comma-separated fusion methods')
     p.add_argument('--channel', default='uniform', help='latency model (uniform, fixed, bernoulli_frames)')
@@ -376,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest='target', required=True)
     p = calibrate.add_parser('trust', help='thresholds of the trust gate from validation true positives')
     p.add_argument('--data', required=True, help='validation dataset root (the val preset)')
-    p.add_argument('--cache', help='feature cache folder (default: DATA/feature_cache), one subfolder per detector')
+    _cache_arg(p)
     p.add_argument('--quantile', type=float, default=0.95, help='quantile of true-positive uncertainty')
     p.add_argument('--out', default=str(MODELS / 'trust_gate.yaml'), help='gate YAML to write')
     p.add_argument('--version', default=DEFAULT_VERSION)

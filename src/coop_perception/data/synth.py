@@ -152,12 +152,12 @@ class Scenario:
         return (v, t, np.repeat(np.concatenate(mats), TRIANGLES_PER_BOX),
                 np.repeat(np.concatenate(owners), TRIANGLES_PER_BOX))
 
-    def agent_pose(self, agent: int, t: float):
-        """(T_world_ego, T_ego_sensor) of an agent at time t (s, scene time)."""
+    def agent_pose(self, agent: int, state):
+        """(T_world_ego, T_ego_sensor) of an agent in a world `state` = traffic.state(t)."""
         if agent == RSU_AGENT:
             return self.rsu_pose, make_pose([0.0, 0.0, self.cfg.rsu_height])
         actor = self.traffic.actors[self.vehicle_agents[agent - 1]]
-        ids, xy, yaw, _ = self.traffic.state(t)
+        ids, xy, yaw, _ = state
         k = int(np.nonzero(ids == actor.id)[0][0])
         ego = make_pose([xy[k, 0], xy[k, 1], 0.0], yaw=yaw[k])
         return ego, make_pose([0.0, 0.0, actor.size[2] + self.cfg.roof_clearance])
@@ -177,8 +177,9 @@ class Scenario:
         scans, counts = [], {}
         for k in self.agent_ids:
             t = t_ref + self.phase[k]
-            T_we, T_es = self.agent_pose(k, t)
-            a_ids, a_xy, a_yaw, _ = self.traffic.state(t)
+            state = self.traffic.state(t)
+            T_we, T_es = self.agent_pose(k, state)
+            a_ids, a_xy, a_yaw, _ = state
             own = None if k == RSU_AGENT else self.vehicle_agents[k - 1]
             hits = self.lidar.scan(self.static_mesh, self._dynamic_mesh(a_ids, a_xy, a_yaw, own),
                                    T_we @ T_es, self.rng)
