@@ -150,13 +150,15 @@ def test_killing_a_collaborator_detector_does_not_stop_fused_output(system):
     launch.signal(f'agent{KILLED}/lidar_detector', signal.SIGKILL)
     killed_at = len(listener.objects)
     resets_at_kill = listener.fusion_status[-1]['resets']
-    wait_for(lambda: len(listener.objects) >= killed_at + 2 * len(ego_stamps), 60, folder)
+    wait_for(lambda: len(listener.objects) >= killed_at + 3 * len(ego_stamps), 90, folder)
     assert set(ego_stamps) <= set(listener.stamps(killed_at))
     codes = launch.poll()
     assert codes[f'agent{KILLED}/lidar_detector'] == -signal.SIGKILL
     assert all(code is None for label, code in codes.items() if 'agent2/lidar' not in label), codes
-    # Once a loop restart has emptied the buffers, agent 2 is gone and agent 0 still fused.
-    later = [s['agents'] for s in listener.fusion_status if s['resets'] > resets_at_kill]
+    # Two loop restarts after the kill nothing sent before it can still be buffered or in flight
+    # (under load one straggler may arrive just after the first restart): agent 2 is gone and
+    # agent 0 still fused.
+    later = [s['agents'] for s in listener.fusion_status if s['resets'] > resets_at_kill + 1]
     assert later and all(agents[str(KILLED)]['used_age_s'] is None for agents in later)
     assert any(agents.get('0', {}).get('used_age_s') is not None for agents in later)
 
