@@ -9,7 +9,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections import Counter, deque
@@ -21,9 +23,10 @@ import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 
 from coop_perception.data.bag import agent_from_frame
 from coop_perception.errors import UserError
@@ -236,14 +239,24 @@ def main(node_class, argv: list[str] | None = None, *, large_messages: bool = Fa
 
 
 def _spin(node_class, ros_args: list[str]) -> int:
-    rclpy.init(args=ros_args)
+    # rclpy's own SIGINT handler ends in a KeyboardInterrupt raised wherever Python happens to be;
+    # inside the pybind11 conversion of a message being taken that surfaces as a RuntimeError and a
+    # non-zero exit. A flag checked between callbacks stops the node at a clean point instead.
+    rclpy.init(args=ros_args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     node = None
+    executor = SingleThreadedExecutor()
     try:
         node = node_class()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
+        executor.add_node(node)
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
+    except ExternalShutdownException:
         pass
     finally:
+        executor.shutdown()
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
