@@ -227,28 +227,58 @@ def _enlarged(boxes, margin):
     return out
 
 
-def test_roi_cells_are_exactly_the_cells_inside_the_enlarged_boxes():
-    det = make_det(BOXES, SCORES)
+def _peaked_confidence(boxes, grid=GRID):
+    """(H, W) confidence with one bump per box, highest in the cell holding its centre."""
+    c = cell_centres(grid).reshape(*grid.shape, 2)
+    d2 = ((c[None] - boxes[:, None, None, :2]) ** 2).sum(-1)
+    return np.exp(-d2 / 8.0).max(0).astype(np.float32)
+
+
+def _neighbourhood(flat_cell, grid=GRID):
+    r, c = divmod(int(flat_cell), grid.shape[1])
+    return {(r + i) * grid.shape[1] + c + j for i in (-1, 0, 1) for j in (-1, 0, 1)}
+
+
+def test_roi_cells_are_the_enlarged_boxes_plus_the_peak_neighbourhood():
+    confidence = _peaked_confidence(BOXES)
+    det = make_det(BOXES, SCORES, confidence=confidence)
     margin = 0.4
     sel = select_roi_cells(det, score_threshold=0.0, max_rois=10, margin_m=margin,
                            min_confidence=0.0, max_bytes=None)
     centres = np.column_stack([cell_centres(), np.zeros(32 * 32)])
     inside = points_in_boxes(centres, _enlarged(BOXES, margin))   # (3, H*W)
-    expected = np.flatnonzero(inside.any(0))
-    assert np.array_equal(sel.rows * 32 + sel.cols, expected)
-    # a cell in several boxes belongs to the highest-scoring one (scores descend with the index)
-    assert np.array_equal(sel.roi, inside[:, expected].argmax(0))
-    assert np.bincount(sel.roi, minlength=3).tolist() == [int(c) for c in inside.sum(1)]  # no overlap here
+    peaks = [np.flatnonzero(inside[k])[confidence.reshape(-1)[inside[k]].argmax()] for k in range(3)]
+    owner = {c: int(inside[:, c].argmax()) for c in np.flatnonzero(inside.any(0))}
+    for k, peak in enumerate(peaks):
+        owner.update({c: k for c in _neighbourhood(peak) if c not in owner})
+    flat = sel.rows * 32 + sel.cols
+    assert flat.tolist() == sorted(owner)
+    assert sel.roi.tolist() == [owner[c] for c in flat.tolist()]
     # a rotated 4.6 x 1.9 m car + 0.4 m margins covers (5.4 x 2.7) / 0.64 ~ 23 cells
-    assert 18 <= (sel.roi == 0).sum() <= 28
+    assert 18 <= inside[0].sum() <= 28 and (sel.roi == 0).sum() <= inside[0].sum() + 9
+
+
+def test_peak_neighbourhood_is_sent_below_the_confidence_threshold():
+    confidence = _peaked_confidence(BOXES) * 0.12     # only cells near the centres reach 0.1
+    det = make_det(BOXES, SCORES, confidence=confidence)
+    sel = select_roi_cells(det, score_threshold=0.0, min_confidence=0.1, max_bytes=None)
+    flat = set((sel.rows * 32 + sel.cols).tolist())
+    assert set(sel.roi) == {0, 1, 2}
+    for k in range(3):   # what the receiver relies on (fusion.roi_boxes.roi_peaks)
+        mine = np.flatnonzero(sel.roi == k)
+        peak = mine[confidence[sel.rows[mine], sel.cols[mine]].argmax()]
+        assert _neighbourhood(sel.rows[peak] * 32 + sel.cols[peak]) <= flat
+    assert (confidence[sel.rows, sel.cols] < 0.1).any()
 
 
 def test_overlapping_rois_go_to_the_higher_score():
     boxes = np.array([[0.0, 0.0, 0, 4.0, 2.0, 1.5, 0.0], [1.6, 0.0, 0, 4.0, 2.0, 1.5, 0.0]])
-    det = make_det(boxes, [0.5, 0.8])
+    det = make_det(boxes, [0.5, 0.8], confidence=_peaked_confidence(boxes[1:]))
     sel = select_roi_cells(det, score_threshold=0.0, margin_m=0.0, min_confidence=0.0)
     x = GRID.origin[0] + (sel.cols + 0.5) * 0.8
-    assert set(sel.roi[x > 0.4]) == {1}              # the overlap (x in [-0.4, 2]) and beyond
+    y = GRID.origin[1] + (sel.rows + 0.5) * 0.8
+    within = np.abs(y) < 1.0                         # ROI 0's peak neighbourhood reaches beyond
+    assert set(sel.roi[within & (x > 0.4)]) == {1}   # the overlap (x in [-0.4, 2]) and beyond
     assert set(sel.roi[x < -0.4]) == {0}
     assert len(np.unique(sel.rows * 32 + sel.cols)) == len(sel.rows)
 

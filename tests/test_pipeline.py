@@ -30,8 +30,9 @@ def scan(seed, shift=0.0):
     return np.concatenate([ground, car]).astype(np.float32)
 
 
-def setup(detector, method, fusion=None, collaborator_stamps=(0,)):
-    coop = CooperativeDetector(detector, 1, CooperativeConfig(method=method, max_age_s=0.5, gate=GATE), fusion)
+def setup(detector, method, fusion=None, collaborator_stamps=(0,), roi_boxes=True):
+    coop = CooperativeDetector(detector, 1, CooperativeConfig(method=method, max_age_s=0.5, gate=GATE,
+                                                              roi_boxes=roi_boxes), fusion)
     T = make_pose([0, 0, 1.8], yaw=0.0)
     coop.add_pose(1, 100 * MS, T)
     coop.add_ego_scan(100 * MS, scan(1))
@@ -71,8 +72,15 @@ def test_every_method_produces_ego_frame_detections(detector, method):
 def test_untrained_trust_fusion_equals_ego_only(detector):
     # the fusion projection starts at zero: an untrained model must not change the ego's result
     ego = setup(detector, 'ego').detect(100 * MS)
-    trust = setup(detector, 'trust', FusionModel(CFG.model.feature_channels)).detect(100 * MS)
+    fusion = FusionModel(CFG.model.feature_channels)
+    trust = setup(detector, 'trust', fusion, roi_boxes=False).detect(100 * MS)
     assert np.allclose(ego.boxes, trust.boxes) and np.allclose(ego.scores, trust.scores)
+    # the collaborator's ROI boxes join in, scaled by their trust, where they beat the ego's
+    merged = setup(detector, 'trust', fusion).detect(100 * MS)
+    from_collaborator = (merged.sources & (1 << 2)) > 0
+    assert from_collaborator.any()
+    assert ((merged.trust[from_collaborator] > 0) & (merged.trust[from_collaborator] <= 1)).all()
+    assert (merged.scores[from_collaborator] <= merged.trust[from_collaborator]).all()
 
 
 def test_stale_future_and_poseless_inputs_are_dropped_and_counted(detector):

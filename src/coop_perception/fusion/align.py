@@ -102,7 +102,7 @@ def warp_to_ego(msg: FeatureMessage, T_world_sender: np.ndarray, T_world_ego: np
     br = np.floor((back[:, 1] - src_grid.origin[1]) / src_grid.cell_size).astype(np.int64)
     on_grid = (br >= 0) & (br < Hs) & (bc >= 0) & (bc < Ws)
     lookup = np.full(Hs * Ws, -1, np.int64)
-    lookup[_cell_index(msg)] = np.arange(msg.num_cells)
+    lookup[cell_index(msg)] = np.arange(msg.num_cells)
     src = np.where(on_grid, lookup[np.where(on_grid, br * Ws + bc, 0)], -1)
     ok = src >= 0
     ok[ok] = msg.roi[src[ok]] == msg.roi[cand[ok]]
@@ -133,7 +133,7 @@ def warp_to_ego(msg: FeatureMessage, T_world_sender: np.ndarray, T_world_ego: np
         dropped=dropped)
 
 
-def _cell_index(msg: FeatureMessage) -> np.ndarray:
+def cell_index(msg: FeatureMessage) -> np.ndarray:
     """(M,) flat index row * W + col of each message cell in its own grid."""
     g = msg.grid
     ij = np.floor((msg.cells.astype(np.float64) - g.origin) / g.cell_size).astype(np.int64)

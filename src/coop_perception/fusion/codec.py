@@ -226,8 +226,10 @@ def select_roi_cells(det: Detections, score_threshold: float = ROI_SCORE_THRESHO
     """What a collaborator shares: the cells of its confident detections (Where2comm/CoDynTrust).
 
     ROIs are the detections with score >= ``score_threshold``, at most ``max_rois`` of them by
-    descending score. An ROI's cells are the grid cells whose centre lies inside its rotated BEV
-    footprint grown by ``margin_m`` on every side and whose confidence is >= ``min_confidence``
+    descending score. An ROI's cells are its peak's 3 x 3 neighbourhood (the peak is the ROI's cell
+    of highest confidence: the receiver runs the detector's head there, whose 3 x 3 convolution
+    reads exactly these cells, fusion.roi_boxes) and the grid cells whose centre lies inside its
+    rotated BEV footprint grown by ``margin_m`` on every side with confidence >= ``min_confidence``
     (the detector's confidence is high around object centres, where the receiving head reads its
     evidence, and the threshold drops the low-evidence fringe of large boxes). All-zero cells are
     left out: the receiver fills missing cells with zeros, so that costs nothing. A cell inside
@@ -239,14 +241,38 @@ def select_roi_cells(det: Detections, score_threshold: float = ROI_SCORE_THRESHO
     cand = np.flatnonzero(scores >= score_threshold)
     cand = cand[np.argsort(-scores[cand], kind='stable')][:max_rois]
     b, flat = _box_cells(np.asarray(det.boxes, np.float64)[cand], det.grid, margin_m)
-    keep = (det.confidence.reshape(-1)[flat] >= min_confidence) & _occupied(det).reshape(-1)[flat]
-    b, flat = _assign_by_score(b[keep], flat[keep], scores[cand])
+    confidence = det.confidence.reshape(-1)
+    core_b, core_flat = _peak_neighbourhoods(b, flat, confidence, det.grid.shape)
+    keep = confidence[flat] >= min_confidence
+    b, flat = np.concatenate([b[keep], core_b]), np.concatenate([flat[keep], core_flat])
+    occupied = _occupied(det).reshape(-1)[flat]
+    b, flat = _assign_by_score(b[occupied], flat[occupied], scores[cand])
     if max_bytes is not None:
         max_cells = max_bytes // cell_bytes(det.features.shape[0])
         fits = np.cumsum(np.bincount(b, minlength=len(cand))) <= max_cells
         b, flat = b[fits[b]], flat[fits[b]]
     rows, cols = np.divmod(flat, det.grid.shape[1])
     return CellSelection(rows, cols, cand[b])
+
+
+def _peak_neighbourhoods(box_idx: np.ndarray, flat: np.ndarray, confidence: np.ndarray,
+                         shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (box, cell) of every box's footprint -> pairs (box, cell) of the 3 x 3 cells around
+    each box's highest-confidence footprint cell, within the grid."""
+    if len(flat) == 0:
+        return box_idx, flat
+    H, W = shape
+    order = np.lexsort((-confidence[flat], box_idx))
+    first = np.ones(len(order), bool)
+    first[1:] = box_idx[order][1:] != box_idx[order][:-1]
+    peak_b, peak = box_idx[order][first], flat[order][first]
+    rows, cols = np.divmod(peak, W)
+    offsets = np.arange(-1, 2)
+    nr = (rows[:, None, None] + offsets[None, :, None]).repeat(3, 2)
+    nc = (cols[:, None, None] + offsets[None, None, :]).repeat(3, 1)
+    inside = (nr >= 0) & (nr < H) & (nc >= 0) & (nc < W)
+    nb = np.broadcast_to(peak_b[:, None, None], nr.shape)
+    return nb[inside], (nr * W + nc)[inside]
 
 
 def select_occupied_cells(det: Detections, margin_m: float = ROI_MARGIN_M) -> CellSelection:

@@ -25,6 +25,7 @@ from .codec import FeatureMessage, make_message, select_roi_cells
 from .model import FusionModel, collate, fuse, stack_inputs
 from .motion import VelocityTracker, VelocityTrackerConfig
 from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
+from .roi_boxes import decode_roi_boxes
 from .trust import ThresholdTrust
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,10 @@ class CooperativeConfig:
     max_age_s: float = 1.0                 # collaborator inputs older than this are ignored
     slots: int = 4                         # collaborators fused per frame (newest first)
     roi_policy: dict = field(default_factory=dict)   # codec.select_roi_cells keyword arguments
-    late_nms_iou: float = 0.2
+    late_nms_iou: float = 0.2              # NMS between merged box sets (late, and ROI boxes)
+    # trust/gate: also decode each collaborator's ROIs in its own grid (fusion.roi_boxes) and
+    # merge them, trust-weighted, with the boxes of the fused map
+    roi_boxes: bool = True
     history: int = 20                      # inputs kept per collaborator
     gate: dict | None = None               # ThresholdTrust settings for method 'gate' (calibrated)
 
@@ -201,23 +205,31 @@ class CooperativeDetector:
                                dict(det.timings_ms))
 
     def _late(self, det, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
-        parts = [(det.boxes, det.scores, det.labels, det.velocities, np.full(len(det.boxes), self.ego_id))]
+        parts = [_Part(det.boxes, det.scores, det.labels, det.velocities, 0.0, 1 << self.ego_id)]
         for agent, (stamp, item, pose) in chosen.items():
             if not isinstance(item, dict):
                 self._drop('wrong_input_kind', f'late fusion needs box lists, agent {agent} sent {type(item).__name__}')
                 continue
             boxes, vel = warp_boxes(item['boxes'], item['velocities'], pose, T_ego, stamp, ego_stamp)
-            parts.append((boxes, item['scores'], item['labels'], vel, np.full(len(boxes), agent)))
-        boxes, scores, labels, vel, src = (np.concatenate(x) for x in zip(*parts))
-        keep = []
-        for k in np.unique(labels):
-            idx = np.flatnonzero(labels == k)
-            keep.append(idx[rotated_nms(boxes[idx], scores[idx], self.cfg.late_nms_iou)])
+            parts.append(_Part(boxes, item['scores'], item['labels'], vel, 1.0, 1 << agent))
+        return self._merge(parts, ego_stamp, ages)
+
+    def _merge(self, parts: list['_Part'], ego_stamp: int, ages: dict, timings_ms: dict | None = None
+               ) -> FusedDetections:
+        """Class-wise rotated NMS over every part's boxes; the higher score wins."""
+        n = [len(p.boxes) for p in parts]
+        boxes = np.concatenate([np.asarray(p.boxes, np.float64).reshape(-1, 7) for p in parts])
+        scores = np.concatenate([p.scores for p in parts]).astype(np.float32)
+        labels = np.concatenate([p.labels for p in parts]).astype(np.int64)
+        vel = np.concatenate([np.asarray(p.velocities, np.float32).reshape(-1, 2) for p in parts])
+        trust = np.concatenate([np.broadcast_to(np.asarray(p.trust, np.float64), k) for p, k in zip(parts, n)])
+        sources = np.concatenate([np.broadcast_to(np.asarray(p.sources, np.int64), k) for p, k in zip(parts, n)])
+        keep = [idx[rotated_nms(boxes[idx], scores[idx], self.cfg.late_nms_iou)]
+                for idx in (np.flatnonzero(labels == k) for k in np.unique(labels))]
         keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
         keep = keep[np.argsort(-scores[keep], kind='stable')]
-        trust = np.where(src[keep] == self.ego_id, 0.0, 1.0)
-        sources = np.left_shift(1, src[keep].astype(np.int64))
-        return FusedDetections(boxes[keep], scores[keep], labels[keep], vel[keep], trust, sources, ego_stamp, ages)
+        return FusedDetections(boxes[keep], scores[keep], labels[keep], vel[keep], trust[keep], sources[keep],
+                               ego_stamp, ages, dict(timings_ms or {}))
 
     def _early(self, det, ego_points, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
         if ego_points is None:
@@ -256,8 +268,31 @@ class CooperativeDetector:
         sources = np.full(len(out.boxes), 1 << self.ego_id, np.int64)
         for i, agent in enumerate(agents[:self.cfg.slots]):
             sources |= np.where(box_trust[i] > 0, 1 << agent, 0)
-        return self._wrap(out, box_trust.max(0) if len(agents) else np.zeros(len(out.boxes)), sources,
-                          ego_stamp, ages)
+        fused_trust = box_trust.max(0) if len(agents) else np.zeros(len(out.boxes))
+        if method == 'max' or not self.cfg.roi_boxes:
+            return self._wrap(out, fused_trust, sources, ego_stamp, ages)
+        parts = [_Part(out.boxes, out.scores, out.labels, out.velocities, fused_trust, sources)]
+        for agent, (stamp, item, pose) in chosen.items():
+            if isinstance(item, FeatureMessage) and agent in agents[:self.cfg.slots]:
+                rb = decode_roi_boxes(self.detector.head, item, pose, T_ego, ego_stamp, det.sensor_height)
+                t = self._roi_trust(rb.attributes)
+                parts.append(_Part(rb.boxes, rb.scores * t, rb.labels, rb.velocities, t, 1 << agent))
+        return self._merge(parts, ego_stamp, ages, out.timings_ms)
+
+    def _roi_trust(self, attributes: np.ndarray) -> np.ndarray:
+        """(n, 6) ROI attributes -> (n,) trust of the method's modulus."""
+        return (self.gate if self.cfg.method == 'gate' else self.fusion.trust).trust(attributes)
+
+
+@dataclass
+class _Part:
+    """One source's boxes for `_merge`; trust and sources are per box or one value for all."""
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    velocities: np.ndarray
+    trust: np.ndarray | float
+    sources: np.ndarray | int
 
 
 def _cells_of(boxes: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray]:
