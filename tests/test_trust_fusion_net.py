@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from coop_perception.fusion.network import MultiScaleFusion, max_fusion
@@ -74,3 +75,42 @@ def test_max_fusion():
     x = torch.tensor([[[[[1.0]]], [[[3.0]]], [[[9.0]]]]])  # (1, 3, 1, 1, 1)
     valid = torch.tensor([[True, True, False]])
     assert max_fusion(x, valid).item() == 3.0
+
+
+def _warped_message(rng, C, H, W, cells, age_s):
+    from coop_perception.fusion.align import WarpedFeatures
+    flat = rng.choice(H * W, cells, replace=False)
+    features = np.zeros((C, H * W), np.float32)
+    features[:, flat] = rng.uniform(0, 3, (C, cells))      # the detector's BEV is non-negative
+    roi = np.full(H * W, -1, np.int16)
+    roi[flat] = rng.integers(-1, 5, cells)                  # some cells are background
+    score = np.where(roi >= 0, rng.uniform(0.3, 1, H * W), 0).astype(np.float32)
+    unc = np.where(roi[:, None] >= 0, rng.uniform(0.01, 2, (H * W, 4)), 0).astype(np.float32)
+    occupied = np.zeros(H * W, bool)
+    occupied[flat] = True
+    return WarpedFeatures(features.reshape(C, H, W), occupied.reshape(H, W), score.reshape(H, W),
+                          score.reshape(H, W), unc.reshape(H, W, 4), roi.reshape(H, W), age_s, 0)
+
+
+@pytest.mark.parametrize('method', ['trust', 'gate', 'max'])
+def test_sparse_run_time_fusion_equals_the_dense_training_fusion(method):
+    from coop_perception.fusion.model import FusionModel, collate, fuse, fuse_sparse, stack_inputs
+    rng = np.random.default_rng(3)
+    torch.manual_seed(3)
+    C, H, W = 8, 16, 24
+    model = FusionModel(C, scales=3).eval()
+    for p in model.parameters():   # the projection starts at zero: give every layer a say
+        torch.nn.init.normal_(p, std=0.3)
+    gate = ThresholdTrust(min_score=0.5, thresholds={'reg_aleatoric': 1.0}, half_life_s=0.5)
+    ego = rng.uniform(0, 3, (C, H, W)).astype(np.float32)
+    ego[:, :4] = 0.0                                        # empty ego cells too
+    warped = [_warped_message(rng, C, H, W, n, age) for n, age in ((40, 0.1), (90, 0.3), (10, 0.0))]
+    with torch.inference_mode():
+        dense, dense_trust = fuse(**collate([stack_inputs(ego, warped, 4)]), method=method, model=model, gate=gate)
+        sparse, sparse_trust = fuse_sparse(ego, warped, method, 4, model, gate)
+        two, _ = fuse_sparse(ego, warped, method, 2, model, gate)
+        dense_two, _ = fuse(**collate([stack_inputs(ego, warped, 2)]), method=method, model=model, gate=gate)
+    assert sparse.shape == (1, C, H, W) and not torch.equal(sparse[0], torch.from_numpy(ego))
+    assert torch.allclose(dense, sparse, atol=1e-5)
+    assert np.allclose(dense_trust[0, :3].numpy(), sparse_trust, atol=1e-6)
+    assert torch.allclose(dense_two, two, atol=1e-5)

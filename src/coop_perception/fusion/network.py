@@ -5,15 +5,49 @@ At each scale the agents are reduced to their element-wise max and mean; a spati
 attention reweights the result. The coarse scale is upsampled and merged with the fine one, and
 the merged map is added to the ego's own features through a zero-initialised projection, so an
 untrained fusion is exactly ego-only detection and the ego's features are never masked.
+
+Training fuses dense (B, A, C, H, W) stacks. At run time a collaborator brings a few hundred ROI
+cells of the 16k in the grid, and the dense stack is mostly zeros that cost most of the time, so
+`MultiScaleFusion.forward_sparse` computes the same agent-wise max and mean from the ego's map and
+the collaborators' cells alone. That relies on the features being non-negative (the detector's
+BEV ends in a ReLU): a collaborator's empty (zero) cells then never raise the max.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
+class SparseAgent(NamedTuple):
+    """One collaborator's non-zero cells in the ego grid, for `MultiScaleFusion.forward_sparse`."""
+    index: torch.Tensor    # (n,) int64 flat cell index row * W + col, unique
+    values: torch.Tensor   # (C, n) float32 features (trust applied), >= 0
+
+
+def reduce_agents(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A, C, H, W) agents + (B, A) validity -> agent-wise max and mean, each (B, C, H, W)."""
+    v = valid[:, :, None, None, None].to(x.dtype)
+    mx = (x + (v - 1.0) * 1e4).amax(1)  # invalid agents sink below any real feature
+    mean = (x * v).sum(1) / v.sum(1).clamp_min(1.0)
+    return mx, mean
+
+
+def reduce_sparse(ego: torch.Tensor, agents: list[SparseAgent]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reduce_agents` for one ego map (C, H, W) and collaborators' non-negative cells -> max and
+    mean, each (C, H, W)."""
+    C, H, W = ego.shape
+    mx, total = ego.reshape(C, -1).clone(), ego.reshape(C, -1).clone()
+    for a in agents:
+        mx[:, a.index] = torch.maximum(mx[:, a.index], a.values)
+        total.index_add_(1, a.index, a.values)
+    return mx.reshape(C, H, W), (total / (1 + len(agents))).reshape(C, H, W)
+
+
 class AgentAttention(nn.Module):
-    """(B, A, C, H, W) agents + (B, A) validity -> (B, C, H, W)."""
+    """Agent-wise max and mean (B, C, H, W) each -> one fused map (B, C, H, W)."""
 
     def __init__(self, channels: int, reduction: int = 4):
         super().__init__()
@@ -21,14 +55,11 @@ class AgentAttention(nn.Module):
         self.channel = nn.Sequential(nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True),
                                      nn.Linear(channels // reduction, channels))
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        v = valid[:, :, None, None, None].to(x.dtype)
-        mx = (x + (v - 1.0) * 1e4).amax(1)  # invalid agents sink below any real feature
-        mean = (x * v).sum(1) / v.sum(1).clamp_min(1.0)
+    def forward(self, mx: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         stats = torch.cat([mx.amax(1, keepdim=True), mx.mean(1, keepdim=True),
                            mean.amax(1, keepdim=True), mean.mean(1, keepdim=True)], 1)
         s = torch.sigmoid(self.spatial(stats))
-        fused = s * mx + (1 - s) * mean
+        fused = torch.lerp(mean, mx, s)   # s * mx + (1 - s) * mean in one pass
         c = torch.sigmoid(self.channel(fused.mean((2, 3))))[:, :, None, None]
         return fused * c
 
@@ -55,15 +86,49 @@ class MultiScaleFusion(nn.Module):
         H and W must be divisible by 2^(scales-1)."""
         B, A, C, H, W = agents.shape
         x = agents.reshape(B * A, C, H, W)
-        fused = [self.attend[0](agents, valid)]
+        fused = [self.attend[0](*reduce_agents(agents, valid))]
         for s in range(1, self.scales):
-            n, c, h, w = x.shape
             # Parameter-free 2x2 max pooling per agent: a strided conv on every agent cost ~4x the rest
             # of the fusion on these CPUs; the learned layers act on the one fused map per scale.
-            x = x.reshape(n, c, h // 2, 2, w // 2, 2).amax((3, 5))
-            fused.append(self.up[s - 1](self.attend[s](x.reshape(B, A, C, *x.shape[-2:]), valid)))
-        delta = self.project(torch.cat(fused, 1))
-        return agents[:, 0] + delta
+            x = F.max_pool2d(x, 2)
+            fused.append(self.attend[s](*reduce_agents(x.reshape(B, A, C, *x.shape[-2:]), valid)))
+        return self._merge(agents[:, 0], fused)
+
+    def forward_sparse(self, ego: torch.Tensor, agents: list[SparseAgent]) -> torch.Tensor:
+        """The same fusion for one ego map (C, H, W) and its valid collaborators' cells (features
+        >= 0, see the module docstring) -> (1, C, H, W); equals ``forward`` on the dense stack."""
+        C, H, W = ego.shape
+        fused = [self.attend[0](*(m[None] for m in reduce_sparse(ego, agents)))]
+        for s in range(1, self.scales):
+            f = 2 ** s
+            # a coarse grid is small enough to stack densely
+            coarse = [F.max_pool2d(ego[None], f)[0]] + [pool_dense(a, H, W, f) for a in agents]
+            valid = torch.ones(1, len(coarse), dtype=torch.bool)
+            fused.append(self.attend[s](*reduce_agents(torch.stack(coarse)[None], valid)))
+        return self._merge(ego[None], fused)
+
+    def _merge(self, ego: torch.Tensor, fused: list[torch.Tensor]) -> torch.Tensor:
+        """ego + project(cat(fine, upsampled coarse scales)). The 1x1 projection is split by scale
+        and applied before the nearest-neighbour upsampling, with which it commutes: the same
+        result without the full-resolution concatenation."""
+        C = ego.shape[1]
+        weight, bias = self.project.weight, self.project.bias
+        delta = F.conv2d(fused[0], weight[:, :C], bias)
+        for s in range(1, self.scales):
+            up = self.up[s - 1]
+            coarse = F.conv2d(up[:-1](fused[s]), weight[:, s * C:(s + 1) * C])
+            delta = delta + up[-1](coarse)
+        return ego + delta
+
+
+def pool_dense(agent: SparseAgent, H: int, W: int, factor: int) -> torch.Tensor:
+    """A collaborator's cells after ``factor`` x ``factor`` max pooling -> (C, H/f, W/f); empty
+    cells count as zeros, which non-negative features never fall below."""
+    rows, cols = agent.index // W, agent.index % W
+    pooled = (rows // factor) * (W // factor) + cols // factor
+    out = agent.values.new_zeros(agent.values.shape[0], (H // factor) * (W // factor))
+    out.scatter_reduce_(1, pooled.expand_as(agent.values), agent.values, 'amax')
+    return out.reshape(-1, H // factor, W // factor)
 
 
 def max_fusion(agents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

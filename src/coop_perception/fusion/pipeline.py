@@ -11,6 +11,7 @@ and counted in `drops`.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
@@ -22,7 +23,7 @@ from ..detection.decode import Detections, rotated_nms
 from ..geometry import invert_pose, transform_points
 from .align import warp_boxes, warp_to_ego
 from .codec import FeatureMessage, make_message, select_roi_cells
-from .model import FusionModel, collate, fuse, stack_inputs
+from .model import FusionModel, fuse_sparse
 from .motion import VelocityTracker, VelocityTrackerConfig
 from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .roi_boxes import decode_roi_boxes
@@ -61,7 +62,7 @@ class FusedDetections:
     sources: np.ndarray        # (N,) int bit mask of contributing agents (bit k = agent k)
     stamp_ns: int
     ages_s: dict               # collaborator -> age (s) of the input used
-    timings_ms: dict = field(default_factory=dict)
+    timings_ms: dict = field(default_factory=dict)   # per stage of the fusion (ms), 'total'
 
     def to_objects(self) -> np.ndarray:
         """Object-list records (data.objects), the layout of ``/coop/objects``. ``source`` is the
@@ -201,8 +202,7 @@ class CooperativeDetector:
         return self._intermediate(det, chosen, T_ego, ego_stamp, ages)
 
     def _wrap(self, det, trust, sources, stamp, ages) -> FusedDetections:
-        return FusedDetections(det.boxes, det.scores, det.labels, det.velocities, trust, sources, stamp, ages,
-                               dict(det.timings_ms))
+        return FusedDetections(det.boxes, det.scores, det.labels, det.velocities, trust, sources, stamp, ages)
 
     def _late(self, det, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
         parts = [_Part(det.boxes, det.scores, det.labels, det.velocities, 0.0, 1 << self.ego_id)]
@@ -214,8 +214,7 @@ class CooperativeDetector:
             parts.append(_Part(boxes, item['scores'], item['labels'], vel, 1.0, 1 << agent))
         return self._merge(parts, ego_stamp, ages)
 
-    def _merge(self, parts: list['_Part'], ego_stamp: int, ages: dict, timings_ms: dict | None = None
-               ) -> FusedDetections:
+    def _merge(self, parts: list['_Part'], ego_stamp: int, ages: dict) -> FusedDetections:
         """Class-wise rotated NMS over every part's boxes; the higher score wins."""
         n = [len(p.boxes) for p in parts]
         boxes = np.concatenate([np.asarray(p.boxes, np.float64).reshape(-1, 7) for p in parts])
@@ -229,7 +228,7 @@ class CooperativeDetector:
         keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
         keep = keep[np.argsort(-scores[keep], kind='stable')]
         return FusedDetections(boxes[keep], scores[keep], labels[keep], vel[keep], trust[keep], sources[keep],
-                               ego_stamp, ages, dict(timings_ms or {}))
+                               ego_stamp, ages)
 
     def _early(self, det, ego_points, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
         if ego_points is None:
@@ -249,6 +248,7 @@ class CooperativeDetector:
 
     def _intermediate(self, det, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
         method = self.cfg.method
+        clock = _StageClock()
         warped, agents = [], []
         for agent, (stamp, item, pose) in sorted(chosen.items(), key=lambda kv: -kv[1][0]):
             if not isinstance(item, FeatureMessage):
@@ -258,11 +258,12 @@ class CooperativeDetector:
             warped.append(warp_to_ego(item, pose, T_ego, det.grid, ego_stamp,
                                       motion_compensation=(method != 'max')))
             agents.append(agent)
-        inputs = stack_inputs(det.features, warped, self.cfg.slots)
+        clock.lap('warp')
         with torch.inference_mode():
-            fused, trust = fuse(**collate([inputs]), method=method, model=self.fusion, gate=self.gate)
+            fused, trust = fuse_sparse(det.features, warped, method, self.cfg.slots, self.fusion, self.gate)
+        clock.lap('fusion')
         out = self.detector.detect_from_features(fused[0], det.sensor_height)
-        trust = trust[0].numpy()
+        clock.lap('head_decode')
         rows, cols = _cells_of(out.boxes, det.grid)
         box_trust = trust[:, rows, cols] if len(rows) else np.zeros((len(trust), 0))
         sources = np.full(len(out.boxes), 1 << self.ego_id, np.int64)
@@ -270,18 +271,39 @@ class CooperativeDetector:
             sources |= np.where(box_trust[i] > 0, 1 << agent, 0)
         fused_trust = box_trust.max(0) if len(agents) else np.zeros(len(out.boxes))
         if method == 'max' or not self.cfg.roi_boxes:
-            return self._wrap(out, fused_trust, sources, ego_stamp, ages)
-        parts = [_Part(out.boxes, out.scores, out.labels, out.velocities, fused_trust, sources)]
-        for agent, (stamp, item, pose) in chosen.items():
-            if isinstance(item, FeatureMessage) and agent in agents[:self.cfg.slots]:
-                rb = decode_roi_boxes(self.detector.head, item, pose, T_ego, ego_stamp, det.sensor_height)
-                t = self._roi_trust(rb.attributes)
-                parts.append(_Part(rb.boxes, rb.scores * t, rb.labels, rb.velocities, t, 1 << agent))
-        return self._merge(parts, ego_stamp, ages, out.timings_ms)
+            result = self._wrap(out, fused_trust, sources, ego_stamp, ages)
+        else:
+            parts = [_Part(out.boxes, out.scores, out.labels, out.velocities, fused_trust, sources)]
+            for agent, (stamp, item, pose) in chosen.items():
+                if isinstance(item, FeatureMessage) and agent in agents[:self.cfg.slots]:
+                    rb = decode_roi_boxes(self.detector.head, item, pose, T_ego, ego_stamp, det.sensor_height)
+                    t = self._roi_trust(rb.attributes)
+                    parts.append(_Part(rb.boxes, rb.scores * t, rb.labels, rb.velocities, t, 1 << agent))
+            clock.lap('roi_boxes')
+            result = self._merge(parts, ego_stamp, ages)
+            clock.lap('merge')
+        result.timings_ms = clock.ms()
+        return result
 
     def _roi_trust(self, attributes: np.ndarray) -> np.ndarray:
         """(n, 6) ROI attributes -> (n,) trust of the method's modulus."""
         return (self.gate if self.cfg.method == 'gate' else self.fusion.trust).trust(attributes)
+
+
+class _StageClock:
+    """Wall time per stage of one fused frame (ms), for FusedDetections.timings_ms."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = (now - self.last) * 1e3
+        self.last = now
+
+    def ms(self) -> dict[str, float]:
+        return {**self.stages, 'total': (self.last - self.start) * 1e3}
 
 
 @dataclass

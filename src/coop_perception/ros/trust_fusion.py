@@ -56,6 +56,8 @@ PARAMS = (
     Param('max_age_s', _DEFAULTS.max_age_s, 'collaborator inputs older than this (vs the ego frame) are not used',
           (0.0, 1e6)),
     Param('slots', _DEFAULTS.slots, 'collaborators fused per frame, newest first', (1, 64)),
+    Param('roi_boxes', _DEFAULTS.roi_boxes, "methods trust and gate: also decode every collaborator ROI in "
+                                            "the collaborator's grid and merge its trust-weighted box"),
     Param('history', _DEFAULTS.history, 'inputs kept per collaborator', (1, 10000)),
     Param('detector_config', '', "detector config YAML (the ego detector's); '': the package's "
                                  'models/detector.yaml'),
@@ -120,7 +122,7 @@ class TrustFusionNode(Node):
         self.coop = CooperativeDetector(
             self.detector, self.ego,
             CooperativeConfig(method=self.method, max_age_s=p['max_age_s'], slots=p['slots'],
-                              history=p['history'], gate=gate),
+                              history=p['history'], gate=gate, roi_boxes=p['roi_boxes']),
             fusion, PoseBufferConfig(time_jump_back_s=p['time_jump_back_s']))
         self.grid = self.detector.grid()
         self.channels = self.detector.cfg.model.feature_channels
