@@ -102,9 +102,8 @@ class MultiScaleFusion(nn.Module):
         for s in range(1, self.scales):
             f = 2 ** s
             # a coarse grid is small enough to stack densely
-            coarse = [F.max_pool2d(ego[None], f)[0]] + [pool_dense(a, H, W, f) for a in agents]
-            valid = torch.ones(1, len(coarse), dtype=torch.bool)
-            fused.append(self.attend[s](*reduce_agents(torch.stack(coarse)[None], valid)))
+            coarse = torch.stack([max_pool(ego, f)] + [pool_dense(a, H, W, f) for a in agents])
+            fused.append(self.attend[s](coarse.amax(0, keepdim=True), coarse.mean(0, keepdim=True)))
         return self._merge(ego[None], fused)
 
     def _merge(self, ego: torch.Tensor, fused: list[torch.Tensor]) -> torch.Tensor:
@@ -119,6 +118,13 @@ class MultiScaleFusion(nn.Module):
             coarse = F.conv2d(up[:-1](fused[s]), weight[:, s * C:(s + 1) * C])
             delta = delta + up[-1](coarse)
         return ego + delta
+
+
+def max_pool(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(C, H, W) -> (C, H/f, W/f) max pooling; channels-last, where the CPU kernel is several times
+    faster than on the planar layout."""
+    cl = x[None].contiguous(memory_format=torch.channels_last)
+    return F.max_pool2d(cl, factor)[0].contiguous()
 
 
 def pool_dense(agent: SparseAgent, H: int, W: int, factor: int) -> torch.Tensor:
