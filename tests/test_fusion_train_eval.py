@@ -9,6 +9,7 @@ from coop_perception.data.objects import OBJECT_DTYPE
 from coop_perception.data.v2xsim import V2XSimDataset
 from coop_perception.detection import Detector, load_config
 from coop_perception.detection.config import with_overrides
+from coop_perception.eval.bench_fusion import STAGES, bench_fusion
 from coop_perception.eval.fusion_eval import evaluate_fusion, format_results
 from coop_perception.fusion.cache import FeatureCache, build_cache, load_view, save_view
 from coop_perception.fusion.calibrate import calibrate_gate
@@ -86,9 +87,18 @@ def test_evaluation_sweep(setup):
     assert rows[('ego', 0.0)]['bytes_per_agent_frame'] == 0
     assert 0 < rows[('late', 0.0)]['bytes_per_agent_frame'] <= 100 * OBJECT_DTYPE.itemsize   # <= max_boxes
     assert 0 < rows[('max', 0.0)]['bytes_per_agent_frame'] <= 20_000                       # the codec's budget
-    # untrained trust fusion is exactly ego-only
-    assert rows[('trust', 300.0)]['ap50'] == rows[('ego', 300.0)]['ap50']
+    # trust and max fuse the same messages
+    assert rows[('trust', 300.0)]['bytes_per_agent_frame'] == rows[('max', 300.0)]['bytes_per_agent_frame']
     assert 'AP@0.7' in format_results(result)
+
+
+def test_fusion_benchmark_times_every_stage(setup):
+    det, ds, cache = setup
+    result = bench_fusion(ds, det, cache, FusionModel(CFG.model.feature_channels), frames=3, progress=False)
+    assert result['frames'] == 3 and result['collaborators'] >= 1
+    stages = result['median_ms']
+    assert all(stages[s] > 0 for s in STAGES)
+    assert stages['total'] >= max(stages[s] for s in STAGES if s != 'total')
 
 
 def test_trust_gate_calibration(setup):
