@@ -114,3 +114,20 @@ def test_unknown_method_and_missing_model():
         CooperativeConfig(method='magic')
     with pytest.raises(ValueError, match='trained fusion model'):
         CooperativeDetector(None, 1, CooperativeConfig(method='trust'))
+
+
+@pytest.mark.parametrize('footprint', [(5.0, 2.4), None])
+def test_a_collaborators_box_of_the_ego_vehicle_itself_is_dropped(detector, footprint):
+    coop = CooperativeDetector(detector, 1, CooperativeConfig(method='late', own_footprint_m=footprint))
+    coop.add_pose(1, 100 * MS, make_pose([10.0, 5.0, 1.8], yaw=0.5))
+    coop.add_ego_detections(100 * MS, detector.detect(scan(1)))
+    coop.add_pose(2, 100 * MS, make_pose([0.0, 0.0, 1.8]))
+    ego_in_2 = [10.3, 5.1, -1.0, 4.6, 1.9, 1.6, 0.5]       # the ego car, seen by agent 2
+    other = [30.0, 5.0, -1.0, 4.6, 1.9, 1.6, 0.0]
+    coop.add_input(2, 100 * MS, {'boxes': np.array([ego_in_2, other]), 'scores': np.array([0.9, 0.8]),
+                                 'labels': np.array([0, 0]), 'velocities': np.zeros((2, 2))})
+    out = coop.detect(100 * MS)
+    from_2 = out.boxes[(out.sources & (1 << 2)) > 0]
+    near_ego = np.hypot(from_2[:, 0], from_2[:, 1]) < 1.0
+    assert near_ego.sum() == (0 if footprint else 1)
+    assert (np.hypot(from_2[:, 0], from_2[:, 1]) > 15).sum() == 1   # the other car stays

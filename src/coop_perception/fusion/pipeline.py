@@ -43,6 +43,9 @@ class CooperativeConfig:
     # trust/gate: also decode each collaborator's ROIs in its own grid (fusion.roi_boxes) and
     # merge them, trust-weighted, with the boxes of the fused map
     roi_boxes: bool = True
+    # length, width (m) of the ego vehicle around its sensor: boxes centred inside are the ego
+    # itself as collaborators (or early fusion's points) see it; None keeps them
+    own_footprint_m: tuple[float, float] | None = (5.0, 2.4)
     history: int = 20                      # inputs kept per collaborator
     gate: dict | None = None               # ThresholdTrust settings for method 'gate' (calibrated)
 
@@ -193,13 +196,28 @@ class CooperativeDetector:
         ages = {a: (ego_stamp - s) / NS_PER_S for a, (s, _, _) in chosen.items()}
         method = self.cfg.method
         if method == 'ego' or not chosen:
-            return self._wrap(det, np.zeros(len(det.boxes)), np.full(len(det.boxes), 1 << self.ego_id),
-                              ego_stamp, ages)
-        if method == 'late':
-            return self._late(det, chosen, T_ego, ego_stamp, ages)
-        if method == 'early':
-            return self._early(det, ego_points, chosen, T_ego, ego_stamp, ages)
-        return self._intermediate(det, chosen, T_ego, ego_stamp, ages)
+            out = self._wrap(det, np.zeros(len(det.boxes)), np.full(len(det.boxes), 1 << self.ego_id),
+                             ego_stamp, ages)
+        elif method == 'late':
+            out = self._late(det, chosen, T_ego, ego_stamp, ages)
+        elif method == 'early':
+            out = self._early(det, ego_points, chosen, T_ego, ego_stamp, ages)
+        else:
+            out = self._intermediate(det, chosen, T_ego, ego_stamp, ages)
+        return self._without_own_vehicle(out)
+
+    def _without_own_vehicle(self, out: FusedDetections) -> FusedDetections:
+        """Collaborators see the ego's own vehicle; a box centred on its footprint is the ego."""
+        if self.cfg.own_footprint_m is None:
+            return out
+        half = np.asarray(self.cfg.own_footprint_m, np.float64) / 2
+        own = (np.abs(out.boxes[:, 0]) < half[0]) & (np.abs(out.boxes[:, 1]) < half[1])
+        if not own.any():
+            return out
+        keep = ~own
+        return replace(out, boxes=out.boxes[keep], scores=out.scores[keep], labels=out.labels[keep],
+                       velocities=out.velocities[keep], trust=np.asarray(out.trust)[keep],
+                       sources=np.asarray(out.sources)[keep])
 
     def _wrap(self, det, trust, sources, stamp, ages) -> FusedDetections:
         return FusedDetections(det.boxes, det.scores, det.labels, det.velocities, trust, sources, stamp, ages)
