@@ -193,6 +193,7 @@ def _truncated(scene_bag, path):
     ('unknown-types', 'unknown message types: none of /foo (foo_msgs/msg/Bar)'),
     ('unknown-topic', 'no topic(s) /nope in bag'),
     ('unplayed-wait', '--wait-topics /nope not played'),
+    ('unplayed-wait-count', '--wait-topics /nope not played'),
     ('missing', 'no such bag'),
 ])
 def test_bad_input_is_one_line_and_exit_2(scene_bag, tmp_path, capsys, case, reason):
@@ -209,6 +210,8 @@ def test_bad_input_is_one_line_and_exit_2(scene_bag, tmp_path, capsys, case, rea
         bag, args = scene_bag, ['--topics', '/nope']
     elif case == 'unplayed-wait':
         bag, args = scene_bag, ['--wait-topics', '/nope']
+    elif case == 'unplayed-wait-count':
+        bag, args = scene_bag, ['--wait-topics', bagmod.lidar_topic(0), '/nope:2']
     else:
         bag = tmp_path / 'nothing'
     assert bag_player.main([str(bag), *args]) == 2
@@ -216,6 +219,13 @@ def test_bad_input_is_one_line_and_exit_2(scene_bag, tmp_path, capsys, case, rea
     assert err.startswith(f'error: {bag}: ') and reason in err and err.count('\n') == 1
     assert cli.main(['play', str(bag), *args]) == 2
     assert capsys.readouterr().err == err
+
+
+@pytest.mark.parametrize('bad', ['/agent0/lidar:0', '/agent0/lidar:two'])
+def test_bad_wait_count_is_a_usage_error(scene_bag, capsys, bad):
+    with pytest.raises(SystemExit) as exit_:
+        bag_player.main([str(scene_bag), '--wait-topics', bad])
+    assert exit_.value.code == 2 and bad in capsys.readouterr().err
 
 
 def test_console_script_exit_code(env, tmp_path):

@@ -18,6 +18,15 @@ def _positive(kind):
     return parse
 
 
+def _non_negative(kind):
+    def parse(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f'must be >= 0, got {text}')
+        return value
+    return parse
+
+
 # ----------------------------------------------------------------------------- data commands
 def cmd_synth(args) -> int:
     from .data.synth import PRESETS, ScenarioConfig, generate
@@ -58,22 +67,12 @@ def cmd_plot(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .data.stats import format_summary, summarize
-    from .data.synth import PRESETS, ScenarioConfig, generate
-    from .data.v2xsim import DEFAULT_VERSION, V2XSimDataset
-    from .eval.bev_plot import plot_sample
+    # imported here: the demo's recorder imports rclpy, which no other command needs
+    from .ros.demo import DemoSettings, LiveRunSettings, format_report, run_demo
 
-    out = Path(args.out)
-    data = out / 'data'
-    preset = PRESETS['demo']
-    if not (data / DEFAULT_VERSION / 'scene.json').exists():
-        generate(data, preset['scenes'], ScenarioConfig(seed=preset['seed'], frames=preset['frames']),
-                 DEFAULT_VERSION)
-    ds = V2XSimDataset(data)
-    print(format_summary(summarize(ds)))
-    png = out / 'bev.png'
-    plot_sample(ds.sample(0, 0), png)
-    print(f'wrote {png}')
+    settings = DemoSettings(out=Path(args.out), latency_ms=args.latency_ms,
+                            live=LiveRunSettings(rate=args.rate, collaborator_nice=args.nice))
+    print(format_report(run_demo(settings)))
     return 0
 
 
@@ -175,17 +174,12 @@ def cmd_bench_detector(args) -> int:
 
 # ----------------------------------------------------------------------------- fusion commands
 def _feature_cache(args, model, ds):
-    from .fusion.cache import FeatureCache, build_cache
+    from .eval.fusion_eval import feature_cache
 
-    import hashlib
-
-    # keyed by the detector weights: a retrained detector never reads stale features
-    weights_id = hashlib.sha256(Path(args.weights).read_bytes()).hexdigest()[:16]
-    root = Path(args.cache or Path(args.data) / 'feature_cache') / weights_id
-    written = build_cache(ds, model, root)
+    cache, written = feature_cache(ds, model, args.weights, args.cache or Path(args.data) / 'feature_cache')
     if written:
-        print(f'cached {written} new agent views in {root}')
-    return FeatureCache(root, model.grid())
+        print(f'cached {written} new agent views in {cache.root}')
+    return cache
 
 
 def cmd_train_fusion(args) -> int:
@@ -202,10 +196,48 @@ def cmd_train_fusion(args) -> int:
     return 0
 
 
+def _fusion_models(args, methods) -> tuple:
+    """The trust fusion checkpoint and the calibrated gate that ``methods`` need (else None)."""
+    import yaml
+
+    from .fusion.model import FusionModel
+
+    fusion = gate = None
+    if {'trust', 'gate'} & set(methods):
+        if not Path(args.fusion).exists():
+            raise UserError(args.fusion, 'fusion checkpoint not found (train one with `train fusion`)')
+        fusion = FusionModel.load(args.fusion)
+    if 'gate' in methods:
+        if not Path(args.gate).exists():
+            raise UserError(args.gate, 'trust gate not found (make one with `calibrate trust`)')
+        gate = yaml.safe_load(Path(args.gate).read_text())
+    return fusion, gate
+
+
+def cmd_bench_fusion(args) -> int:
+    from .data.v2xsim import V2XSimDataset
+    from .eval.bench_fusion import STAGES, bench_fusion
+
+    model = _load_detector(args)
+    fusion, gate = _fusion_models(args, [args.method])
+    ds = V2XSimDataset(args.data, args.version)
+    cache = _feature_cache(args, model, ds)
+    result = bench_fusion(ds, model, cache, fusion, method=args.method, ego=args.ego, frames=args.frames, gate=gate)
+    print(f"{'stage':<16}{'median ms':>10}{'p90 ms':>10}")
+    for stage in STAGES:
+        if result['median_ms'][stage] is not None:
+            print(f"{stage:<16}{result['median_ms'][stage]:>10.1f}{result['p90_ms'][stage]:>10.1f}")
+    print(f"(method {args.method}, ego {args.ego} + {result['collaborators']:.1f} collaborators on average, "
+          f"{result['frames']} frames of {args.data}, {model.cfg.runtime.threads or 'all'} thread(s); "
+          'the detectors are not timed)')
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_eval_fusion(args) -> int:
     from .data.v2xsim import V2XSimDataset
     from .eval.fusion_eval import evaluate_fusion, format_results
-    from .fusion.model import FusionModel
     from .fusion.pipeline import METHODS
 
     methods = args.methods.split(',')
@@ -217,17 +249,7 @@ def cmd_eval_fusion(args) -> int:
     except ValueError:
         raise UserError('--delays', f'expected comma-separated milliseconds, got {args.delays!r}') from None
     model = _load_detector(args)
-    fusion = None
-    if {'trust', 'gate'} & set(methods):
-        if not Path(args.fusion).exists():
-            raise UserError(args.fusion, 'fusion checkpoint not found (train one with `train fusion`)')
-        fusion = FusionModel.load(args.fusion)
-    gate = None
-    if 'gate' in methods:
-        import yaml
-        if not Path(args.gate).exists():
-            raise UserError(args.gate, 'trust gate not found (make one with `calibrate trust`)')
-        gate = yaml.safe_load(Path(args.gate).read_text())
+    fusion, gate = _fusion_models(args, methods)
     ds = V2XSimDataset(args.data, args.version)
     cache = _feature_cache(args, model, ds)
     egos = [int(e) for e in args.egos.split(',')] if args.egos else None
@@ -254,6 +276,11 @@ def cmd_calibrate_trust(args) -> int:
     print(yaml.safe_dump({'gate': gate.to_dict(), 'calibration': summary}, sort_keys=False))
     print(f'wrote {args.out}')
     return 0
+
+
+def _fusion_model_args(p):
+    p.add_argument('--fusion', default=str(MODELS / 'fusion.pt'), help='trust fusion checkpoint')
+    p.add_argument('--gate', default=str(MODELS / 'trust_gate.yaml'), help="calibrated gate for method 'gate'")
 
 
 def _cache_arg(p):
@@ -331,6 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', help='also write the numbers as JSON here')
     p.set_defaults(func=cmd_bench_detector)
 
+    p = bench.add_parser('fusion', help='per-stage latency of fusing one ego frame with its collaborators')
+    p.add_argument('--data', required=True, help='dataset root (the test preset)')
+    _cache_arg(p)
+    p.add_argument('--method', default='trust', choices=('max', 'trust', 'gate'))
+    p.add_argument('--ego', type=int, default=1, help='ego agent')
+    p.add_argument('--frames', type=_positive(int), default=60, help='ego frames to time (median over them)')
+    _fusion_model_args(p)
+    p.add_argument('--json', help='also write the numbers as JSON here')
+    p.add_argument('--version', default=DEFAULT_VERSION)
+    _detector_args(p)
+    p.set_defaults(func=cmd_bench_fusion)
+
     train = sub.add_parser('train', help='train a model').add_subparsers(dest='target', required=True)
     p = train.add_parser('detector', help='train the LiDAR detector on every agent view (resumable)')
     p.add_argument('--data', required=True, help='training dataset root (the train preset)')
@@ -370,8 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0, help='channel seed')
     p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
     p.add_argument('--range', type=_positive(float), default=50.0, help='evaluate within this of the ego, m')
-    p.add_argument('--fusion', default=str(MODELS / 'fusion.pt'), help='trust fusion checkpoint')
-    p.add_argument('--gate', default=str(MODELS / 'trust_gate.yaml'), help="calibrated gate for method 'gate'")
+    _fusion_model_args(p)
     p.add_argument('--json', help='also write the results as JSON here')
     p.add_argument('--version', default=DEFAULT_VERSION)
     _detector_args(p)
@@ -388,8 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     _detector_args(p)
     p.set_defaults(func=cmd_calibrate_trust)
 
-    p = sub.add_parser('demo', help='the main job on built-in data (make demo)')
-    p.add_argument('--out', default='out/demo', help='output folder')
+    p = sub.add_parser('demo', help='the whole system live on a synthetic scene, vs offline evaluation (make demo)',
+                       description='Generate (or reuse) a 5-agent synthetic scene, record it as a bag, replay it '
+                                   'through real ROS processes, record and score the fused output against the '
+                                   'ground truth and against offline `eval fusion`, draw it.')
+    p.add_argument('--out', default='out/demo', help='output folder (default out/demo)')
+    p.add_argument('--rate', type=_positive(float), default=0.1,
+                   help='replay speed factor (default 0.1: on 2 shared cores every detector keeps up, so the '
+                        'live run sees the scans offline evaluation sees)')
+    p.add_argument('--latency-ms', type=_non_negative(float), default=200.0,
+                   help='mean V2X latency of the uniform channel, ms (default 200)')
+    p.add_argument('--nice', type=_non_negative(int), default=10,
+                   help="niceness added to the collaborators' detectors so that the ego's keeps its frames "
+                        '(default 10; 0: none)')
     p.set_defaults(func=cmd_demo)
     return parser
 

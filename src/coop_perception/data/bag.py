@@ -16,7 +16,8 @@ topic                      type                        content
                            MarkerArray
 =========================  ==========================  ====================================
 
-Every message is logged at its header stamp, so a player reproduces the capture timing. The
+Every message is logged at its header stamp, so a player reproduces the capture timing; an
+agent's odometry comes before its scan of the same stamp. The
 offered QoS recorded per topic is what a player should offer again: LiDAR best effort (as sensor
 drivers publish), ``/tf_static`` transient local, the rest reliable.
 """
@@ -121,8 +122,9 @@ def _resolve_scene(dataset, scene) -> int:
     return index
 
 
-class _BagWriter:
-    """rosbags Writer plus lazily added connections and CDR serialisation."""
+class BagWriter:
+    """A new rosbag2 bag: rosbags Writer plus lazily added connections and CDR serialisation.
+    A context manager; leaving it on an exception aborts the bag."""
 
     def __init__(self, path: Path, storage: str):
         self.typestore = get_typestore(TYPESTORE)
@@ -130,13 +132,20 @@ class _BagWriter:
         self.writer = Writer(path, version=BAG_VERSION, storage_plugin=STORAGES[storage])
         self.connections = {}
 
-    def __enter__(self):
+    def open(self) -> 'BagWriter':
         self.writer.open()
         return self
 
+    def close(self) -> None:
+        """Finish the bag (metadata.yaml, MCAP summary)."""
+        self.writer.close()
+
+    def __enter__(self):
+        return self.open()
+
     def __exit__(self, exc_type, *_):
         if exc_type is None:
-            self.writer.close()
+            self.close()
         else:
             self.writer.abort()
 
@@ -147,8 +156,11 @@ class _BagWriter:
         return self.connections[topic]
 
     def write(self, topic: str, msgtype: str, qos: Qos, t_ns: int, msg) -> None:
-        self.writer.write(self.connect(topic, msgtype, qos), t_ns,
-                          self.typestore.serialize_cdr(msg, msgtype))
+        self.write_raw(topic, msgtype, qos, t_ns, self.typestore.serialize_cdr(msg, msgtype))
+
+    def write_raw(self, topic: str, msgtype: str, qos: Qos, t_ns: int, data: bytes) -> None:
+        """Log ``data`` (the CDR bytes of a ``msgtype`` message, as DDS delivers them) at ``t_ns``."""
+        self.writer.write(self.connect(topic, msgtype, qos), t_ns, data)
 
 
 def write_scene_bag(dataset, scene, out, *, storage: str = 'mcap', progress: bool = False) -> dict:
@@ -169,7 +181,7 @@ def write_scene_bag(dataset, scene, out, *, storage: str = 'mcap', progress: boo
     static: dict[int, np.ndarray] = {}
     agents: set[int] = set()
     try:
-        with _BagWriter(out, storage) as bag:
+        with BagWriter(out, storage) as bag:
             bag.writer.set_custom_data('coop_perception.scene', info.name)
             msgs = bag.msgs
             for frame in tqdm(range(n_frames), desc=f'{info.name} -> {out.name}', unit='frame',
@@ -183,13 +195,15 @@ def write_scene_bag(dataset, scene, out, *, storage: str = 'mcap', progress: boo
                     agents.add(k)
                     points = np.asarray(a.load_points(), dtype=np.float32)
                     dtype = np.dtype([(n, LIDAR_DTYPE[n]) for n in LIDAR_DTYPE.names[:points.shape[1]]])
-                    pending.append((t_ns, lidar_topic(k), POINTCLOUD2, SENSOR_QOS, cv.points_to_cloud(
-                        points, dtype, cv.make_header(msgs, t_ns, lidar_frame(k)), msgs)))
+                    # The pose of a scan is logged (so played) before the scan: a detector that
+                    # takes the scan at once has the pose it tracks its detections with.
                     pending.append((t_ns, odom_topic(k), ODOMETRY, RELIABLE_QOS, cv.pose_to_odometry(
                         a.T_world_sensor, cv.make_header(msgs, t_ns, MAP_FRAME), lidar_frame(k), msgs)))
                     pending.append((t_ns, TF_TOPIC, TFMESSAGE, TF_QOS, msgs(TFMESSAGE, transforms=[
                         cv.pose_to_transform(a.T_world_ego, cv.make_header(msgs, t_ns, MAP_FRAME),
                                              base_frame(k), msgs)])))
+                    pending.append((t_ns, lidar_topic(k), POINTCLOUD2, SENSOR_QOS, cv.points_to_cloud(
+                        points, dtype, cv.make_header(msgs, t_ns, lidar_frame(k)), msgs)))
                     if k not in static or not np.array_equal(static[k], a.T_ego_sensor):
                         static[k] = np.asarray(a.T_ego_sensor, dtype=np.float64)
                         new_static = True
@@ -296,6 +310,11 @@ class BagReader:
     @property
     def start_ns(self) -> int:
         return self._reader.start_time
+
+    @property
+    def duration_ns(self) -> int:
+        """Log time from the first message to the last."""
+        return self._reader.duration
 
     @property
     def custom_data(self) -> dict:

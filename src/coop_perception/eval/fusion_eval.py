@@ -8,8 +8,10 @@ returns on, at the ego's capture time, in the ego frame, within `max_range` of t
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -17,7 +19,7 @@ from tqdm import tqdm
 from ..data.channel import channel_for_mean_latency
 from ..data.objects import OBJECT_DTYPE
 from ..data.synth import RSU_AGENT
-from ..fusion.cache import FeatureCache
+from ..fusion.cache import FeatureCache, build_cache
 from ..fusion.codec import ROI_SCORE_THRESHOLD, encode
 from ..fusion.pipeline import CooperativeConfig, CooperativeDetector, Sender, collaborator_message
 from ..fusion.train import cooperative_targets
@@ -41,6 +43,16 @@ def _payload(method: str, view, agent, points_fn, roi_policy):
         return boxes, int(keep.sum()) * OBJECT_DTYPE.itemsize
     pts = points_fn()
     return pts, len(pts) * RAW_POINT_BYTES
+
+
+def feature_cache(dataset, detector, weights, root, progress: bool = True) -> tuple[FeatureCache, int]:
+    """The cached detector output of every agent view of ``dataset``, in ``root/<weights id>``:
+    keyed by the checkpoint file ``weights``, so a retrained detector never reads stale features.
+    Views not cached yet are computed now. -> (cache, views written now)."""
+    weights_id = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+    folder = Path(root) / weights_id
+    written = build_cache(dataset, detector, folder, progress=progress)
+    return FeatureCache(folder, detector.grid()), written
 
 
 def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, methods, delays_ms, *,

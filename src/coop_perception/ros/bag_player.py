@@ -46,6 +46,18 @@ def _positive(text: str) -> float:
     return value
 
 
+def _wait_topic(text: str) -> tuple[str, int]:
+    """``TOPIC`` or ``TOPIC:N`` (a colon cannot occur in a ROS topic name) -> (topic, N >= 1)."""
+    topic, _, count = text.partition(':')
+    try:
+        n = int(count) if count else 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected TOPIC or TOPIC:N, got {text}') from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f'the subscriber count must be >= 1, got {text}')
+    return topic, n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('bag', help='rosbag2 bag directory (or a single .mcap / .db3 file)')
     p.add_argument('--rate', type=_positive, default=1.0, help='playback speed factor (default 1)')
@@ -59,8 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='wait before the first message, after discovery')
     p.add_argument('--wait-for-subscribers', type=_non_negative, default=0.0, metavar='SECONDS',
                    help='first wait up to SECONDS until every played topic has a subscriber')
-    p.add_argument('--wait-topics', nargs='+', metavar='TOPIC',
-                   help='with --wait-for-subscribers: wait for subscribers of these topics only')
+    p.add_argument('--wait-topics', nargs='+', metavar='TOPIC[:N]', type=_wait_topic,
+                   help='with --wait-for-subscribers: wait for subscribers of these topics only, '
+                        'for at least N of them where given (default 1)')
     p.add_argument('--reliable', action='store_true',
                    help='offer reliable delivery on every topic instead of the recorded reliability, '
                         'so that subscribers asking for reliable (e.g. RViz by default) match the '
@@ -126,13 +139,14 @@ class BagPlayer:
         self.clock_period = 1.0 / clock_hz if clock_hz > 0 else None
         self.stats = PlayStats(counts={t: 0 for t in topics})
 
-    def wait_for_subscribers(self, timeout_s: float, topics: list[str] | None = None) -> list[str]:
-        """Block until every topic (of ``topics``, default all) has a subscriber or the timeout
-        passes; returns those without."""
+    def wait_for_subscribers(self, timeout_s: float, topics: dict[str, int] | None = None) -> list[str]:
+        """Block until every topic of ``topics`` (topic -> subscribers wanted; default: every
+        played topic, one each) has that many subscribers or the timeout passes; returns those
+        short of it."""
         deadline = time.monotonic() + timeout_s
-        watched = {t: self.publishers[t] for t in (topics or self.publishers)}
+        wanted = topics or dict.fromkeys(self.publishers, 1)
         while True:
-            lonely = [t for t, p in watched.items() if p.get_subscription_count() == 0]
+            lonely = [t for t, n in wanted.items() if self.publishers[t].get_subscription_count() < n]
             if not lonely or time.monotonic() >= deadline:
                 return lonely
             time.sleep(0.02)
@@ -234,7 +248,8 @@ def _run(args, ros_args: list[str] | None) -> int:
     factory = RclpyMessages()
     with BagReader(args.bag) as bag:
         topics, skipped = select_topics(bag, args.topics, factory.has)
-        unplayed = sorted(set(args.wait_topics or ()) - set(topics))
+        wait_topics = dict(args.wait_topics or ())
+        unplayed = sorted(set(wait_topics) - set(topics))
         if unplayed:
             raise UserError(bag.path, f'--wait-topics {", ".join(unplayed)} not played '
                                       f'(playing: {", ".join(topics)})')
@@ -247,9 +262,9 @@ def _run(args, ros_args: list[str] | None) -> int:
             player = BagPlayer(node, bag, topics, rate=args.rate, start_offset_s=args.start_offset,
                                clock_hz=args.clock_hz, reliable=args.reliable)
             if args.wait_for_subscribers > 0:
-                lonely = player.wait_for_subscribers(args.wait_for_subscribers, args.wait_topics)
+                lonely = player.wait_for_subscribers(args.wait_for_subscribers, wait_topics)
                 if lonely:
-                    log.warning(f'no subscriber after {args.wait_for_subscribers:g} s on: {", ".join(lonely)}')
+                    log.warning(f'too few subscribers after {args.wait_for_subscribers:g} s on: {", ".join(lonely)}')
             time.sleep(args.delay)
             try:
                 player.play_once()

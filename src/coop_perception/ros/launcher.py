@@ -82,9 +82,11 @@ def node_specs(num_agents: int = DEFAULT_AGENTS, ego: int = DEFAULT_EGO, use_sim
 
 
 def player_spec(bag, num_agents: int = DEFAULT_AGENTS, rate: float = 1.0, loop: bool = False,
-                wait_s: float = PLAYER_WAIT_S) -> NodeSpec:
-    """bag_player, waiting until the nodes subscribe every agent's lidar and odometry."""
+                wait_s: float = PLAYER_WAIT_S, subscribers: dict[str, int] | None = None) -> NodeSpec:
+    """bag_player, waiting until the nodes subscribe every agent's lidar and odometry (with
+    ``subscribers``: until a topic has that many subscribers)."""
     topics = [t for k in range(num_agents) for t in (lidar_topic(k), odom_topic(k))]
+    topics = [f'{t}:{subscribers[t]}' if t in (subscribers or {}) else t for t in topics]
     arguments = (str(bag), '--rate', str(rate), *(('--loop',) if loop else ()),
                  '--wait-for-subscribers', str(wait_s), '--wait-topics', *topics)
     return NodeSpec('bag_player', 'bag_player', arguments=arguments, uses_config=False)

@@ -1,0 +1,164 @@
+"""One live replay of a scene bag through the whole runtime, recorded.
+
+Starts what ``coop-perception launch --bag BAG`` starts (a lidar_detector per agent, the ego's
+v2x_channel and trust_fusion, the bag player) as separate processes, the player once every node
+is ready; records the outputs with a :class:`~coop_perception.ros.recorder.BagRecorder`, and
+stops everything once the replay is over and the pipeline has drained.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from coop_perception.data.bag import BagReader, lidar_topic, odom_topic
+from coop_perception.errors import UserError
+from coop_perception.ros.launcher import PLAYER_WAIT_S, Launch, node_specs, player_spec
+from coop_perception.ros.recorder import BagRecorder
+
+POINTCLOUD2 = 'sensor_msgs/msg/PointCloud2'
+MARKER_ARRAY = 'visualization_msgs/msg/MarkerArray'
+STRING = 'std_msgs/msg/String'
+FUSED_TOPIC = '/coop/objects'
+FUSED_MARKERS_TOPIC = '/coop/detections'
+FUSION_STATUS_TOPIC = '/coop/status'
+
+
+def local_objects_topic(agent: int) -> str:
+    return f'/agent{agent}/coop/objects'
+
+
+def detector_status_topic(agent: int) -> str:
+    return f'/agent{agent}/coop/detector_status'
+
+
+def channel_status_topic(ego: int) -> str:
+    return f'/agent{ego}/v2x/status'
+
+
+@dataclass(frozen=True)
+class LiveRunSettings:
+    agents: int = 5
+    ego: int = 1
+    rate: float = 0.1                   # bag time per wall time
+    collaborator_nice: int = 10         # niceness added to every detector but the ego's; 0: none
+    # After the player ends: stop once no fused output came for this long (wall s; longer than
+    # the status period, so the last /coop/status counts every frame), at most drain_max_s.
+    drain_idle_s: float = 3.0
+    drain_max_s: float = 60.0
+    start_timeout_s: float = PLAYER_WAIT_S
+
+
+def recorded_topics(agents: int, ego: int) -> dict[str, str]:
+    """What a live run records: fused output, the ego's own detections and every status topic."""
+    topics = {FUSED_TOPIC: POINTCLOUD2, FUSED_MARKERS_TOPIC: MARKER_ARRAY, FUSION_STATUS_TOPIC: STRING,
+              local_objects_topic(ego): POINTCLOUD2, channel_status_topic(ego): STRING}
+    topics.update({detector_status_topic(k): STRING for k in range(agents)})
+    return topics
+
+
+def _renice(pid: int, increment: int) -> None:
+    """Lower the priority of every thread of ``pid`` (Linux niceness is per thread; threads
+    started later inherit it from the main thread)."""
+    tasks = Path(f'/proc/{pid}/task')
+    for tid in ([int(t.name) for t in tasks.iterdir()] if tasks.exists() else [pid]):
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + increment, 19))
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _ego_scans_and_duration(bag: Path, ego: int) -> tuple[int, float]:
+    """(scans of the ego in ``bag``, bag duration in s)."""
+    with BagReader(bag) as reader:
+        if lidar_topic(ego) not in reader.topics:
+            raise UserError(bag, f'has no {lidar_topic(ego)}: agent {ego} cannot be the ego')
+        return reader.topics[lidar_topic(ego)].count, reader.duration_ns * 1e-9
+
+
+def _check_alive(launch: Launch, log_dir: Path) -> dict:
+    """label -> exit code (None: running) of ``launch``'s processes; UserError if one failed."""
+    codes = launch.poll()
+    dead = {label: code for label, code in codes.items() if code not in (None, 0)}
+    if dead:
+        raise UserError(log_dir, f'node(s) exited early with codes {dead}; see their logs')
+    return codes
+
+
+def run_live(bag, params: Path, out: Path, settings: LiveRunSettings, *, env: dict | None = None,
+             progress: bool = True) -> dict:
+    """Replay ``bag`` through every node with parameter file ``params``; record into
+    ``out/record`` (replaced if there) with node logs in ``out/logs``. Returns a summary: the
+    recorded bag, messages per recorded topic, node exit codes, the player's statistics and wall
+    times (s) of start-up (until every node reported its status) and of replay and drain.
+
+    The player starts once every node has published its status, i.e. has loaded its models and
+    spins: it only waits for subscribers of the bag's topics, which the ego's detector alone
+    satisfies for the ego's odometry, so a late fusion node would miss the first frames."""
+    bag, out = Path(bag), Path(out)
+    logs = out / 'logs'
+    ego_scans, duration_s = _ego_scans_and_duration(bag, settings.ego)
+    record = out / 'record'
+    shutil.rmtree(record, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    player_stats = out / 'player_stats.json'
+    player_stats.unlink(missing_ok=True)
+    # Odometry is best effort and not kept for late joiners: the player waits for both readers of
+    # each agent's (its detector and the ego's trust_fusion or v2x_channel), else a reader that
+    # discovers the player late misses the first poses and the fusion skips those frames.
+    readers = {odom_topic(k): 2 for k in range(settings.agents)}
+    player = player_spec(bag, settings.agents, rate=settings.rate, wait_s=settings.start_timeout_s,
+                         subscribers=readers)
+    player = replace(player, arguments=player.arguments + ('--stats-json', str(player_stats)))
+    env = dict(os.environ if env is None else env)
+    domain = env.get('ROS_DOMAIN_ID')
+    topics = recorded_topics(settings.agents, settings.ego)
+    statuses = [t for t, msgtype in topics.items() if msgtype == STRING]
+    recorder = BagRecorder(record, topics, domain_id=int(domain) if domain else None)
+    t0 = time.monotonic()
+    with recorder, Launch(node_specs(settings.agents, settings.ego), params, env=env, log_dir=logs) as nodes:
+        if settings.collaborator_nice:
+            for k in range(settings.agents):
+                if k != settings.ego:
+                    _renice(nodes.processes[f'agent{k}/lidar_detector'].pid, settings.collaborator_nice)
+        while not all(recorder.counts[t] for t in statuses):
+            _check_alive(nodes, logs)
+            if time.monotonic() - t0 > settings.start_timeout_s:
+                silent = [t for t in statuses if not recorder.counts[t]]
+                raise UserError(logs, f'no status on {", ".join(silent)} after {settings.start_timeout_s:g} s; '
+                                      'see the logs')
+            time.sleep(0.2)
+        t_ready = time.monotonic()
+        deadline = t_ready + settings.start_timeout_s + duration_s / settings.rate + settings.drain_max_s
+        bar = tqdm(total=ego_scans, desc='fused ego frames', unit='frame', disable=not progress)
+        with Launch([player], None, env=env, log_dir=logs) as replay:
+            last_count, last_change, player_done = 0, time.monotonic(), None
+            while True:
+                time.sleep(0.2)
+                now = time.monotonic()
+                _check_alive(nodes, logs)
+                codes = _check_alive(replay, logs)
+                count = recorder.counts[FUSED_TOPIC]
+                if count != last_count:
+                    bar.update(count - last_count)
+                    last_count, last_change = count, now
+                if player_done is None and codes['bag_player'] is not None:
+                    player_done = now
+                if player_done is not None and (now - max(last_change, player_done) >= settings.drain_idle_s
+                                                or now - player_done >= settings.drain_max_s):
+                    break
+                if now > deadline:
+                    raise UserError(logs, f'the replay did not finish in {deadline - t_ready:.0f} s; see the logs')
+            bar.close()
+            codes = {**nodes.stop(), **replay.stop()}
+    end = time.monotonic()
+    stats = json.loads(player_stats.read_text()) if player_stats.exists() else None
+    return {'record': str(record), 'recorded_messages': dict(recorder.counts), 'exit_codes': codes,
+            'ego_scans_in_bag': ego_scans, 'player': stats,
+            'wall_s': {'startup': round(t_ready - t0, 2), 'replay_and_drain': round(end - t_ready, 2),
+                       'total': round(end - t0, 2)}}
