@@ -131,3 +131,24 @@ def test_a_collaborators_box_of_the_ego_vehicle_itself_is_dropped(detector, foot
     near_ego = np.hypot(from_2[:, 0], from_2[:, 1]) < 1.0
     assert near_ego.sum() == (0 if footprint else 1)
     assert (np.hypot(from_2[:, 0], from_2[:, 1]) > 15).sum() == 1   # the other car stays
+
+
+@pytest.mark.parametrize('method', ['ego', 'trust'])
+def test_an_ego_map_without_boxes_fuses_like_the_ego_detections(detector, method):
+    det = detector.detect(scan(1))
+    fusion = FusionModel(CFG.model.feature_channels) if method == 'trust' else None
+    outs = []
+    for as_map in (False, True):
+        coop = CooperativeDetector(detector, 1, CooperativeConfig(method=method, max_age_s=0.5), fusion)
+        coop.add_pose(1, 100 * MS, make_pose([0, 0, 1.8]))
+        coop.add_pose(2, 80 * MS, make_pose([5, 0, 1.8], yaw=0.1))
+        coop.add_input(2, 80 * MS, collaborator_message(detector.detect(scan(2, shift=-5.0)), 2, 80 * MS,
+                                                        {'score_threshold': 0.02}))
+        if as_map:
+            coop.add_ego_map(100 * MS, det.features, det.sensor_height)
+        else:
+            coop.add_ego_detections(100 * MS, detector.detect_from_features(det.features, det.sensor_height,
+                                                                            mc_passes=0))
+        outs.append(coop.detect(100 * MS))
+    assert len(outs[0].boxes) > 0
+    assert np.allclose(outs[0].boxes, outs[1].boxes) and np.allclose(outs[0].scores, outs[1].scores)

@@ -7,8 +7,9 @@ field, ``sensor_height``, repeated on every cell like the codec's per-ROI values
 ignore the extra field. Features are int8 per cell, the same quantisation the offline feature
 cache applies to the ego map, so the live fusion sees what offline evaluation sees.
 
-The receiver rebuilds a :class:`Detections` by running the detector's head on the map: boxes for
-frames without collaborators, and the features and grid the fusion combines.
+The receiver rebuilds the feature map (``decode_ego_features``), which the fusion combines and
+whose boxes the detector's head gives when no collaborator contributes; ``decode_ego_map`` runs
+the head at once.
 """
 from __future__ import annotations
 
@@ -49,11 +50,27 @@ def decode_ego_map(fields: Sequence, data, point_step: int, *, width: int, detec
                    is_bigendian: bool = False):
     """A received ``coop/bev`` cloud -> Detections of ``detector`` (head run on the map, no MC
     passes: the fusion uses no ego uncertainty). Raises FeatureMessageError like codec.decode."""
+    features, sensor_height = decode_ego_features(
+        fields, data, point_step, width=width, grid=detector.grid(), channels=detector.cfg.model.feature_channels,
+        agent_id=agent_id, stamp_ns=stamp_ns, height=height, row_step=row_step, is_bigendian=is_bigendian)
+    if features is None:
+        return empty_ego_detections(detector)
+    return detector.detect_from_features(features, sensor_height, mc_passes=0)
+
+
+def empty_ego_detections(detector):
+    """What the detector returns for a scan without voxels, for an ego map without cells."""
     from coop_perception.detection.decode import empty_detections
     from coop_perception.detection.voxelize import VoxelStats
+    h = detector.cfg.voxel.default_sensor_height
+    return empty_detections(detector.cfg, detector.grid(), h, VoxelStats(), {}, 'empty ego map')
 
-    grid = detector.grid()
-    channels = detector.cfg.model.feature_channels
+
+def decode_ego_features(fields: Sequence, data, point_step: int, *, width: int, grid, channels: int,
+                        agent_id: Hashable, stamp_ns: int, height: int = 1, row_step: int | None = None,
+                        is_bigendian: bool = False) -> tuple[np.ndarray | None, float]:
+    """A received ``coop/bev`` cloud -> (features (C, H, W) float32 in ``grid``, or None for a map
+    without cells; sensor height, m). Raises FeatureMessageError like codec.decode."""
     row_step = width * point_step if row_step is None else row_step
     msg = decode(fields, data, point_step, width=width, grid=grid, channels=channels,
                  agent_id=agent_id, stamp_ns=stamp_ns, height=height, row_step=row_step,
@@ -68,12 +85,11 @@ def decode_ego_map(fields: Sequence, data, point_step: int, *, width: int, detec
     heights = np.asarray(heights, np.float64).reshape(-1)
     if not np.isfinite(heights).all():
         raise FeatureMessageError(FeatureMessageError.NON_FINITE, 'sensor_height holds NaN or infinite values')
-    if msg.num_cells == 0:  # what the detector returns for a scan without voxels
-        h = detector.cfg.voxel.default_sensor_height
-        return empty_detections(detector.cfg, grid, h, VoxelStats(), {}, 'empty ego map')
+    if msg.num_cells == 0:
+        return None, float('nan')
     H, W = grid.shape
     cols = np.floor((msg.cells[:, 0] - grid.origin[0]) / grid.cell_size).astype(np.int64)
     rows = np.floor((msg.cells[:, 1] - grid.origin[1]) / grid.cell_size).astype(np.int64)
     features = np.zeros((channels, H, W), np.float32)
     features[:, rows, cols] = msg.dequantised().T
-    return detector.detect_from_features(features, float(heights[0]), mc_passes=0)
+    return features, float(heights[0])

@@ -143,6 +143,17 @@ class CooperativeDetector:
         for old in sorted(self._ego)[:-self.cfg.history]:
             del self._ego[old]
 
+    def add_ego_map(self, stamp_ns: int, features: np.ndarray, sensor_height: float) -> None:
+        """The ego's BEV features (C, H, W) of the frame captured at stamp_ns, without boxes (e.g.
+        from its detector node): the head runs on them only when no collaborator contributes;
+        otherwise it runs once, on the fused map."""
+        self.add_ego_detections(stamp_ns, _EgoMap(features, self.detector.grid(), float(sensor_height)))
+
+    def _ego_boxes(self, entry) -> Detections:
+        if isinstance(entry, _EgoMap):
+            return self.detector.detect_from_features(entry.features, entry.sensor_height, mc_passes=0)
+        return entry
+
     def add_input(self, agent, stamp_ns: int, item) -> None:
         """A collaborator's FeatureMessage, box list (dict with boxes, scores, labels, velocities)
         or raw points (N, 3+), captured at stamp_ns."""
@@ -196,12 +207,13 @@ class CooperativeDetector:
         ages = {a: (ego_stamp - s) / NS_PER_S for a, (s, _, _) in chosen.items()}
         method = self.cfg.method
         if method == 'ego' or not chosen:
+            det = self._ego_boxes(det)
             out = self._wrap(det, np.zeros(len(det.boxes)), np.full(len(det.boxes), 1 << self.ego_id),
                              ego_stamp, ages)
         elif method == 'late':
-            out = self._late(det, chosen, T_ego, ego_stamp, ages)
+            out = self._late(self._ego_boxes(det), chosen, T_ego, ego_stamp, ages)
         elif method == 'early':
-            out = self._early(det, ego_points, chosen, T_ego, ego_stamp, ages)
+            out = self._early(self._ego_boxes(det), ego_points, chosen, T_ego, ego_stamp, ages)
         else:
             out = self._intermediate(det, chosen, T_ego, ego_stamp, ages)
         return self._without_own_vehicle(out)
@@ -306,6 +318,14 @@ class CooperativeDetector:
     def _roi_trust(self, attributes: np.ndarray) -> np.ndarray:
         """(n, 6) ROI attributes -> (n,) trust of the method's modulus."""
         return (self.gate if self.cfg.method == 'gate' else self.fusion.trust).trust(attributes)
+
+
+@dataclass
+class _EgoMap:
+    """The ego's features of one frame whose boxes are not decoded yet (``add_ego_map``)."""
+    features: np.ndarray      # (C, H, W) float32
+    grid: object              # detection.decode.BevGrid
+    sensor_height: float      # m
 
 
 class _StageClock:

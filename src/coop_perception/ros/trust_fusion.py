@@ -32,7 +32,7 @@ from coop_perception.data.bag import agent_from_frame
 from coop_perception.data.labels import CLASSES
 from coop_perception.errors import UserError
 from coop_perception.fusion.codec import FeatureMessageError, decode
-from coop_perception.fusion.ego_map import decode_ego_map
+from coop_perception.fusion.ego_map import decode_ego_features, empty_ego_detections
 from coop_perception.fusion.model import FusionModel
 from coop_perception.fusion.pipeline import CooperativeConfig, CooperativeDetector
 from coop_perception.fusion.pose_buffer import PoseBufferConfig
@@ -248,12 +248,16 @@ class TrustFusionNode(Node):
         if not self._ego_stamp_ok(stamp, 'map'):
             return
         try:
-            det = decode_ego_map(**cv.cloud_layout(msg), detector=self.detector, agent_id=self.ego, stamp_ns=stamp)
+            features, sensor_height = decode_ego_features(**cv.cloud_layout(msg), grid=self.grid,
+                                                          channels=self.channels, agent_id=self.ego, stamp_ns=stamp)
         except FeatureMessageError as e:
             self.guard.reject(f'bad_ego_map:{e.reason}', str(e))
             return
         self.frames += 1
-        self.coop.add_ego_detections(stamp, det)
+        if features is None:   # a scan without voxels: nothing of the ego's own
+            self.coop.add_ego_detections(stamp, empty_ego_detections(self.detector))
+        else:
+            self.coop.add_ego_map(stamp, features, sensor_height)
         if self.waiting is not None:
             self.guard.reject('no_ego_pose', f'no ego odometry at or after {self.waiting[0]} ns came before the '
                                              'next map; that frame is skipped')
