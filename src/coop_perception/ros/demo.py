@@ -240,8 +240,8 @@ def format_report(r: dict) -> str:
     method = st['method']
     lines = [
         f"{r['scene']}: {r['agents']} agents (agent 0 = RSU), ego = agent {r['ego']}, {r['ego_frames']} ego frames",
-        f"live run: replay rate {st['rate']:g} (bag time runs at {st['rate']:g}x wall time so that every detector "
-        f"keeps up on 2 shared cores),",
+        f"live run: replay rate {st['rate']:g} (bag time runs at {st['rate']:g}x wall time"
+        + (', so that every detector keeps up on 2 shared cores),' if st['rate'] < 1 else '),'),
         f"  collaborators' detectors at nice +{st['collaborator_nice']} (the ego's pipeline comes first), "
         f"MC-dropout passes {st['mc_passes']} (the detector config's),",
         f"  V2X channel {st['channel']} {st['mean_latency_ms']:g} ms mean (seed {st['channel_seed']}), fusion "
