@@ -58,6 +58,7 @@ POINTCLOUD2 = 'sensor_msgs/msg/PointCloud2'
 ODOMETRY = 'nav_msgs/msg/Odometry'
 TFMESSAGE = 'tf2_msgs/msg/TFMessage'
 MARKER_ARRAY = 'visualization_msgs/msg/MarkerArray'
+STRING = 'std_msgs/msg/String'
 
 # (N, 5) float32 scans from the dataset readers map onto these fields in order.
 LIDAR_DTYPE = np.dtype([('x', '<f4'), ('y', '<f4'), ('z', '<f4'), ('intensity', '<f4'),

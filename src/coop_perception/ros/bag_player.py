@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from coop_perception.data.bag import BagReader
-from coop_perception.errors import UserError
+from coop_perception.errors import UserError, exit_code
 from coop_perception.ros.env import FASTDDS_PROFILES_ENV, use_large_shm_segment, use_local_discovery
 
 NODE_NAME = 'bag_player'
@@ -294,13 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=NODE_NAME, description=__doc__.split('\n\n')[0])
     add_arguments(parser)
     args = parser.parse_args(argv[:split])
-    try:
-        return run(args, ros_args=[NODE_NAME] + argv[split:])
-    except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 0
+    return exit_code(lambda: run(args, ros_args=[NODE_NAME] + argv[split:]), interrupted=0)
 
 
 if __name__ == '__main__':

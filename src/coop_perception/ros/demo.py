@@ -29,8 +29,8 @@ from coop_perception.data.v2xsim import DEFAULT_VERSION, V2XSimDataset
 from coop_perception.errors import UserError
 from coop_perception.eval import live_eval
 from coop_perception.eval.fusion_eval import HEADLINE_CLASS
-from coop_perception.ros.live_run import (FUSED_TOPIC, FUSION_STATUS_TOPIC, LiveRunSettings, channel_status_topic,
-                                          detector_status_topic, local_objects_topic, run_live)
+from coop_perception.ros import topics as T
+from coop_perception.ros.live_run import LiveRunSettings, run_live
 from coop_perception.ros.paths import package_path
 
 STEPS = 6
@@ -120,10 +120,11 @@ def _score_live(run: dict, ds, s: DemoSettings) -> tuple[list, dict]:
     """The recorded run (``run_live``'s summary) scored: (live_eval.ReplayFrame per ego frame, the
     'live' part of demo.json)."""
     record, ego = run['record'], s.live.ego
-    frames, stray = live_eval.replay_frames(record, ds, SCENE, ego, FUSED_TOPIC, local_objects_topic(ego))
+    frames, stray = live_eval.replay_frames(record, ds, SCENE, ego, T.FUSED_OBJECTS,
+                                               T.agent_topic(ego, T.LOCAL_OBJECTS))
     scores = {w: live_eval.score(frames, w, CLASSES, s.max_range_m) for w in ('ego_only', 'fused')}
-    status = live_eval.last_json(record, FUSION_STATUS_TOPIC) or {}
-    detectors = {k: live_eval.last_json(record, detector_status_topic(k)) or {} for k in range(s.live.agents)}
+    status = live_eval.last_json(record, T.FUSION_STATUS) or {}
+    detectors = {k: live_eval.last_json(record, T.agent_topic(k, T.DETECTOR_STATUS)) or {} for k in range(s.live.agents)}
     latency = live_eval.latency_summary(frames, 'fused')
     return frames, {
         **scores, 'fused_fraction': scores['fused']['frames_with_output'] / max(len(frames), 1),
@@ -140,7 +141,7 @@ def _score_live(run: dict, ds, s: DemoSettings) -> tuple[list, dict]:
                    for fr in frames],
         'detectors': {str(k): {'scans': d.get('scans'), 'detect_ms': (d.get('detect_ms') or {}).get('p50')}
                       for k, d in detectors.items()},
-        'fusion_status': status, 'channel_status': live_eval.last_json(record, channel_status_topic(ego)),
+        'fusion_status': status, 'channel_status': live_eval.last_json(record, T.agent_topic(ego, T.V2X_STATUS)),
         'run': run}
 
 

@@ -21,15 +21,16 @@ import time
 
 from rclpy.node import Node
 
+from coop_perception.data.bag import MARKER_ARRAY, ODOMETRY, POINTCLOUD2
 from coop_perception.data.objects import make_objects
 from coop_perception.fusion import codec
 from coop_perception.fusion.ego_map import encode_ego_map
 from coop_perception.fusion.pipeline import Sender, collaborator_message
 from coop_perception.fusion.pose_buffer import PoseBuffer, PoseLookupError
 from coop_perception.ros import convert as cv
-from coop_perception.ros.node import (LATEST_QOS, MARKER_ARRAY, ODOM_QOS, ODOMETRY, POINTCLOUD2, RELIABLE_QOS,
-                                      SCAN_QOS, InputGuard,
-                                      Param, Window, agent_id, ahead_of_clock_ns, declare_parameters, load_detector,
+from coop_perception.ros import topics
+from coop_perception.ros.node import (LATEST_QOS, ODOM_QOS, RELIABLE_QOS, SCAN_QOS, InputGuard, Param, Window,
+                                      agent_id, ahead_of_clock_ns, declare_parameters, load_detector,
                                       status_publisher)
 from coop_perception.ros.node import main as node_main
 
@@ -90,14 +91,15 @@ class LidarDetectorNode(Node):
         self.poses = PoseBuffer()
 
         cloud = self.msgs.get_class(POINTCLOUD2)
-        self.pub_features = self.create_publisher(cloud, 'coop/features', RELIABLE_QOS)
-        self.pub_objects = self.create_publisher(cloud, 'coop/objects', RELIABLE_QOS)
-        self.pub_markers = self.create_publisher(self.msgs.get_class(MARKER_ARRAY), 'coop/detections', RELIABLE_QOS)
-        self.pub_bev = self.create_publisher(cloud, 'coop/bev', LATEST_QOS) if p['publish_bev'] else None
-        status_publisher(self, self.msgs, 'coop/detector_status', p['status_period_s'], self.status)
+        self.pub_features = self.create_publisher(cloud, topics.FEATURES, RELIABLE_QOS)
+        self.pub_objects = self.create_publisher(cloud, topics.LOCAL_OBJECTS, RELIABLE_QOS)
+        self.pub_markers = self.create_publisher(self.msgs.get_class(MARKER_ARRAY), topics.LOCAL_MARKERS,
+                                                 RELIABLE_QOS)
+        self.pub_bev = self.create_publisher(cloud, topics.EGO_MAP, LATEST_QOS) if p['publish_bev'] else None
+        status_publisher(self, self.msgs, topics.DETECTOR_STATUS, p['status_period_s'], self.status)
         # Subscribing last: a publisher waiting for subscribers (bag_player) starts once we can work.
-        self.create_subscription(self.msgs.get_class(ODOMETRY), 'odom', self.guard.guarded(self.on_odom), ODOM_QOS)
-        self.create_subscription(cloud, 'lidar', self.guard.guarded(self.on_scan), SCAN_QOS)
+        self.create_subscription(self.msgs.get_class(ODOMETRY), topics.ODOM, self.guard.guarded(self.on_odom), ODOM_QOS)
+        self.create_subscription(cloud, topics.LIDAR, self.guard.guarded(self.on_scan), SCAN_QOS)
         self.get_logger().info(f'agent {self.agent}: detector ready ({self.detector.cfg.bev_shape[0]}x'
                                f'{self.detector.cfg.bev_shape[1]} BEV cells); bev '
                                f'{"on" if self.pub_bev else "off"}')

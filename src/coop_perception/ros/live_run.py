@@ -16,30 +16,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from coop_perception.data.bag import BagReader, lidar_topic, odom_topic
+from coop_perception.data.bag import MARKER_ARRAY, POINTCLOUD2, STRING, BagReader, lidar_topic, odom_topic
 from coop_perception.errors import UserError
 from coop_perception.ros.launcher import PLAYER_WAIT_S, Launch, node_specs, player_spec
+from coop_perception.ros import topics as T
 from coop_perception.ros.recorder import BagRecorder
-
-POINTCLOUD2 = 'sensor_msgs/msg/PointCloud2'
-MARKER_ARRAY = 'visualization_msgs/msg/MarkerArray'
-STRING = 'std_msgs/msg/String'
-FUSED_TOPIC = '/coop/objects'
-FUSED_MARKERS_TOPIC = '/coop/detections'
-FUSION_STATUS_TOPIC = '/coop/status'
-
-
-def local_objects_topic(agent: int) -> str:
-    return f'/agent{agent}/coop/objects'
-
-
-def detector_status_topic(agent: int) -> str:
-    return f'/agent{agent}/coop/detector_status'
-
-
-def channel_status_topic(ego: int) -> str:
-    return f'/agent{ego}/v2x/status'
-
 
 @dataclass(frozen=True)
 class LiveRunSettings:
@@ -56,10 +37,10 @@ class LiveRunSettings:
 
 def recorded_topics(agents: int, ego: int) -> dict[str, str]:
     """What a live run records: fused output, the ego's own detections and every status topic."""
-    topics = {FUSED_TOPIC: POINTCLOUD2, FUSED_MARKERS_TOPIC: MARKER_ARRAY, FUSION_STATUS_TOPIC: STRING,
-              local_objects_topic(ego): POINTCLOUD2, channel_status_topic(ego): STRING}
-    topics.update({detector_status_topic(k): STRING for k in range(agents)})
-    return topics
+    recorded = {T.FUSED_OBJECTS: POINTCLOUD2, T.FUSED_MARKERS: MARKER_ARRAY, T.FUSION_STATUS: STRING,
+                T.agent_topic(ego, T.LOCAL_OBJECTS): POINTCLOUD2, T.agent_topic(ego, T.V2X_STATUS): STRING}
+    recorded.update({T.agent_topic(k, T.DETECTOR_STATUS): STRING for k in range(agents)})
+    return recorded
 
 
 def _renice(pid: int, increment: int) -> None:
@@ -143,7 +124,7 @@ def run_live(bag, params: Path, out: Path, settings: LiveRunSettings, *, env: di
                 now = time.monotonic()
                 _check_alive(nodes, logs)
                 codes = _check_alive(replay, logs)
-                count = recorder.counts[FUSED_TOPIC]
+                count = recorder.counts[T.FUSED_OBJECTS]
                 if count != last_count:
                     bar.update(count - last_count)
                     last_count, last_change = count, now

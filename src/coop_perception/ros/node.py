@@ -28,8 +28,8 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
-from coop_perception.data.bag import agent_from_frame
-from coop_perception.errors import UserError
+from coop_perception.data.bag import STRING, agent_from_frame
+from coop_perception.errors import UserError, exit_code
 from coop_perception.ros.env import FASTDDS_PROFILES_ENV, use_large_shm_segment, use_local_discovery
 from coop_perception.ros.paths import package_path
 
@@ -47,11 +47,6 @@ RELIABLE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability
 # A per-frame input where only the newest matters (a fusion behind schedule skips frames).
 LATEST_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                         durability=DurabilityPolicy.VOLATILE)
-
-POINTCLOUD2 = 'sensor_msgs/msg/PointCloud2'
-ODOMETRY = 'nav_msgs/msg/Odometry'
-MARKER_ARRAY = 'visualization_msgs/msg/MarkerArray'
-STRING = 'std_msgs/msg/String'
 
 
 # --------------------------------------------------------------------------- parameters
@@ -228,10 +223,7 @@ def main(node_class, argv: list[str] | None = None, *, large_messages: bool = Fa
     use_local_discovery()
     profile = use_large_shm_segment(args.shm_segment_mb) if large_messages else None
     try:
-        return _spin(node_class, [node_class.NODE_NAME] + argv[split:])
-    except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+        return exit_code(lambda: _spin(node_class, [node_class.NODE_NAME] + argv[split:]), interrupted=0)
     finally:
         if profile:
             os.environ.pop(FASTDDS_PROFILES_ENV, None)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from coop_perception.data.bag import POINTCLOUD2, BagReader
-from coop_perception.errors import UserError
+from coop_perception.errors import UserError, exit_code
 from coop_perception.ros.env import use_local_discovery
 
 DOMAIN_ID = '77'
@@ -150,11 +150,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     use_local_discovery()
-    try:
-        result = {'codec': codec_cost(args.bag), 'replay': replay(args.bag, args.rate, args.reliable)}
-    except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    result = {'codec': codec_cost(args.bag), 'replay': replay(args.bag, args.rate, args.reliable)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
@@ -166,7 +162,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog='python -m coop_perception.ros.replay_bench',
                                 description=__doc__.split('\n\n')[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    return exit_code(lambda: run(args))
 
 
 if __name__ == '__main__':

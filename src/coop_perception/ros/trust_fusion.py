@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 from rclpy.node import Node
 
-from coop_perception.data.bag import agent_from_frame
+from coop_perception.data.bag import MARKER_ARRAY, ODOMETRY, POINTCLOUD2, agent_from_frame
 from coop_perception.data.labels import CLASSES
 from coop_perception.errors import UserError
 from coop_perception.fusion.codec import FeatureMessageError, decode
@@ -37,9 +37,10 @@ from coop_perception.fusion.model import FusionModel
 from coop_perception.fusion.pipeline import CooperativeConfig, CooperativeDetector
 from coop_perception.fusion.pose_buffer import PoseBufferConfig
 from coop_perception.ros import convert as cv
-from coop_perception.ros.node import (LATEST_QOS, MARKER_ARRAY, ODOM_QOS, ODOMETRY, POINTCLOUD2, RELIABLE_QOS,
-                                      InputGuard, Param, Window, agent_id, ahead_of_clock_ns, declare_parameters,
-                                      load_detector, model_file, ros_now_ns, status_publisher)
+from coop_perception.ros import topics
+from coop_perception.ros.node import (LATEST_QOS, ODOM_QOS, RELIABLE_QOS, InputGuard, Param, Window, agent_id,
+                                      ahead_of_clock_ns, declare_parameters, load_detector, model_file, ros_now_ns,
+                                      status_publisher)
 from coop_perception.ros.node import main as node_main
 
 NODE_NAME = 'trust_fusion'
@@ -136,18 +137,18 @@ class TrustFusionNode(Node):
         self.agents: dict[int, _AgentStats] = {}
 
         cloud, odom, markers = (self.msgs.get_class(t) for t in (POINTCLOUD2, ODOMETRY, MARKER_ARRAY))
-        self.pub_objects = self.create_publisher(cloud, '/coop/objects', RELIABLE_QOS)
-        self.pub_markers = self.create_publisher(markers, '/coop/detections', RELIABLE_QOS)
+        self.pub_objects = self.create_publisher(cloud, topics.FUSED_OBJECTS, RELIABLE_QOS)
+        self.pub_markers = self.create_publisher(markers, topics.FUSED_MARKERS, RELIABLE_QOS)
         self.pub_detection3d = None
         if self.msgs.has(cv.DETECTION3D_ARRAY):
             self.pub_detection3d = self.create_publisher(self.msgs.get_class(cv.DETECTION3D_ARRAY),
-                                                         '/coop/detections_3d', RELIABLE_QOS)
-        status_publisher(self, self.msgs, '/coop/status', p['status_period_s'], self.status)
+                                                         topics.FUSED_DETECTION3D, RELIABLE_QOS)
+        status_publisher(self, self.msgs, topics.FUSION_STATUS, p['status_period_s'], self.status)
         # Poses first: when a pose and a map wait together, the executor takes the pose first.
-        self.create_subscription(odom, 'odom', self.guard.guarded(self.on_ego_odom), ODOM_QOS)
-        self.create_subscription(odom, 'v2x/odom', self.guard.guarded(self.on_collaborator_odom), RELIABLE_QOS)
-        self.create_subscription(cloud, 'v2x/features', self.guard.guarded(self.on_features), RELIABLE_QOS)
-        self.create_subscription(cloud, 'coop/bev', self.guard.guarded(self.on_ego_map), LATEST_QOS)
+        self.create_subscription(odom, topics.ODOM, self.guard.guarded(self.on_ego_odom), ODOM_QOS)
+        self.create_subscription(odom, topics.V2X_ODOM, self.guard.guarded(self.on_collaborator_odom), RELIABLE_QOS)
+        self.create_subscription(cloud, topics.V2X_FEATURES, self.guard.guarded(self.on_features), RELIABLE_QOS)
+        self.create_subscription(cloud, topics.EGO_MAP, self.guard.guarded(self.on_ego_map), LATEST_QOS)
         self.get_logger().info(f'ego {self.ego}: {self.method} fusion ready')
 
     # ------------------------------------------------------------------ checks

@@ -28,12 +28,13 @@ from rclpy.clock import JumpThreshold
 from rclpy.duration import Duration
 from rclpy.node import Node
 
-from coop_perception.data.bag import agent_from_frame
+from coop_perception.data.bag import ODOMETRY, POINTCLOUD2, agent_from_frame, odom_topic
 from coop_perception.data.channel import MODEL_SETTINGS, BernoulliFramesLatency, channel_from_settings
 from coop_perception.errors import UserError
 from coop_perception.ros import convert as cv
-from coop_perception.ros.node import (ODOM_QOS, ODOMETRY, POINTCLOUD2, RELIABLE_QOS, InputGuard, Param, Window,
-                                      ahead_of_clock_ns, declare_parameters, ros_now_ns, status_publisher)
+from coop_perception.ros import topics
+from coop_perception.ros.node import (ODOM_QOS, RELIABLE_QOS, InputGuard, Param, Window, ahead_of_clock_ns,
+                                      declare_parameters, ros_now_ns, status_publisher)
 from coop_perception.ros.node import main as node_main
 
 NODE_NAME = 'v2x_channel'
@@ -123,14 +124,14 @@ class V2XChannelNode(Node):
             post_callback=self._drop_in_flight)
 
         cloud, odom = self.msgs.get_class(POINTCLOUD2), self.msgs.get_class(ODOMETRY)
-        self.pub_features = self.create_publisher(cloud, 'v2x/features', RELIABLE_QOS)
-        self.pub_odom = self.create_publisher(odom, 'v2x/odom', RELIABLE_QOS)
-        status_publisher(self, self.msgs, 'v2x/status', p['status_period_s'], self.status)
+        self.pub_features = self.create_publisher(cloud, topics.V2X_FEATURES, RELIABLE_QOS)
+        self.pub_odom = self.create_publisher(odom, topics.V2X_ODOM, RELIABLE_QOS)
+        status_publisher(self, self.msgs, topics.V2X_STATUS, p['status_period_s'], self.status)
         self.create_timer(1.0 / p['tick_hz'], self.tick)
         for k in self.links:
-            self.create_subscription(odom, f'/agent{k}/odom', self.guard.guarded(lambda m, k=k: self.on_odom(k, m)),
+            self.create_subscription(odom, odom_topic(k), self.guard.guarded(lambda m, k=k: self.on_odom(k, m)),
                                      ODOM_QOS)
-            self.create_subscription(cloud, f'/agent{k}/coop/features',
+            self.create_subscription(cloud, topics.agent_topic(k, topics.FEATURES),
                                      self.guard.guarded(lambda m, k=k: self.on_features(k, m)), RELIABLE_QOS)
         self.get_logger().info(f'relaying agents {sorted(self.links)}: {self.channel.spec}, latency from '
                                f'{p["latency_reference"]}')
