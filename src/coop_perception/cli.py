@@ -278,6 +278,13 @@ def cmd_calibrate_trust(args) -> int:
     return 0
 
 
+def _run_folder_args(p, iterations_help: str):
+    """A resumable training run's options."""
+    p.add_argument('--out', required=True, help='run folder: checkpoints, log, final weights')
+    p.add_argument('--iterations', type=_positive(int), help=iterations_help)
+    p.add_argument('--restart', action='store_true', help='ignore an existing checkpoint in --out')
+
+
 def _fusion_model_args(p):
     p.add_argument('--fusion', default=str(MODELS / 'fusion.pt'), help='trust fusion checkpoint')
     p.add_argument('--gate', default=str(MODELS / 'trust_gate.yaml'), help="calibrated gate for method 'gate'")
@@ -373,9 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser('train', help='train a model').add_subparsers(dest='target', required=True)
     p = train.add_parser('detector', help='train the LiDAR detector on every agent view (resumable)')
     p.add_argument('--data', required=True, help='training dataset root (the train preset)')
-    p.add_argument('--out', required=True, help='run folder: checkpoints, log, final weights')
-    p.add_argument('--iterations', type=_positive(int), help='override train.iterations')
-    p.add_argument('--restart', action='store_true', help='ignore an existing checkpoint in --out')
+    _run_folder_args(p, 'override train.iterations')
     p.add_argument('--version', default=DEFAULT_VERSION)
     _detector_args(p, weights=False)
     p.set_defaults(func=cmd_train_detector)
@@ -393,9 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = train.add_parser('fusion', help='train the trust fusion on cached detector features (resumable)')
     p.add_argument('--data', required=True, help='training dataset root (the train preset)')
     _cache_arg(p)
-    p.add_argument('--out', required=True, help='run folder: checkpoints, log, final weights')
-    p.add_argument('--iterations', type=_positive(int), help='training iterations')
-    p.add_argument('--restart', action='store_true', help='ignore an existing checkpoint in --out')
+    _run_folder_args(p, 'training iterations')
     p.add_argument('--version', default=DEFAULT_VERSION)
     _detector_args(p)
     p.set_defaults(func=cmd_train_fusion)

@@ -9,8 +9,8 @@ returns on, at the ego's capture time, in the ego frame, within `max_range` of t
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
-from dataclasses import replace
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +29,19 @@ HEADLINE_CLASS = 'car'
 RAW_POINT_BYTES = 16  # x, y, z, intensity as float32: what a raw scan costs on the wire
 
 
-def _payload(method: str, view, agent, points_fn, roi_policy):
+def _payload_kind(method: str) -> str | None:
+    """What a collaborator sends for ``method``: 'features', 'boxes', 'points' or nothing (ego)."""
+    return {'max': 'features', 'trust': 'features', 'gate': 'features', 'late': 'boxes',
+            'early': 'points'}.get(method)
+
+
+def _payload(kind: str, view, agent, points_fn, roi_policy):
     """(input for the pipeline, bytes on the wire) of one collaborator scan."""
     det = view.detections
-    if method in ('max', 'trust', 'gate'):
+    if kind == 'features':
         msg = collaborator_message(det, agent, view.stamp_ns, roi_policy)
         return msg, len(encode(msg)[1])
-    if method == 'late':
+    if kind == 'boxes':
         # late fusion shares the boxes it is as confident about as intermediate fusion's ROIs
         keep = det.scores >= (roi_policy or {}).get('score_threshold', ROI_SCORE_THRESHOLD)
         boxes = {'boxes': det.boxes[keep], 'scores': det.scores[keep], 'labels': det.labels[keep],
@@ -43,6 +49,33 @@ def _payload(method: str, view, agent, points_fn, roi_policy):
         return boxes, int(keep.sum()) * OBJECT_DTYPE.itemsize
     pts = points_fn()
     return pts, len(pts) * RAW_POINT_BYTES
+
+
+def _scene_payloads(cache: FeatureCache, samples, kind: str, roi_policy) -> dict:
+    """Every agent scan of one scene as it goes on the air: (frame, agent) -> (capture stamp ns,
+    T_world_sensor, pipeline input, bytes). Each agent's sender tracks velocities over all its
+    scans in capture order, whichever agent is the ego; computed once per scene and payload kind,
+    then shared by every method, delay and ego that sends it."""
+    scene = samples[0].scene_name
+    senders: dict = defaultdict(Sender)
+    out = {}
+    for f, smp in enumerate(samples):
+        for k, agent in sorted(smp.agents.items()):
+            view = cache.load(scene, f, k)
+            det = senders[k].prepare(view.detections, view.T_world_sensor, view.stamp_ns)
+            item, nbytes = _payload(kind, replace(view, detections=det), k,
+                                    lambda a=agent: a.load_points()[:, :4], roi_policy)
+            out[(f, k)] = (view.stamp_ns, view.T_world_sensor, item, nbytes)
+    return out
+
+
+@dataclass
+class _Tally:
+    """What one (method, delay) row accumulates over scenes and egos."""
+    acc: APAccumulator
+    sent_bytes: int = 0
+    sent: int = 0
+    drops: Counter = field(default_factory=Counter)
 
 
 def feature_cache(dataset, detector, weights, root, progress: bool = True) -> tuple[FeatureCache, int]:
@@ -60,73 +93,76 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
                     egos=None, roi_policy: dict | None = None, gate: dict | None = None,
                     progress: bool = True) -> dict:
     classes = detector.cfg.classes
+    # early fusion is the no-delay upper bound: its collaborators' points arrive at once, whatever
+    # the delay, so it runs once and its row repeats for every delay
+    runs = [(m, float(d)) for m in methods for d in (delays_ms[:1] if m == 'early' else delays_ms)]
+    tallies = {run: _Tally(APAccumulator(classes, max_range=max_range)) for run in runs}
+    bar = tqdm(total=len(runs) * len(dataset.scenes), desc='eval fusion', unit='scene', disable=not progress)
+    for s in range(len(dataset.scenes)):
+        samples = [dataset.sample(s, f) for f in range(dataset.num_frames(s))]
+        agents = sorted({k for smp in samples for k in smp.agents})
+        scene_egos = [a for a in agents if a != RSU_AGENT and (egos is None or a in egos)]
+        payloads: dict = {}
+        for method, delay in runs:
+            kind = _payload_kind(method)
+            if kind is not None and kind not in payloads:
+                payloads[kind] = _scene_payloads(cache, samples, kind, roi_policy)
+            for ego in scene_egos:
+                _run_ego(tallies[(method, delay)], detector, cache, samples, ego, method,
+                         0.0 if method == 'early' else delay, payloads.get(kind, {}), fusion_model,
+                         CooperativeConfig(method=method, roi_policy=roi_policy or {}, gate=gate),
+                         channel_model, seed)
+            bar.update(1)
+    bar.close()
     results = []
-    bar = tqdm(total=len(methods) * len(delays_ms) * len(dataset.scenes), desc='eval fusion', unit='scene',
-               disable=not progress)
     for method in methods:
         for delay in delays_ms:
-            if method == 'early' and results and results[-1]['method'] == 'early':
-                # the no-delay upper bound: its collaborators' points arrive at once, whatever the delay
-                results.append(dict(results[-1], delay_ms=float(delay)))
-                bar.update(len(dataset.scenes))
-                continue
-            mean_ms = 0.0 if method == 'early' else float(delay)
-            acc = APAccumulator(classes, max_range=max_range)
-            sent_bytes, sent = 0, 0
-            drops: Counter = Counter()
-            for s in range(len(dataset.scenes)):
-                n = dataset.num_frames(s)
-                samples = [dataset.sample(s, f) for f in range(n)]
-                agents = sorted({k for smp in samples for k in smp.agents})
-                scene = samples[0].scene_name
-                for ego in [a for a in agents if a != RSU_AGENT and (egos is None or a in egos)]:
-                    channel = channel_for_mean_latency(mean_ms, channel_model, seed=seed)
-                    coop = CooperativeDetector(
-                        detector, ego, CooperativeConfig(method=method, roi_policy=roi_policy or {}, gate=gate),
-                        fusion_model if method in ('trust', 'gate') else None)
-                    senders = {k: Sender() for k in agents}
-                    pending = []  # (arrival_ns, agent, stamp_ns, pose, item)
-                    for f, smp in enumerate(samples):
-                        if ego not in smp.agents:
-                            continue
-                        for k, agent in smp.agents.items():
-                            if k == ego or method == 'ego':
-                                continue
-                            view = cache.load(scene, f, k)
-                            view = replace(view, detections=senders[k].prepare(view.detections, view.T_world_sensor,
-                                                                                view.stamp_ns))
-                            item, nbytes = _payload(method, view, k, lambda a=agent: a.load_points()[:, :4], roi_policy)
-                            sent_bytes += nbytes
-                            sent += 1
-                            delivery = channel.send(k, nbytes)
-                            if delivery.delivered:
-                                pending.append((delivery.arrival_ns(view.stamp_ns), k, view.stamp_ns,
-                                                view.T_world_sensor, item))
-                        ego_view = cache.load(scene, f, ego)
-                        t_e = ego_view.stamp_ns
-                        coop.add_pose(ego, t_e, ego_view.T_world_sensor)
-                        ego_points = smp.agents[ego].load_points()[:, :4] if method == 'early' else None
-                        coop.add_ego_detections(t_e, ego_view.detections, ego_points)
-                        arrived = [p for p in pending if p[0] <= t_e]
-                        pending = [p for p in pending if p[0] > t_e]
-                        for _, k, stamp, pose, item in arrived:
-                            coop.add_pose(k, stamp, pose)
-                            coop.add_input(k, stamp, item)
-                        out = coop.detect(t_e)
-                        boxes, labels, _ = cooperative_targets(smp, ego)
-                        if out is not None:
-                            acc.add_frame(out.boxes, out.scores, out.labels, boxes, labels)
-                    drops.update(coop.drops)
-                bar.update(1)
-            summary = acc.summary()
+            t = tallies[(method, float(delays_ms[0] if method == 'early' else delay))]
+            summary = t.acc.summary()
             head = summary['ap'][HEADLINE_CLASS]
             results.append({'method': method, 'delay_ms': float(delay), 'ap50': head['0.5'], 'ap70': head['0.7'],
                             'ap30': head['0.3'], 'mean_ap': summary['mean'], 'ap': summary['ap'],
-                            'bytes_per_agent_frame': sent_bytes / sent if sent else 0.0,
-                            'frames': summary['frames'], 'drops': dict(drops)})
-    bar.close()
+                            'bytes_per_agent_frame': t.sent_bytes / t.sent if t.sent else 0.0,
+                            'frames': summary['frames'], 'drops': dict(t.drops)})
     return {'results': results, 'headline_class': HEADLINE_CLASS, 'max_range_m': max_range,
             'channel': channel_model, 'seed': seed}
+
+
+def _run_ego(tally: _Tally, detector, cache, samples, ego: int, method: str, mean_ms: float, payloads: dict,
+             fusion_model, cfg: CooperativeConfig, channel_model: str, seed: int) -> None:
+    """One ego through one scene: collaborators' payloads go through a fresh seeded channel, the
+    pipeline fuses each ego frame with what has arrived by its capture time."""
+    scene = samples[0].scene_name
+    channel = channel_for_mean_latency(mean_ms, channel_model, seed=seed)
+    coop = CooperativeDetector(detector, ego, cfg, fusion_model if method in ('trust', 'gate') else None)
+    pending = []  # (arrival_ns, agent, stamp_ns, pose, item)
+    for f, smp in enumerate(samples):
+        if ego not in smp.agents:
+            continue
+        if method != 'ego':
+            for k in smp.agents:
+                if k == ego:
+                    continue
+                stamp, pose, item, nbytes = payloads[(f, k)]
+                tally.sent_bytes += nbytes
+                tally.sent += 1
+                delivery = channel.send(k, nbytes)
+                if delivery.delivered:
+                    pending.append((delivery.arrival_ns(stamp), k, stamp, pose, item))
+        ego_view = cache.load(scene, f, ego)
+        t_e = ego_view.stamp_ns
+        coop.add_pose(ego, t_e, ego_view.T_world_sensor)
+        coop.add_ego_detections(t_e, ego_view.detections, payloads[(f, ego)][2] if method == 'early' else None)
+        arrived = [p for p in pending if p[0] <= t_e]
+        pending = [p for p in pending if p[0] > t_e]
+        for _, k, stamp, pose, item in arrived:
+            coop.add_pose(k, stamp, pose)
+            coop.add_input(k, stamp, item)
+        out = coop.detect(t_e)
+        boxes, labels, _ = cooperative_targets(smp, ego)
+        if out is not None:
+            tally.acc.add_frame(out.boxes, out.scores, out.labels, boxes, labels)
+    tally.drops.update(coop.drops)
 
 
 def format_results(result: dict) -> str:
