@@ -17,7 +17,7 @@ from torch import nn
 
 from .align import WarpedFeatures
 from .network import MultiScaleFusion, SparseAgent, max_fusion, reduce_sparse
-from .trust import ROI_ATTRIBUTES, LearnedTrust, ThresholdTrust
+from .trust import ROI_ATTRIBUTES, LearnedTrust, ThresholdTrust, roi_attributes
 
 
 @dataclass
@@ -39,9 +39,7 @@ def stack_inputs(ego_features: np.ndarray, warped: list[WarpedFeatures], slots: 
     valid = np.zeros(slots, bool)
     for i, w in enumerate(warped[:slots]):
         collab[i] = w.features
-        attributes[i, ..., 0] = w.score
-        attributes[i, ..., 1:5] = np.nan_to_num(w.uncertainty, nan=1e3)  # unknown = very uncertain
-        attributes[i, ..., 5] = w.age_s
+        attributes[i] = roi_attributes(w.score, w.uncertainty, w.age_s).reshape(H, W, -1)
         roi[i] = w.roi >= 0
         valid[i] = True
     return FusionInputs(ego_features.astype(np.float32, copy=False), collab, attributes, roi, valid)
@@ -74,13 +72,9 @@ def fuse(ego, collab, attributes, roi, valid, method: str, model: 'FusionModel |
     return model.fusion(agents, valid_all), trust
 
 
-def roi_attributes(w: WarpedFeatures, cells: np.ndarray) -> np.ndarray:
-    """(n, 6) attributes (trust.ROI_ATTRIBUTES) of the flat ego cells ``cells`` of one message."""
-    a = np.empty((len(cells), len(ROI_ATTRIBUTES)), np.float32)
-    a[:, 0] = w.score.reshape(-1)[cells]
-    a[:, 1:5] = np.nan_to_num(w.uncertainty.reshape(-1, 4)[cells], nan=1e3)  # unknown = very uncertain
-    a[:, 5] = w.age_s
-    return a
+def _cell_attributes(w: WarpedFeatures, cells: np.ndarray) -> np.ndarray:
+    """(n, 6) trust attributes of the flat ego cells ``cells`` of one warped message."""
+    return roi_attributes(w.score.reshape(-1)[cells], w.uncertainty.reshape(-1, 4)[cells], w.age_s)
 
 
 def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: str, slots: int,
@@ -96,9 +90,9 @@ def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: 
         if method == 'max':
             t = np.ones(len(cells), np.float32)
         elif method == 'gate':
-            t = gate.trust(roi_attributes(w, cells)).astype(np.float32)
+            t = gate.trust(_cell_attributes(w, cells)).astype(np.float32)
         else:
-            t = model.trust(torch.from_numpy(roi_attributes(w, cells))).numpy()
+            t = model.trust(torch.from_numpy(_cell_attributes(w, cells))).numpy()
         trust[i, cells] = t
         values = w.features.reshape(C, -1)[:, cells] * t
         agents.append(SparseAgent(torch.from_numpy(cells), torch.from_numpy(np.ascontiguousarray(values))))

@@ -22,6 +22,7 @@ from ..detection.decode import boxes_from_regression, class_probability
 from .align import cell_index, warp_boxes
 from .codec import FeatureMessage
 from .pose_buffer import NS_PER_S
+from .trust import roi_attributes
 
 # 3 x 3 neighbourhood (drow, dcol) in row-major order, centre at index 4
 _NEIGHBOURS = np.stack(np.meshgrid(np.arange(-1, 2), np.arange(-1, 2), indexing='ij'), -1).reshape(-1, 2)
@@ -81,6 +82,5 @@ def decode_roi_boxes(head, msg: FeatureMessage, T_world_sender: np.ndarray, T_wo
     boxes, vel = warp_boxes(boxes, msg.velocity[peaks], T_world_sender, T_world_ego, msg.stamp_ns, ego_stamp_ns)
     boxes[:, 2] = ground_z - ego_sensor_height
     age_s = (int(ego_stamp_ns) - int(msg.stamp_ns)) / NS_PER_S
-    attributes = np.column_stack([msg.score[peaks], np.nan_to_num(msg.uncertainty[peaks], nan=1e3),
-                                  np.full(len(peaks), age_s)]).astype(np.float32)
+    attributes = roi_attributes(msg.score[peaks], msg.uncertainty[peaks], age_s)
     return RoiBoxes(boxes, scores.numpy().astype(np.float32), labels.numpy().astype(np.int64), vel, attributes)

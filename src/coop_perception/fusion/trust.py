@@ -24,6 +24,17 @@ ROI_ATTRIBUTES = ('score', 'cls_aleatoric', 'cls_epistemic', 'reg_aleatoric', 'r
 UNCERTAINTIES = ROI_ATTRIBUTES[1:5]
 
 
+def roi_attributes(score: np.ndarray, uncertainty: np.ndarray, age_s: float) -> np.ndarray:
+    """score (n,), uncertainty (n, 4) (codec order, NaN = not estimated) and one age (s) ->
+    (n, len(ROI_ATTRIBUTES)) float32 rows; an unknown uncertainty counts as very uncertain."""
+    score = np.asarray(score, np.float32).reshape(-1)
+    out = np.empty((len(score), len(ROI_ATTRIBUTES)), np.float32)
+    out[:, 0] = score
+    out[:, 1:5] = np.nan_to_num(np.asarray(uncertainty, np.float32).reshape(-1, 4), nan=1e3)
+    out[:, 5] = age_s
+    return out
+
+
 @dataclass
 class ThresholdTrust:
     """Calibrated gate. thresholds: upper bound per uncertainty (same order as UNCERTAINTIES)."""
