@@ -4,8 +4,8 @@ show it in RViz.
     ros2 launch coop_perception v2x_replay.launch.py bag:=out/scene0 num_agents:=5 ego_id:=1
 
 Starts coop_perception.launch.py with use_sim_time, the bag player (publishing /clock; it waits
-until every agent's lidar and odometry topic has a subscriber, i.e. the nodes have loaded their
-models) and, unless rviz:=false, rviz2 with config/coop_perception.rviz.
+until every agent's lidar and both readers of its odometry subscribe, i.e. the nodes have loaded
+their models) and, unless rviz:=false, rviz2 with config/coop_perception.rviz.
 `coop-perception launch --bag BAG` starts the same without RViz and without the ROS CLI.
 """
 from launch import LaunchDescription
@@ -24,7 +24,8 @@ PLAYER_WAIT_S = '120.0'
 def _player(context):
     num_agents = int(LaunchConfiguration('num_agents').perform(context))
     loop = LaunchConfiguration('loop').perform(context).lower() in ('true', '1')
-    topics = [f'/agent{k}/{t}' for k in range(num_agents) for t in ('lidar', 'odom')]
+    # odometry has two readers, the agent's detector and the ego's trust_fusion or v2x_channel
+    topics = [t for k in range(num_agents) for t in (f'/agent{k}/lidar', f'/agent{k}/odom:2')]
     arguments = [LaunchConfiguration('bag').perform(context), '--rate', LaunchConfiguration('rate').perform(context),
                  *(['--loop'] if loop else []), '--wait-for-subscribers', PLAYER_WAIT_S, '--wait-topics', *topics]
     return [Node(package=PACKAGE, executable='bag_player', name='bag_player', arguments=arguments, output='screen')]

@@ -5,7 +5,7 @@ file, parameters and names, for machines without the ROS 2 CLI (``ros2 launch`` 
 Every node runs as ``python -m coop_perception.ros.<executable> --ros-args -r __node:=NAME
 -r __ns:=/NAMESPACE --params-file CONFIG -p KEY:=VALUE ...``, what ``ros2 launch`` runs for a
 launch_ros ``Node``. The bag player starts with the nodes and waits until every agent's lidar and
-odometry topic has a subscriber, i.e. every node has loaded its models.
+both readers of its odometry subscribe, i.e. every node has loaded its models.
 
 This module does not import rclpy; ``node_specs`` is what tests compare the launch files with.
 """
@@ -30,6 +30,10 @@ DEFAULT_EGO = 1
 # Long enough for every node to import torch and load its models on a busy 2-core machine.
 PLAYER_WAIT_S = 120.0
 STOP_TIMEOUT_S = 10.0
+# Odometry is best effort and not kept for late joiners, so the player waits for both readers of
+# each agent's: its detector, and the ego's trust_fusion (the ego's) or v2x_channel (the others').
+# Waiting for one would let a reader that discovers the player late miss the first poses.
+ODOM_READERS = 2
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,10 @@ def node_specs(num_agents: int = DEFAULT_AGENTS, ego: int = DEFAULT_EGO, use_sim
 
 
 def player_spec(bag, num_agents: int = DEFAULT_AGENTS, rate: float = 1.0, loop: bool = False,
-                wait_s: float = PLAYER_WAIT_S, subscribers: dict[str, int] | None = None) -> NodeSpec:
-    """bag_player, waiting until the nodes subscribe every agent's lidar and odometry (with
-    ``subscribers``: until a topic has that many subscribers)."""
-    topics = [t for k in range(num_agents) for t in (lidar_topic(k), odom_topic(k))]
-    topics = [f'{t}:{subscribers[t]}' if t in (subscribers or {}) else t for t in topics]
+                wait_s: float = PLAYER_WAIT_S) -> NodeSpec:
+    """bag_player, waiting until the nodes subscribe every agent's lidar and both readers of its
+    odometry."""
+    topics = [t for k in range(num_agents) for t in (lidar_topic(k), f'{odom_topic(k)}:{ODOM_READERS}')]
     arguments = (str(bag), '--rate', str(rate), *(('--loop',) if loop else ()),
                  '--wait-for-subscribers', str(wait_s), '--wait-topics', *topics)
     return NodeSpec('bag_player', 'bag_player', arguments=arguments, uses_config=False)

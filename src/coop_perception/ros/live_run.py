@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from coop_perception.data.bag import MARKER_ARRAY, POINTCLOUD2, STRING, BagReader, lidar_topic, odom_topic
+from coop_perception.data.bag import MARKER_ARRAY, POINTCLOUD2, STRING, BagReader, lidar_topic
 from coop_perception.errors import UserError
 from coop_perception.ros.launcher import PLAYER_WAIT_S, Launch, node_specs, player_spec
 from coop_perception.ros import topics as T
@@ -79,8 +79,7 @@ def run_live(bag, params: Path, out: Path, settings: LiveRunSettings, *, env: di
     times (s) of start-up (until every node reported its status) and of replay and drain.
 
     The player starts once every node has published its status, i.e. has loaded its models and
-    spins: it only waits for subscribers of the bag's topics, which the ego's detector alone
-    satisfies for the ego's odometry, so a late fusion node would miss the first frames."""
+    spins, so the recorder's clock and every status topic are live from the first frame."""
     bag, out = Path(bag), Path(out)
     logs = out / 'logs'
     ego_scans, duration_s = _ego_scans_and_duration(bag, settings.ego)
@@ -89,12 +88,7 @@ def run_live(bag, params: Path, out: Path, settings: LiveRunSettings, *, env: di
     out.mkdir(parents=True, exist_ok=True)
     player_stats = out / 'player_stats.json'
     player_stats.unlink(missing_ok=True)
-    # Odometry is best effort and not kept for late joiners: the player waits for both readers of
-    # each agent's (its detector and the ego's trust_fusion or v2x_channel), else a reader that
-    # discovers the player late misses the first poses and the fusion skips those frames.
-    readers = {odom_topic(k): 2 for k in range(settings.agents)}
-    player = player_spec(bag, settings.agents, rate=settings.rate, wait_s=settings.start_timeout_s,
-                         subscribers=readers)
+    player = player_spec(bag, settings.agents, rate=settings.rate, wait_s=settings.start_timeout_s)
     player = replace(player, arguments=player.arguments + ('--stats-json', str(player_stats)))
     env = dict(os.environ if env is None else env)
     domain = env.get('ROS_DOMAIN_ID')
