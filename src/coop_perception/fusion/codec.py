@@ -319,16 +319,22 @@ _EXPECTED_TYPES = {**{name: FLOAT32 for name in _FLOAT_FIELDS}, 'roi': INT16, 'f
 _REQUIRED_FIELDS = tuple(n for n in _EXPECTED_TYPES if n not in _OPTIONAL_FIELDS)
 
 
-def message_dtype(channels: int) -> np.dtype:
-    """Packed little-endian record of one cell (the layout in the module docstring)."""
+def message_dtype(channels: int, extra_floats: Sequence[str] = ()) -> np.dtype:
+    """Packed little-endian record of one cell (the layout in the module docstring), plus
+    ``extra_floats`` float32 fields at the end (which codec consumers ignore)."""
     return np.dtype([(name, '<f4') for name in _FLOAT_FIELDS]
-                    + [('roi', '<i2'), ('features', 'i1', (channels,))])
+                    + [('roi', '<i2'), ('features', 'i1', (channels,))]
+                    + [(name, '<f4') for name in extra_floats])
 
 
-def encode(msg: FeatureMessage) -> tuple[list[Field], bytes, int]:
+def encode(msg: FeatureMessage, extra_floats: dict[str, float] | None = None) -> tuple[list[Field], bytes, int]:
     """-> (fields, data, point_step) of a PointCloud2 with height 1, width M, little endian,
-    row_step = len(data). Header stamp = ``msg.stamp_ns``, frame = the sender's sensor frame."""
-    rec = np.zeros(msg.num_cells, dtype=message_dtype(msg.channels))
+    row_step = len(data). Header stamp = ``msg.stamp_ns``, frame = the sender's sensor frame.
+    ``extra_floats``: name -> value of float32 fields appended to every cell."""
+    extra_floats = extra_floats or {}
+    rec = np.zeros(msg.num_cells, dtype=message_dtype(msg.channels, tuple(extra_floats)))
+    for name, value in extra_floats.items():
+        rec[name] = value
     rec['x'], rec['y'] = msg.cells[:, 0], msg.cells[:, 1]
     rec['scale'] = msg.scale
     rec['confidence'] = msg.confidence

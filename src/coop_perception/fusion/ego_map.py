@@ -17,8 +17,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from coop_perception.data.pointcloud import (PointCloudError, array_to_buffer, buffer_to_array,
-                                             check_layout)
+from coop_perception.data.pointcloud import PointCloudError, buffer_to_array, check_layout
 
 from .codec import FeatureMessageError, decode, encode, make_message, select_occupied_cells
 
@@ -28,21 +27,7 @@ SENSOR_HEIGHT_FIELD = 'sensor_height'
 def encode_ego_map(det, agent_id: Hashable, stamp_ns: int) -> tuple[list, bytes, int]:
     """Detections of one scan -> (fields, data, point_step) of the ``coop/bev`` PointCloud2."""
     msg = make_message(det, select_occupied_cells(det), agent_id, stamp_ns)
-    fields, data, step = encode(msg)
-    base = check_layout(fields, height=1, width=msg.num_cells, point_step=step,
-                        row_step=len(data), data_len=len(data), require=())
-    names = list(base.names)
-    dtype = np.dtype({'names': names + [SENSOR_HEIGHT_FIELD],
-                      'formats': [base.fields[n][0] for n in names] + ['<f4'],
-                      'offsets': [base.fields[n][1] for n in names] + [base.itemsize],
-                      'itemsize': base.itemsize + 4})
-    rec = np.zeros(msg.num_cells, dtype)
-    cells = np.frombuffer(data, base)
-    for name in names:
-        rec[name] = cells[name]
-    rec[SENSOR_HEIGHT_FIELD] = det.sensor_height
-    fields, _, step, data = array_to_buffer(rec)
-    return fields, data, step
+    return encode(msg, {SENSOR_HEIGHT_FIELD: det.sensor_height})
 
 
 def decode_ego_map(fields: Sequence, data, point_step: int, *, width: int, detector, agent_id: Hashable,
