@@ -18,6 +18,16 @@ from ..geometry import interpolate_pose
 NS_PER_S = 1_000_000_000
 
 
+def insert_stamped(stamps: list[int], values: list, stamp: int, value) -> None:
+    """Insert ``value`` at ``stamp`` into the parallel lists, kept sorted by stamp; a value already
+    at that stamp is replaced."""
+    i = bisect.bisect_left(stamps, stamp)
+    if i < len(stamps) and stamps[i] == stamp:
+        values[i] = value
+    else:
+        stamps.insert(i, stamp)
+        values.insert(i, value)
+
 class PoseLookupError(LookupError):
     """No trustworthy pose exists at the requested stamp.
 
@@ -121,12 +131,7 @@ class PoseBuffer:
         if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
             raise ValueError(f'pose must be a finite (4, 4) matrix, got shape {pose.shape}')
         was_reset = self.maybe_reset_on_time_jump(stamp_ns)
-        i = bisect.bisect_left(self._stamps, stamp_ns)
-        if i < len(self._stamps) and self._stamps[i] == stamp_ns:
-            self._poses[i] = pose
-        else:
-            self._stamps.insert(i, stamp_ns)
-            self._poses.insert(i, pose)
+        insert_stamped(self._stamps, self._poses, stamp_ns, pose)
         self._prune()
         return was_reset
 

@@ -31,6 +31,7 @@ from rclpy.node import Node
 from coop_perception.data.bag import ODOMETRY, POINTCLOUD2, agent_from_frame, odom_topic
 from coop_perception.data.channel import MODEL_SETTINGS, BernoulliFramesLatency, channel_from_settings
 from coop_perception.errors import UserError
+from coop_perception.fusion.pose_buffer import insert_stamped
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
 from coop_perception.ros.node import (ODOM_QOS, RELIABLE_QOS, InputGuard, Param, Window, ahead_of_clock_ns,
@@ -77,12 +78,7 @@ class _Link:
         self.age_ms = Window()              # ROS time at delivery minus capture stamp
 
     def add_odom(self, stamp: int, msg, history: int) -> None:
-        i = bisect.bisect_left(self.odom_stamps, stamp)
-        if i < len(self.odom_stamps) and self.odom_stamps[i] == stamp:
-            self.odoms[i] = msg
-        else:
-            self.odom_stamps.insert(i, stamp)
-            self.odoms.insert(i, msg)
+        insert_stamped(self.odom_stamps, self.odoms, stamp, msg)
         del self.odom_stamps[:-history], self.odoms[:-history]
 
     def odoms_around(self, stamp: int) -> list:
