@@ -5,8 +5,9 @@ import numpy as np
 import torch
 import yaml
 
-from coop_perception.detection import Detector, load_config, save_checkpoint
-from coop_perception.detection.config import with_overrides
+from coop_perception.detection.checkpoint import save_checkpoint
+from coop_perception.detection.config import load_config, with_overrides
+from coop_perception.detection.model import Detector
 from coop_perception.fusion.model import FusionModel
 
 ROOT = Path(__file__).resolve().parents[1]

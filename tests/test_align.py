@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from coop_perception.detection.decode import BevGrid
+from coop_perception.bev_grid import BevGrid
 from coop_perception.fusion.align import warp_boxes, warp_to_ego
 from coop_perception.fusion.codec import FeatureMessage, quantise
 from coop_perception.geometry import make_pose
@@ -23,11 +23,13 @@ def message(rows, cols, roi=None, score=None, velocity=None, confidence=None, st
     rng = np.random.default_rng(seed)
     q, scale = quantise(rng.normal(size=(m, C)).astype(np.float32))
     roi = np.zeros(m, np.int16) if roi is None else np.asarray(roi, np.int16)
-    full = lambda v, k=None: np.broadcast_to(np.asarray(v, np.float32), (m,) if k is None else (m, k)).copy()
+
+    def full(v, k=None):
+        return np.broadcast_to(np.asarray(v, np.float32), (m,) if k is None else (m, k)).copy()
+
     return FeatureMessage(
         agent_id=1, stamp_ns=stamp_ns, grid=GRID,
-        cells=np.stack([GRID.origin[0] + (cols + 0.5) * CELL, GRID.origin[1] + (rows + 0.5) * CELL],
-                       1).astype(np.float32),
+        cells=np.stack(GRID.centre_of(rows, cols), 1).astype(np.float32),
         features=q, scale=scale,
         confidence=full(rng.uniform(0.2, 1, m) if confidence is None else confidence),
         uncertainty=full(rng.uniform(0, 1, (m, 4)), 4),

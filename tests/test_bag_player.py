@@ -17,6 +17,7 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore  # noqa: E
 
 from coop_perception import cli  # noqa: E402
 from coop_perception.data import bag as bagmod  # noqa: E402
+from coop_perception.data import ros_msgs  # noqa: E402
 from coop_perception.data.v2xsim import V2XSimDataset  # noqa: E402
 from coop_perception.ros import bag_player  # noqa: E402
 from coop_perception.ros import convert as cv  # noqa: E402
@@ -70,7 +71,7 @@ def _listen(node, topic, msgtype, qos, sink):
 
 def _stamp(msg):
     header = msg.markers[0].header if hasattr(msg, 'markers') else msg.header
-    return cv.stamp_ns(header.stamp)
+    return ros_msgs.stamp_ns(header.stamp)
 
 
 @pytest.fixture(scope='module')
@@ -92,7 +93,7 @@ def test_replay_delivers_every_message_in_order(ros, env, scene_bag):
     for topic, info in playable.items():
         _listen(node, topic, info.msgtype, BEST_EFFORT if topic.endswith('/lidar') else RELIABLE, got)
     node.create_subscription(MSGS.get_class('rosgraph_msgs/msg/Clock'), '/clock',
-                             lambda m: clocks.append(cv.stamp_ns(m.clock)), BEST_EFFORT)
+                             lambda m: clocks.append(ros_msgs.stamp_ns(m.clock)), BEST_EFFORT)
 
     player = _player(env, scene_bag, '--clock-hz', '50')
     _spin_until(executor, lambda: got, 30)
@@ -113,8 +114,9 @@ def test_replay_delivers_every_message_in_order(ros, env, scene_bag):
     for k, scans in recording.lidar.items():
         received = [m for t, _, m in got if t == f'/agent{k}/lidar']
         for (_, points), msg in zip(scans, received):
-            np.testing.assert_array_equal(cv.cloud_to_points(msg, ['x', 'y', 'z', 'intensity', 'ring']), points)
-    objects = [cv.cloud_to_objects(m) for t, _, m in got if t == '/ground_truth/objects']
+            np.testing.assert_array_equal(ros_msgs.cloud_to_points(msg, ['x', 'y', 'z', 'intensity', 'ring']),
+                                          points)
+    objects = [ros_msgs.cloud_to_objects(m) for t, _, m in got if t == '/ground_truth/objects']
     assert [o.tobytes() for o in objects] == [o.tobytes() for _, o in recording.objects]
     assert clocks == sorted(clocks) and clocks[0] >= min(min(s) for s in expected.values())
     assert clocks[-1] >= max(max(s) for s in expected.values())
@@ -146,7 +148,7 @@ def test_offset_rate_loop_latched_and_interrupt(ros, env, tmp_path):
     _listen(node, '/count', 'std_msgs/msg/Int32', RELIABLE, got)
     _listen(node, '/latched', 'std_msgs/msg/String', LATCHED, got)
     node.create_subscription(MSGS.get_class('rosgraph_msgs/msg/Clock'), '/clock',
-                             lambda m: clocks.append(cv.stamp_ns(m.clock)), BEST_EFFORT)
+                             lambda m: clocks.append(ros_msgs.stamp_ns(m.clock)), BEST_EFFORT)
     player = _player(env, tmp_path / 'timing', '--start-offset', '0.45', '--rate', '2', '--loop')
     try:
         counts = lambda: [m.data for t, _, m in got if t == '/count']  # noqa: E731

@@ -1,12 +1,22 @@
 import numpy as np
 import pytest
 
+from coop_perception.bev_grid import BevGrid
 from coop_perception.data.pointcloud import FLOAT64, INT8, Field, dtype_to_fields
-from coop_perception.detection.decode import BevGrid, Detections
+from coop_perception.detection.decode import Detections
 from coop_perception.fusion.codec import (
-    MESSAGE_UNCERTAINTY_FIELDS, FeatureMessageError, cell_bytes, decode, dequantise, encode,
-    make_message, message_dtype, message_uncertainty, quantise, select_occupied_cells,
-    select_roi_cells)
+    MESSAGE_UNCERTAINTY_FIELDS,
+    FeatureMessageError,
+    cell_bytes,
+    decode,
+    dequantise,
+    encode,
+    make_message,
+    message_dtype,
+    message_uncertainty,
+    quantise,
+)
+from coop_perception.fusion.sharing import select_occupied_cells, select_roi_cells
 from coop_perception.geometry import points_in_boxes
 
 C = 16
@@ -27,7 +37,8 @@ def make_det(boxes, scores, *, features=None, confidence=None, velocities=None, 
     return Detections(
         boxes=boxes, scores=np.asarray(scores, np.float32), labels=np.zeros(n, np.int64),
         velocities=(rng.normal(size=(n, 2)) if velocities is None else np.asarray(velocities)).astype(np.float32),
-        uncertainty=(rng.uniform(0.01, 1, (n, 6)) if uncertainty is None else np.asarray(uncertainty)).astype(np.float32),
+        uncertainty=(rng.uniform(0.01, 1, (n, 6)) if uncertainty is None
+                     else np.asarray(uncertainty)).astype(np.float32),
         features=features,
         confidence=np.ones((H, W), np.float32) if confidence is None else confidence,
         grid=grid, sensor_height=1.8)
@@ -51,7 +62,7 @@ def decode_(fields, data, step, channels=C, **kw):
 
 
 def cell_centres(grid=GRID):
-    return grid.cell_centres().reshape(-1, 2)
+    return grid.centres().reshape(-1, 2)
 
 
 # ------------------------------------------------------------------ layout, quantisation, round trip
@@ -229,7 +240,7 @@ def _enlarged(boxes, margin):
 
 def _peaked_confidence(boxes, grid=GRID):
     """(H, W) confidence with one bump per box, highest in the cell holding its centre."""
-    c = cell_centres(grid).reshape(*grid.shape, 2)
+    c = grid.centres()
     d2 = ((c[None] - boxes[:, None, None, :2]) ** 2).sum(-1)
     return np.exp(-d2 / 8.0).max(0).astype(np.float32)
 
@@ -275,8 +286,7 @@ def test_overlapping_rois_go_to_the_higher_score():
     boxes = np.array([[0.0, 0.0, 0, 4.0, 2.0, 1.5, 0.0], [1.6, 0.0, 0, 4.0, 2.0, 1.5, 0.0]])
     det = make_det(boxes, [0.5, 0.8], confidence=_peaked_confidence(boxes[1:]))
     sel = select_roi_cells(det, score_threshold=0.0, margin_m=0.0, min_confidence=0.0)
-    x = GRID.origin[0] + (sel.cols + 0.5) * 0.8
-    y = GRID.origin[1] + (sel.rows + 0.5) * 0.8
+    x, y = GRID.centre_of(sel.rows, sel.cols)
     within = np.abs(y) < 1.0                         # ROI 0's peak neighbourhood reaches beyond
     assert set(sel.roi[within & (x > 0.4)]) == {1}   # the overlap (x in [-0.4, 2]) and beyond
     assert set(sel.roi[x < -0.4]) == {0}

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from coop_perception.detection import (UNCERTAINTY_FIELDS, Detector, apply_threads, load_config, load_detector,
-                                       save_checkpoint)
 from coop_perception.detection.bench import STAGES, bench_detector
-from coop_perception.detection.config import with_overrides
-from coop_perception.detection.decode import decode, rotated_nms
-from coop_perception.detection.evaluate import evaluate_detector
+from coop_perception.detection.checkpoint import load_detector, save_checkpoint
+from coop_perception.detection.config import load_config, with_overrides
+from coop_perception.detection.decode import UNCERTAINTY_FIELDS, decode, rotated_nms
+from coop_perception.detection.model import Detector, apply_threads
 from coop_perception.errors import UserError
+from coop_perception.eval.detector_eval import evaluate_detector
 
 CONFIG = Path(__file__).parents[1] / 'models' / 'detector.yaml'
 CFG = load_config(CONFIG)
@@ -54,7 +54,7 @@ def test_detect_outputs(model):
     assert (det.uncertainty >= 0).all() and (det.uncertainty[:, 4] <= np.log(2) + 1e-6).all()
     assert det.features.shape == (CFG.model.feature_channels, *CFG.bev_shape)
     assert det.confidence.shape == CFG.bev_shape and 0 <= det.confidence.min() <= det.confidence.max() <= 1
-    assert det.grid.cell_centres()[0, 0].tolist() == pytest.approx([-50.8, -50.8])
+    assert det.grid.centres()[0, 0].tolist() == pytest.approx([-50.8, -50.8])
     assert det.sensor_height == pytest.approx(1.8, abs=0.05)
     assert {'voxelize', 'encoder', 'backbone_head', 'decode', 'mc', 'total'} <= set(det.timings_ms)
 
@@ -153,7 +153,8 @@ def test_evaluation_report_is_plain_json(model):
     report = evaluate_detector(model, [ex, ex], max_range=50.0, progress=False)
     json.dumps(report, allow_nan=False)
     assert report['frames'] == 2 and report['gt']['car'] == 2 and set(report['ap']) == set(CFG.classes)
-    assert set(report['uncertainty']['auroc']) == {*UNCERTAINTY_FIELDS, 'ale_corner'} and 'score_auroc' in report['uncertainty']
+    assert set(report['uncertainty']['auroc']) == {*UNCERTAINTY_FIELDS, 'ale_corner'}
+    assert 'score_auroc' in report['uncertainty']
     assert report['latency_ms']['median'] > 0
 
 

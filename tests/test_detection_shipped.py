@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 
 from coop_perception.data.synth import Scenario, ScenarioConfig
-from coop_perception.detection import apply_threads, load_detector
+from coop_perception.detection.checkpoint import load_detector
+from coop_perception.detection.model import apply_threads
 from coop_perception.geometry import bev_iou, invert_pose, transform_boxes
 
 MODELS = Path(__file__).resolve().parents[1] / 'models'

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from coop_perception.detection import load_config, load_detector
+from coop_perception.bev_grid import BevGrid
 from coop_perception.detection.augment import augment_scene
-from coop_perception.detection.config import with_overrides
-from coop_perception.detection.decode import BevGrid, boxes_from_regression
-from coop_perception.detection.train import TrainExample, batch_indices, lr_at, prepare_batch, train
+from coop_perception.detection.checkpoint import load_detector
+from coop_perception.detection.config import load_config, with_overrides
+from coop_perception.detection.decode import boxes_from_regression
 from coop_perception.detection.targets import example_targets
+from coop_perception.detection.train import TrainExample, batch_indices, lr_at, prepare_batch, train
 from coop_perception.geometry import points_in_boxes
 
 CFG = load_config(Path(__file__).parents[1] / 'models' / 'detector.yaml')
@@ -42,8 +43,8 @@ def test_targets_roundtrip():
     heatmap, index, reg = example_targets(ex.boxes, ex.labels, ex.velocities, SENSOR_H, CFG)
     H, W = CFG.bev_shape
     assert heatmap.shape == (4, H, W) and heatmap.max() == 1.0
-    rows, cols = index // W, index % W
-    grid = BevGrid(np.array(CFG.voxel.range_xy[:2]), CFG.cell_size, CFG.bev_shape)
+    grid = BevGrid.for_detector(CFG)
+    rows, cols = grid.unflatten(index)
     boxes, vel = boxes_from_regression(reg, rows, cols, grid, SENSOR_H)
     order = np.argsort(np.hypot(ex.boxes[:, 0], ex.boxes[:, 1]))  # targets list nearest first
     np.testing.assert_allclose(boxes, ex.boxes[order], atol=1e-5)

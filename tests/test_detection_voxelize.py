@@ -4,8 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coop_perception.detection import load_config
-from coop_perception.detection.config import with_overrides
+from coop_perception.detection.config import load_config, with_overrides
 from coop_perception.detection.voxelize import estimate_sensor_height, resolve_sensor_height, voxelize
 
 CFG = load_config(Path(__file__).parents[1] / 'models' / 'detector.yaml')

@@ -2,18 +2,17 @@
 import numpy as np
 import pytest
 import torch
+from ros_fixtures import ROOT, TINY, ring_scan
 
 from coop_perception.data.bag import agent_from_frame
 from coop_perception.data.channel import channel_for_mean_latency, channel_from_settings
 from coop_perception.data.objects import OBJECT_DTYPE
 from coop_perception.data.pointcloud import fields_to_dtype
-from coop_perception.detection import Detector, load_config
-from coop_perception.detection.config import with_overrides
+from coop_perception.detection.config import load_config, with_overrides
+from coop_perception.detection.model import Detector
 from coop_perception.fusion.codec import FeatureMessageError, dequantise, quantise
 from coop_perception.fusion.ego_map import SENSOR_HEIGHT_FIELD, decode_ego_map, encode_ego_map
 from coop_perception.fusion.pipeline import FusedDetections
-
-from ros_fixtures import ROOT, TINY, ring_scan
 
 
 @pytest.fixture(scope='module')

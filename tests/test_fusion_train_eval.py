@@ -7,15 +7,15 @@ import torch
 
 from coop_perception.data.objects import OBJECT_DTYPE
 from coop_perception.data.v2xsim import V2XSimDataset
-from coop_perception.detection import Detector, load_config
-from coop_perception.detection.config import with_overrides
+from coop_perception.detection.config import load_config, with_overrides
+from coop_perception.detection.model import Detector
 from coop_perception.eval.bench_fusion import STAGES, bench_fusion
 from coop_perception.eval.fusion_eval import evaluate_fusion, format_results
+from coop_perception.eval.gate_calibration import calibrate_gate
 from coop_perception.fusion.cache import FeatureCache, build_cache, load_view, save_view
-from coop_perception.fusion.calibrate import calibrate_gate
 from coop_perception.fusion.model import FusionModel
-from coop_perception.fusion.trust import ThresholdTrust
 from coop_perception.fusion.train import FusionExamples, FusionTrainConfig, delayed_frame, train_fusion
+from coop_perception.fusion.trust import ThresholdTrust
 
 CFG = load_config(Path(__file__).parents[1] / 'models' / 'detector.yaml')
 

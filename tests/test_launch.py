@@ -179,7 +179,7 @@ def test_parameter_file_holds_every_default_and_nothing_else():
             p = params[key]
             assert value == p.default and type(value) is type(p.default), f'{name}.{key}: {value!r} vs {p.default!r}'
             if p.range is not None:
-                assert p.range[0] <= value <= p.range[1]
+                assert all(p.range[0] <= v <= p.range[1] for v in (value if isinstance(value, list) else [value]))
             assert p.description
     assert set(shared) <= declared_somewhere
     assert config.keys() == {'/**'} | {f'/**/{n}' for n in NODES}

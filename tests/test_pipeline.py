@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from coop_perception.detection import Detector, load_config
-from coop_perception.detection.config import with_overrides
+from coop_perception.detection.config import load_config, with_overrides
+from coop_perception.detection.model import Detector
+from coop_perception.fusion.codec import FeatureMessage
+from coop_perception.fusion.methods import METHODS
 from coop_perception.fusion.model import FusionModel
+from coop_perception.fusion.payloads import BoxList, RawPoints
 from coop_perception.fusion.pipeline import CooperativeConfig, CooperativeDetector, collaborator_message
 from coop_perception.geometry import make_pose
 
@@ -40,22 +43,25 @@ def setup(detector, method, fusion=None, collaborator_stamps=(0,), roi_boxes=Tru
     for stamp in collaborator_stamps:
         coop.add_pose(2, stamp * MS, other)
         pts = scan(2, shift=-5.0)
-        if method in ('max', 'trust', 'gate'):
+        payload = METHODS[method].payload
+        if payload is FeatureMessage:
             coop.add_input(2, stamp * MS, collaborator_message(detector.detect(pts), 2, stamp * MS,
                                                                {'score_threshold': 0.02}))
-        elif method == 'late':
-            d = detector.detect(pts)
-            coop.add_input(2, stamp * MS, {'boxes': d.boxes, 'scores': d.scores, 'labels': d.labels,
-                                           'velocities': d.velocities})
-        else:
-            coop.add_input(2, stamp * MS, pts)
+        elif payload is BoxList:
+            coop.add_input(2, stamp * MS, BoxList.from_detections(detector.detect(pts), 0.0))
+        elif payload is RawPoints:
+            coop.add_input(2, stamp * MS, RawPoints(pts))
     return coop
+
+
+def no_boxes():
+    return BoxList(np.zeros((0, 7)), np.zeros(0), np.zeros(0, int), np.zeros((0, 2)))
 
 
 GATE = {'min_score': 0.0, 'thresholds': {'reg_aleatoric': 1e6}, 'half_life_s': 0.5}
 
 
-@pytest.mark.parametrize('method', ['ego', 'late', 'early', 'max', 'trust', 'gate'])
+@pytest.mark.parametrize('method', list(METHODS))
 def test_every_method_produces_ego_frame_detections(detector, method):
     fusion = FusionModel(CFG.model.feature_channels) if method in ('trust', 'gate') else None
     coop = setup(detector, method, fusion, collaborator_stamps=(0, 60))
@@ -85,10 +91,8 @@ def test_untrained_trust_fusion_equals_ego_only(detector):
 
 def test_stale_future_and_poseless_inputs_are_dropped_and_counted(detector):
     coop = setup(detector, 'late', collaborator_stamps=(-900,))      # 1 s old > max_age
-    coop.add_input(3, 150 * MS, {'boxes': np.zeros((0, 7)), 'scores': np.zeros(0), 'labels': np.zeros(0, int),
-                                 'velocities': np.zeros((0, 2))})    # future, and no pose for agent 3
-    coop.add_input(4, 90 * MS, {'boxes': np.zeros((0, 7)), 'scores': np.zeros(0), 'labels': np.zeros(0, int),
-                                'velocities': np.zeros((0, 2))})     # agent 4 never sent a pose
+    coop.add_input(3, 150 * MS, no_boxes())    # future, and no pose for agent 3
+    coop.add_input(4, 90 * MS, no_boxes())     # agent 4 never sent a pose
     out = coop.detect(100 * MS)
     assert out is not None and out.ages_s == {}
     assert coop.drops['stale'] == 1 and coop.drops['future'] == 1 and coop.drops['no_pose'] == 1
@@ -98,9 +102,11 @@ def test_stale_future_and_poseless_inputs_are_dropped_and_counted(detector):
 def test_wrong_input_kind_is_dropped(detector):
     coop = setup(detector, 'max')
     coop.add_pose(3, 80 * MS, make_pose([0, 5, 1.8]))
-    coop.add_input(3, 80 * MS, scan(3))   # raw points where a feature message is expected
-    assert coop.detect(100 * MS) is not None
-    assert coop.drops['wrong_input_kind'] == 1
+    coop.add_input(3, 80 * MS, RawPoints(scan(3)))   # raw points where a feature message is expected
+    coop.add_input(3, 80 * MS, scan(3))              # an untyped array
+    out = coop.detect(100 * MS)
+    assert out is not None and 3 not in out.ages_s
+    assert coop.drops['wrong_input_kind'] == 2
 
 
 def test_reset_forgets_everything(detector):
@@ -124,8 +130,8 @@ def test_a_collaborators_box_of_the_ego_vehicle_itself_is_dropped(detector, foot
     coop.add_pose(2, 100 * MS, make_pose([0.0, 0.0, 1.8]))
     ego_in_2 = [10.3, 5.1, -1.0, 4.6, 1.9, 1.6, 0.5]       # the ego car, seen by agent 2
     other = [30.0, 5.0, -1.0, 4.6, 1.9, 1.6, 0.0]
-    coop.add_input(2, 100 * MS, {'boxes': np.array([ego_in_2, other]), 'scores': np.array([0.9, 0.8]),
-                                 'labels': np.array([0, 0]), 'velocities': np.zeros((2, 2))})
+    coop.add_input(2, 100 * MS, BoxList(np.array([ego_in_2, other]), np.array([0.9, 0.8]), np.array([0, 0]),
+                                        np.zeros((2, 2))))
     out = coop.detect(100 * MS)
     from_2 = out.boxes[(out.sources & (1 << 2)) > 0]
     near_ego = np.hypot(from_2[:, 0], from_2[:, 1]) < 1.0

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from coop_perception.fusion.pose_buffer import (
-    NS_PER_S, PoseBuffer, PoseBufferConfig, PoseBuffers, PoseLookupError)
+from coop_perception.fusion.pose_buffer import NS_PER_S, PoseBuffer, PoseBufferConfig, PoseBuffers, PoseLookupError
 from coop_perception.geometry import make_pose, matrix_yaw
 
 MS = 1_000_000  # ns

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from coop_perception.data.synth import Scenario, ScenarioConfig
-from coop_perception.detection import apply_threads, load_detector
+from coop_perception.detection.checkpoint import load_detector
+from coop_perception.detection.model import apply_threads
 from coop_perception.fusion.align import warp_boxes
 from coop_perception.fusion.codec import decode, encode
 from coop_perception.fusion.pipeline import collaborator_message

@@ -16,15 +16,15 @@ import yaml
 rclpy = pytest.importorskip('rclpy')
 
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from ros_fixtures import ROOT, write_tiny_models  # noqa: E402
 
 from coop_perception import cli  # noqa: E402
+from coop_perception.data import ros_msgs  # noqa: E402
 from coop_perception.data.bag import BagReader, lidar_topic  # noqa: E402
 from coop_perception.ros import convert as cv  # noqa: E402
 from coop_perception.ros.env import use_local_discovery  # noqa: E402
 from coop_perception.ros.launcher import Launch, node_specs, player_spec  # noqa: E402
 from coop_perception.ros.node import RELIABLE_QOS  # noqa: E402
-
-from ros_fixtures import ROOT, write_tiny_models  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ class Listener:
         self.thread.start()
 
     def stamps(self, since: int = 0) -> list[int]:
-        return [cv.stamp_ns(m.header.stamp) for _, m in self.objects[since:]]
+        return [ros_msgs.stamp_ns(m.header.stamp) for _, m in self.objects[since:]]
 
     def close(self):
         self.executor.shutdown()
@@ -111,7 +111,7 @@ def test_replayed_scene_gives_fused_detections_for_every_ego_frame(system):
     frame_ids = {m.header.frame_id for _, m in listener.objects}
     assert frame_ids == {f'agent{EGO}/lidar'}
     assert set(listener.stamps()) <= set(ego_stamps)     # every output carries an ego scan's stamp
-    objects = cv.cloud_to_objects(listener.objects[-1][1])
+    objects = ros_msgs.cloud_to_objects(listener.objects[-1][1])
     assert len(objects) and ((objects['trust'] >= 0) & (objects['trust'] <= 1)).all()
 
     def collaborators_arrive():

@@ -12,9 +12,12 @@ rclpy = pytest.importorskip('rclpy')
 
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
+from ros_fixtures import ring_scan, write_tiny_models  # noqa: E402
 
+from coop_perception.bev_grid import BevGrid  # noqa: E402
+from coop_perception.data import ros_msgs  # noqa: E402
 from coop_perception.data.bag import LIDAR_DTYPE  # noqa: E402
-from coop_perception.detection import BevGrid, load_detector  # noqa: E402
+from coop_perception.detection.checkpoint import load_detector  # noqa: E402
 from coop_perception.fusion import codec  # noqa: E402
 from coop_perception.fusion.ego_map import encode_ego_map  # noqa: E402
 from coop_perception.fusion.pipeline import collaborator_message  # noqa: E402
@@ -26,8 +29,6 @@ from coop_perception.ros.node import RELIABLE_QOS, InputGuard  # noqa: E402
 from coop_perception.ros.qos import CLOCK_QOS  # noqa: E402
 from coop_perception.ros.trust_fusion import TrustFusionNode  # noqa: E402
 from coop_perception.ros.v2x_channel import V2XChannelNode  # noqa: E402
-
-from ros_fixtures import ring_scan, write_tiny_models  # noqa: E402
 
 DOMAIN_ID = 61
 MSGS = cv.RclpyMessages()
@@ -90,12 +91,12 @@ def params(**values):
 
 def scan_msg(points, stamp, frame='agent1/lidar'):
     pts = np.concatenate([points, np.zeros((len(points), 1), np.float32)], 1)
-    return cv.points_to_cloud(pts, LIDAR_DTYPE, cv.make_header(MSGS, stamp, frame), MSGS)
+    return ros_msgs.points_to_cloud(pts, LIDAR_DTYPE, ros_msgs.make_header(MSGS, stamp, frame), MSGS)
 
 
 def odom_msg(agent, stamp):
-    return cv.pose_to_odometry(make_pose([float(agent), 0.0, 1.8]), cv.make_header(MSGS, stamp, 'map'),
-                               f'agent{agent}/lidar', MSGS)
+    return ros_msgs.pose_to_odometry(make_pose([float(agent), 0.0, 1.8]),
+                                     ros_msgs.make_header(MSGS, stamp, 'map'), f'agent{agent}/lidar', MSGS)
 
 
 def last_status(statuses):
@@ -117,18 +118,18 @@ def test_detector_outputs_carry_the_scan_header_and_bad_scans_are_counted(ros, m
     assert ros.spin(lambda: all(outputs[t] for t in ('features', 'objects', 'detections', 'bev')))
     for topic in ('features', 'objects', 'bev'):
         header = outputs[topic][0].header
-        assert (cv.stamp_ns(header.stamp), header.frame_id) == (now, 'agent2/lidar'), topic
-    assert cv.stamp_ns(outputs['detections'][0].markers[0].header.stamp) == now
+        assert (ros_msgs.stamp_ns(header.stamp), header.frame_id) == (now, 'agent2/lidar'), topic
+    assert ros_msgs.stamp_ns(outputs['detections'][0].markers[0].header.stamp) == now
     features = codec.decode(**cv.cloud_layout(outputs['features'][0]), grid=node.detector.grid(), channels=16,
                             agent_id=2, stamp_ns=now)
     assert features.num_cells > 0
-    objects = cv.cloud_to_objects(outputs['objects'][0])
+    objects = ros_msgs.cloud_to_objects(outputs['objects'][0])
     assert len(objects) and set(objects['source']) == {2}
 
     truncated = scan_msg(ring_scan(1), now)
     truncated.data = truncated.data[:-7]
-    no_z = cv.points_to_cloud(ring_scan(1)[:, :2], np.dtype([('x', '<f4'), ('y', '<f4')]),
-                              cv.make_header(MSGS, now, 'agent2/lidar'), MSGS)
+    no_z = ros_msgs.points_to_cloud(ring_scan(1)[:, :2], np.dtype([('x', '<f4'), ('y', '<f4')]),
+                                    ros_msgs.make_header(MSGS, now, 'agent2/lidar'), MSGS)
     nan = ring_scan(2)
     nan[::10] = np.nan
     for msg in (truncated, no_z, scan_msg(ring_scan(3), now + 60 * S, 'agent2/lidar'),
@@ -179,7 +180,8 @@ def test_channel_delays_in_ros_time_and_drops_messages_in_flight_when_time_jumps
         ros.spin(timeout_s=wait_s)
 
     def message(stamp, frame='agent2/lidar'):
-        return cv.buffer_to_cloud(*codec.encode(_feature_message(stamp)), cv.make_header(MSGS, stamp, frame), MSGS)
+        return cv.buffer_to_cloud(*codec.encode(_feature_message(stamp)), ros_msgs.make_header(MSGS, stamp, frame),
+                                  MSGS)
 
     t0 = 100 * S
     tick(t0)
@@ -192,8 +194,8 @@ def test_channel_delays_in_ros_time_and_drops_messages_in_flight_when_time_jumps
     assert not got                                               # due at t0 + 200 ms
     tick(t0 + S // 4)
     assert ros.spin(lambda: got)
-    assert [cv.stamp_ns(m.header.stamp) for m in got] == [t0]
-    assert [cv.stamp_ns(m.header.stamp) for m in odoms] == [t0]  # the pose at the message's stamp
+    assert [ros_msgs.stamp_ns(m.header.stamp) for m in got] == [t0]
+    assert [ros_msgs.stamp_ns(m.header.stamp) for m in odoms] == [t0]  # the pose at the message's stamp
 
     features.publish(message(t0 + S // 10))                      # due at t0 + 300 ms
     tick(t0 + S * 26 // 100)
@@ -237,7 +239,7 @@ def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_
         ros.spin(timeout_s=0.05)
         det = detector.detect(ring_scan(int(stamp // S)))
         pubs['coop/bev'].publish(cv.buffer_to_cloud(*encode_ego_map(det, 1, stamp),
-                                                    cv.make_header(MSGS, stamp, 'agent1/lidar'), MSGS))
+                                                    ros_msgs.make_header(MSGS, stamp, 'agent1/lidar'), MSGS))
         n = len(objects)
         assert ros.spin(lambda: len(objects) > n)
         return objects[-1]
@@ -247,25 +249,25 @@ def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_
             pubs['v2x/odom'].publish(odom_msg(agent, stamp))
         msg = message or collaborator_message(detector.detect(ring_scan(7)), agent, stamp, {'score_threshold': 0.0})
         pubs['v2x/features'].publish(cv.buffer_to_cloud(
-            *codec.encode(msg), cv.make_header(MSGS, stamp, frame_id or f'agent{agent}/lidar'), MSGS))
+            *codec.encode(msg), ros_msgs.make_header(MSGS, stamp, frame_id or f'agent{agent}/lidar'), MSGS))
         ros.spin(timeout_s=0.1)
 
     t = 50 * S
     early = cv.buffer_to_cloud(*encode_ego_map(detector.detect(ring_scan(4)), 1, t - S // 5),
-                               cv.make_header(MSGS, t - S // 5, 'agent1/lidar'), MSGS)
+                               ros_msgs.make_header(MSGS, t - S // 5, 'agent1/lidar'), MSGS)
     pubs['coop/bev'].publish(early)                                 # the map overtakes its scan's pose
     ros.spin(timeout_s=0.3)
     assert not objects
     pubs['odom'].publish(odom_msg(1, t - S // 5))
-    assert ros.spin(lambda: objects) and cv.stamp_ns(objects[0].header.stamp) == t - S // 5
+    assert ros.spin(lambda: objects) and ros_msgs.stamp_ns(objects[0].header.stamp) == t - S // 5
     frame(t - S // 10)
     collaborator(t - S // 20)
     out = frame(t)
-    assert (cv.stamp_ns(out.header.stamp), out.header.frame_id) == (t, 'agent1/lidar')
-    assert ros.spin(lambda: len(markers) == 3) and cv.stamp_ns(markers[-1].markers[0].header.stamp) == t
+    assert (ros_msgs.stamp_ns(out.header.stamp), out.header.frame_id) == (t, 'agent1/lidar')
+    assert ros.spin(lambda: len(markers) == 3) and ros_msgs.stamp_ns(markers[-1].markers[0].header.stamp) == t
     assert ros.spin(lambda: last_status(statuses).get('agents', {}).get('2', {}).get('used_age_s') is not None)
     assert last_status(statuses)['agents']['2']['used_age_s'] == pytest.approx(0.05)
-    assert cv.cloud_to_objects(out)['source'].max() <= 2
+    assert ros_msgs.cloud_to_objects(out)['source'].max() <= 2
 
     collaborator(t, agent=3, with_pose=False)                       # not in agents
     collaborator(t, frame_id='velodyne', with_pose=False)           # no agent in the frame
@@ -283,7 +285,7 @@ def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_
     pubs['v2x/odom'].publish(nan_position)
     pubs['v2x/odom'].publish(zero_rotation)
     truncated = cv.buffer_to_cloud(*encode_ego_map(detector.detect(ring_scan(3)), 1, t + S // 10),
-                                   cv.make_header(MSGS, t + S // 10, 'agent1/lidar'), MSGS)
+                                   ros_msgs.make_header(MSGS, t + S // 10, 'agent1/lidar'), MSGS)
     truncated.data = truncated.data[:-5]
     pubs['coop/bev'].publish(truncated)
     ros.spin(timeout_s=0.3)
@@ -292,7 +294,7 @@ def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_
     frame(2 * S)
     collaborator(t)                                                 # still in flight from the last loop
     out = frame(2 * S + S // 10)
-    assert cv.stamp_ns(out.header.stamp) == 2 * S + S // 10
+    assert ros_msgs.stamp_ns(out.header.stamp) == 2 * S + S // 10
     assert len(node.coop.poses[2]) == 0 and len(node.coop.poses[1]) == 2
     assert ros.spin(lambda: last_status(statuses).get('resets') == 1 and last_status(statuses)['fused'] == 5)
     status = last_status(statuses)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from coop_perception.fusion.methods import METHODS
 from coop_perception.fusion.network import MultiScaleFusion, max_fusion
 from coop_perception.fusion.trust import LearnedTrust, ThresholdTrust, decay
 
@@ -105,6 +106,7 @@ def test_sparse_run_time_fusion_equals_the_dense_training_fusion(method):
     ego = rng.uniform(0, 3, (C, H, W)).astype(np.float32)
     ego[:, :4] = 0.0                                        # empty ego cells too
     warped = [_warped_message(rng, C, H, W, n, age) for n, age in ((40, 0.1), (90, 0.3), (10, 0.0))]
+    method = METHODS[method]
     with torch.inference_mode():
         dense, dense_trust = fuse(**collate([stack_inputs(ego, warped, 4)]), method=method, model=model, gate=gate)
         sparse, sparse_trust = fuse_sparse(ego, warped, method, 4, model, gate)

@@ -33,16 +33,23 @@ from typing import Iterator, Sequence
 
 import apsw
 import numpy as np
-from rosbags.interfaces import (MessageDefinitionFormat, Qos, QosDurability, QosHistory,
-                                QosLiveliness, QosReliability, QosTime)
+from rosbags.interfaces import (
+    MessageDefinitionFormat,
+    Qos,
+    QosDurability,
+    QosHistory,
+    QosLiveliness,
+    QosReliability,
+    QosTime,
+)
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.rosbag2.errors import ReaderError, WriterError
 from rosbags.serde import SerdeError
 from rosbags.typesys import Stores, TypesysError, get_types_from_idl, get_types_from_msg, get_typestore
 
+from coop_perception.data import ros_msgs
 from coop_perception.data.objects import make_objects
 from coop_perception.errors import UserError
-from coop_perception.ros import convert as cv
 
 BAG_VERSION = 9
 # Message definitions (and their hashes) are those of the ROS distro the bags are played on.
@@ -129,7 +136,7 @@ class BagWriter:
 
     def __init__(self, path: Path, storage: str):
         self.typestore = get_typestore(TYPESTORE)
-        self.msgs = cv.RosbagsMessages(self.typestore)
+        self.msgs = ros_msgs.RosbagsMessages(self.typestore)
         self.writer = Writer(path, version=BAG_VERSION, storage_plugin=STORAGES[storage])
         self.connections = {}
 
@@ -198,13 +205,13 @@ def write_scene_bag(dataset, scene, out, *, storage: str = 'mcap', progress: boo
                     dtype = np.dtype([(n, LIDAR_DTYPE[n]) for n in LIDAR_DTYPE.names[:points.shape[1]]])
                     # The pose of a scan is logged (so played) before the scan: a detector that
                     # takes the scan at once has the pose it tracks its detections with.
-                    pending.append((t_ns, odom_topic(k), ODOMETRY, RELIABLE_QOS, cv.pose_to_odometry(
-                        a.T_world_sensor, cv.make_header(msgs, t_ns, MAP_FRAME), lidar_frame(k), msgs)))
+                    pending.append((t_ns, odom_topic(k), ODOMETRY, RELIABLE_QOS, ros_msgs.pose_to_odometry(
+                        a.T_world_sensor, ros_msgs.make_header(msgs, t_ns, MAP_FRAME), lidar_frame(k), msgs)))
                     pending.append((t_ns, TF_TOPIC, TFMESSAGE, TF_QOS, msgs(TFMESSAGE, transforms=[
-                        cv.pose_to_transform(a.T_world_ego, cv.make_header(msgs, t_ns, MAP_FRAME),
-                                             base_frame(k), msgs)])))
-                    pending.append((t_ns, lidar_topic(k), POINTCLOUD2, SENSOR_QOS, cv.points_to_cloud(
-                        points, dtype, cv.make_header(msgs, t_ns, lidar_frame(k)), msgs)))
+                        ros_msgs.pose_to_transform(a.T_world_ego, ros_msgs.make_header(msgs, t_ns, MAP_FRAME),
+                                                   base_frame(k), msgs)])))
+                    pending.append((t_ns, lidar_topic(k), POINTCLOUD2, SENSOR_QOS, ros_msgs.points_to_cloud(
+                        points, dtype, ros_msgs.make_header(msgs, t_ns, lidar_frame(k)), msgs)))
                     if k not in static or not np.array_equal(static[k], a.T_ego_sensor):
                         static[k] = np.asarray(a.T_ego_sensor, dtype=np.float64)
                         new_static = True
@@ -214,17 +221,17 @@ def write_scene_bag(dataset, scene, out, *, storage: str = 'mcap', progress: boo
                     # carries every agent's calibration.
                     t_static = min([p[0] for p in pending] + [t_gt])
                     pending.append((t_static, TF_STATIC_TOPIC, TFMESSAGE, LATCHED_QOS, msgs(
-                        TFMESSAGE, transforms=[cv.pose_to_transform(
-                            T, cv.make_header(msgs, t_static, base_frame(k)), lidar_frame(k), msgs)
+                        TFMESSAGE, transforms=[ros_msgs.pose_to_transform(
+                            T, ros_msgs.make_header(msgs, t_static, base_frame(k)), lidar_frame(k), msgs)
                             for k, T in sorted(static.items())])))
                 gt = sample.gt
                 ids = [instance_ids.setdefault(tok, len(instance_ids)) for tok in gt.instance_tokens]
                 objects = make_objects(gt.boxes, gt.velocities, label=np.asarray(gt.labels), id=ids)
-                header = cv.make_header(msgs, t_gt, MAP_FRAME)
+                header = ros_msgs.make_header(msgs, t_gt, MAP_FRAME)
                 pending.append((t_gt, GT_OBJECTS_TOPIC, POINTCLOUD2, RELIABLE_QOS,
-                                cv.objects_to_cloud(objects, header, msgs)))
+                                ros_msgs.objects_to_cloud(objects, header, msgs)))
                 pending.append((t_gt, GT_MARKERS_TOPIC, MARKER_ARRAY, RELIABLE_QOS,
-                                cv.objects_to_markers(objects, header, msgs, ns='ground_truth')))
+                                ros_msgs.objects_to_markers(objects, header, msgs, ns='ground_truth')))
                 for t_ns, topic, msgtype, qos, msg in sorted(pending, key=lambda p: p[0]):
                     bag.write(topic, msgtype, qos, t_ns, msg)
             counts = {c.topic: bag.writer.counts[c.id] for c in bag.writer.connections}
@@ -384,7 +391,7 @@ def read_scene_bag(path) -> SceneRecording:
         for topic, _, msg in bag.messages(wanted):
             try:
                 _decode_into(rec, topic, msg)
-            except (cv.PointCloudError, ValueError, AttributeError) as err:
+            except (ros_msgs.PointCloudError, ValueError, AttributeError) as err:
                 raise UserError(bag.path, f'{topic}: {_reason(err)}') from None
     return rec
 
@@ -394,44 +401,19 @@ def _decode_into(rec: SceneRecording, topic: str, msg) -> None:
     if m and m.group(2) == 'lidar':
         names = [f.name for f in msg.fields if f.name in LIDAR_DTYPE.names]
         rec.lidar.setdefault(int(m.group(1)), []).append(
-            (cv.stamp_ns(msg.header.stamp), cv.cloud_to_points(msg, names)))
+            (ros_msgs.stamp_ns(msg.header.stamp), ros_msgs.cloud_to_points(msg, names)))
     elif m:
         rec.odom.setdefault(int(m.group(1)), []).append(
-            (cv.stamp_ns(msg.header.stamp), cv.odometry_to_pose(msg)))
+            (ros_msgs.stamp_ns(msg.header.stamp), ros_msgs.odometry_to_pose(msg)))
     elif topic == TF_TOPIC:
         for tf in msg.transforms:
             rec.tf.setdefault(tf.child_frame_id, []).append(
-                (cv.stamp_ns(tf.header.stamp), cv.transform_to_pose(tf)))
+                (ros_msgs.stamp_ns(tf.header.stamp), ros_msgs.transform_to_pose(tf)))
     elif topic == TF_STATIC_TOPIC:
         for tf in msg.transforms:
-            rec.tf_static[tf.child_frame_id] = (tf.header.frame_id, cv.transform_to_pose(tf))
+            rec.tf_static[tf.child_frame_id] = (tf.header.frame_id, ros_msgs.transform_to_pose(tf))
     elif topic == GT_OBJECTS_TOPIC:
-        rec.objects.append((cv.stamp_ns(msg.header.stamp), cv.cloud_to_objects(msg).copy()))
+        rec.objects.append((ros_msgs.stamp_ns(msg.header.stamp), ros_msgs.cloud_to_objects(msg).copy()))
     elif topic == GT_MARKERS_TOPIC:
-        stamps = [cv.stamp_ns(mk.header.stamp) for mk in msg.markers]
-        rec.marker_boxes.append((stamps[0] if stamps else 0, cv.markers_to_boxes(msg)))
-
-
-# --------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    """Register ``to-bag`` on the ``coop-perception`` argparse subparsers."""
-    from coop_perception.data.v2xsim import DEFAULT_VERSION
-
-    p = subparsers.add_parser('to-bag', help='record a scene of a V2X-Sim-format dataset as a rosbag2 bag')
-    p.add_argument('data', help='dataset root (real V2X-Sim or `coop-perception synth` output)')
-    p.add_argument('--scene', default='0', help='scene name or index (default: 0)')
-    p.add_argument('--out', required=True, help='bag directory to create')
-    p.add_argument('--storage', choices=sorted(STORAGES), default='mcap', help='default: mcap')
-    p.add_argument('--version', default=DEFAULT_VERSION, help=f'metadata folder name (default: {DEFAULT_VERSION})')
-    p.set_defaults(func=_cmd_to_bag)
-
-
-def _cmd_to_bag(args) -> int:
-    from coop_perception.data.v2xsim import V2XSimDataset
-
-    summary = write_scene_bag(V2XSimDataset(args.data, version=args.version), args.scene, args.out,
-                              storage=args.storage, progress=True)
-    total = sum(summary['messages'].values())
-    print(f'{args.out}: scene {summary["scene"]}, {summary["frames"]} frames, agents '
-          f'{summary["agents"]}, {total} messages ({args.storage})')
-    return 0
+        stamps = [ros_msgs.stamp_ns(mk.header.stamp) for mk in msg.markers]
+        rec.marker_boxes.append((stamps[0] if stamps else 0, ros_msgs.markers_to_boxes(msg)))

@@ -248,6 +248,8 @@ def channel_for_mean_latency(mean_ms: float, model: str = 'uniform', *, spread: 
 # What channel_for_mean_latency takes besides the mean, per model, and for every model.
 MODEL_SETTINGS = {'fixed': (), 'uniform': ('spread',), 'bernoulli_frames': ('frame_ms', 'trials'),
                   'bandwidth': ('bandwidth_mbps', 'jitter_ms')}
+# The models channel_for_mean_latency builds from a mean latency alone (bandwidth needs a rate).
+MEAN_LATENCY_MODELS = tuple(m for m in MODEL_SETTINGS if m != 'bandwidth')
 COMMON_SETTINGS = ('loss', 'seed', 'clock_offset_ms', 'clock_offset_std_ms')
 
 

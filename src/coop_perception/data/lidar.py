@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import open3d as o3d
 
 from .town import REFLECTIVITY
 
@@ -59,6 +58,9 @@ class LidarSimulator:
         static_mesh: (vertices (V, 3), triangles (T, 3), material per triangle (T,))
         dynamic_mesh: same plus owner per triangle (T,) -> (verts, tris, materials, owners)
         """
+        # imported here: only ray casting needs open3d (0.75 s to import, and a system libusb)
+        import open3d as o3d
+
         cfg = self.cfg
         scene = o3d.t.geometry.RaycastingScene()
         sv, st, smat = static_mesh

@@ -2,7 +2,7 @@
 
 Defined here once, as a numpy structured dtype, so detection, fusion, evaluation and the ROS
 conversion share it without ROS. On the wire it is a PointCloud2 with one point per object and
-these named fields (``coop_perception.ros.convert.objects_to_cloud``).
+these named fields (``coop_perception.data.ros_msgs.objects_to_cloud``).
 
 Geometry and velocity are float64 so that boxes survive a bag round trip bit for bit (map-frame
 coordinates of hundreds of metres lose millimetres in float32).

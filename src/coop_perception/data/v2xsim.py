@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..geometry import (make_pose, matrix_to_quat_wxyz, points_in_boxes, quat_wxyz_to_yaw,
-                        yaw_to_quat_wxyz)
+from ..geometry import make_pose, matrix_to_quat_wxyz, points_in_boxes, quat_wxyz_to_yaw, yaw_to_quat_wxyz
 from .labels import category_to_label
 
 DEFAULT_VERSION = 'v2.0-mini'

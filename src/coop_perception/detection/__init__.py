@@ -2,14 +2,13 @@
 
 Typical use::
 
+    from coop_perception.detection.checkpoint import load_detector
+    from coop_perception.detection.model import apply_threads
+
     det = load_detector('models/detector.pt', 'models/detector.yaml')
     apply_threads(det.cfg)            # once per process, in the entry point
     out = det.detect(points)          # (N, 3+) sensor-frame scan -> Detections
-"""
-from .checkpoint import load_detector, save_checkpoint
-from .config import DetectorConfig, load_config
-from .decode import UNCERTAINTY_FIELDS, BevGrid, Detections
-from .model import Detector, apply_threads
 
-__all__ = ['BevGrid', 'Detections', 'Detector', 'DetectorConfig', 'UNCERTAINTY_FIELDS',
-           'apply_threads', 'load_config', 'load_detector', 'save_checkpoint']
+The package itself imports nothing, so that registering commands (``detection.commands``) does
+not load torch.
+"""

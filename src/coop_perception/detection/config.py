@@ -1,12 +1,16 @@
 """Detector configuration: the YAML beside each checkpoint in ``models/``, parsed strictly.
 
-Unknown or missing keys are errors so that a typo cannot silently fall back to a default. The
+Unknown or missing keys are errors so that a typo cannot silently fall back to a default
+(`read_yaml_mapping` + `build_strict` do this for any dataclass, e.g. the fusion's training
+settings in ``models/fusion.yaml``, optionally checking each value's type too). The
 ``voxel``, ``model`` and ``classes`` sections define what a checkpoint's weights mean; a checkpoint
 whose stored config differs from its YAML there is rejected (see :mod:`.checkpoint`).
 """
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,14 +151,28 @@ class DetectorConfig:
 
 
 def load_config(path: str | Path) -> DetectorConfig:
+    return DetectorConfig.from_dict(read_yaml_mapping(path, 'detector config'), str(path))
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The YAML mapping in ``path``; a UserError naming the file when it is unreadable or not a
+    mapping (``what``: the kind of file, for the message)."""
     path = Path(path)
     try:
         d = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise UserError(path, f'cannot read detector config: {e}') from e
+        raise UserError(path, f'cannot read {what}: {e}') from e
     if not isinstance(d, dict):
-        raise UserError(path, 'detector config must be a mapping')
-    return DetectorConfig.from_dict(d, str(path))
+        raise UserError(path, f'{what} must be a mapping')
+    return d
+
+
+def build_strict(cls: type, d: Any, source: str, *, check_types: bool = False) -> Any:
+    """The dataclass ``cls`` (nested dataclass fields included) from the plain dict ``d``, e.g. a
+    YAML file's mapping. Unknown or missing keys are a UserError naming ``source`` and the dotted
+    section; lists become tuples. With ``check_types`` so is a value that does not fit its field's
+    annotation, naming the dotted key (an int fits a float, a bool fits no number)."""
+    return _build(cls, d, source, '', check_types)
 
 
 def with_overrides(cfg: DetectorConfig, **sections: dict[str, Any]) -> DetectorConfig:
@@ -195,29 +213,56 @@ def _to_plain(x: Any) -> Any:
     return x
 
 
-def _build(cls: type, d: Any, source: str, where: str) -> Any:
+def _build(cls: type, d: Any, source: str, where: str, check_types: bool = False) -> Any:
     if not isinstance(d, dict):
         raise UserError(source, f'{where or "config"}: expected a mapping, got {d!r}')
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown, missing = set(d) - set(fields), set(fields) - set(d)
     if unknown or missing:
         parts = ([f'unknown keys {sorted(unknown)}'] if unknown else []) + (
             [f'missing keys {sorted(missing)}'] if missing else [])
         raise UserError(source, f'{where or "config"}: ' + ', '.join(parts))
     kwargs = {}
-    for name, f in fields.items():
-        ftype = f.type if not isinstance(f.type, str) else _TYPES.get(f.type, f.type)
+    for name in fields:
+        ftype = hints[name]
         value = d[name]
         if dataclasses.is_dataclass(ftype):
-            value = _build(ftype, value, source, f'{where}{name}.')
-        elif isinstance(value, list):
-            value = tuple(value)
+            value = _build(ftype, value, source, f'{where}{name}.', check_types)
+        else:
+            if check_types and not _fits(value, ftype):
+                raise UserError(source, f'{where}{name}: expected {_type_name(ftype)}, got {value!r}')
+            if isinstance(value, list):
+                value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
 
 
-_TYPES = {c.__name__: c for c in (VoxelConfig, ModelConfig, DecodeConfig, TargetConfig,
-                                  RuntimeConfig, AugmentConfig, LossWeights, TrainConfig)}
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a plain (YAML) value fits a field annotation: int, float, bool, str, None, unions
+    and tuples of them; other annotations are not checked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is type(None):
+        return value is None
+    if origin is None and isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if typing.get_origin(hint) is None and isinstance(hint, type) else str(hint)
 
 
 def _validate(cfg: DetectorConfig, source: str) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from coop_perception.bev_grid import BevGrid
 from coop_perception.geometry import bev_iou
 
 from .config import DetectorConfig
@@ -41,22 +42,6 @@ def corner_variance(uncertainty: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return u[:, 0] + u[:, 1] + (boxes[:, 3] ** 2 + boxes[:, 4] ** 2) / 4.0 * u[:, 2]
 
 
-@dataclass(frozen=True)
-class BevGrid:
-    """Geometry of the BEV maps: cell (row i, col j) covers x in origin[0] + [j, j+1) * cell_size,
-    y in origin[1] + [i, i+1) * cell_size, in the sensor frame."""
-    origin: np.ndarray  # (2,) x, y (m) of the corner of cell (0, 0)
-    cell_size: float  # m
-    shape: tuple[int, int]  # (H, W) rows (y), columns (x)
-
-    def cell_centres(self) -> np.ndarray:
-        """(H, W, 2) x, y of every cell centre (m)."""
-        H, W = self.shape
-        xs = self.origin[0] + (np.arange(W) + 0.5) * self.cell_size
-        ys = self.origin[1] + (np.arange(H) + 0.5) * self.cell_size
-        return np.stack(np.meshgrid(xs, ys), -1)
-
-
 @dataclass
 class Detections:
     """One scan's output, all in the sensor frame of that scan."""
@@ -85,8 +70,8 @@ def boxes_from_regression(reg: np.ndarray, rows: np.ndarray, cols: np.ndarray, g
                           sensor_height: float) -> tuple[np.ndarray, np.ndarray]:
     """(n, len(REG_FIELDS)) regression at cells (rows, cols) -> boxes (n, 7), velocities (n, 2)."""
     reg = reg.astype(np.float64)
-    x = grid.origin[0] + (cols + 0.5) * grid.cell_size + reg[:, 0]
-    y = grid.origin[1] + (rows + 0.5) * grid.cell_size + reg[:, 1]
+    cx, cy = grid.centre_of(rows, cols)
+    x, y = cx + reg[:, 0], cy + reg[:, 1]
     z = reg[:, 2] - sensor_height
     lwh = np.exp(np.clip(reg[:, 3:6], *_LOG_SIZE_CLAMP))
     yaw = np.arctan2(reg[:, 6], reg[:, 7])

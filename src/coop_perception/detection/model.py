@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coop_perception.bev_grid import BevGrid
+
 from .config import DetectorConfig
-from .decode import (REG_FIELDS, REG_LOGVAR_FIELDS, BevGrid, Detections, decode,
-                     empty_detections)
+from .decode import REG_FIELDS, REG_LOGVAR_FIELDS, Detections, decode, empty_detections
 from .spconv_cpu import patch_spconv_for_cpu
 from .voxelize import resolve_sensor_height, voxelize
 
@@ -191,8 +192,7 @@ class Detector(nn.Module):
         return {k: v.float() for k, v in out.items() if k != 'cells'}
 
     def grid(self) -> BevGrid:
-        x0, y0 = self.cfg.voxel.range_xy[:2]
-        return BevGrid(origin=np.array([x0, y0]), cell_size=self.cfg.cell_size, shape=self.cfg.bev_shape)
+        return BevGrid.for_detector(self.cfg)
 
     @torch.inference_mode()
     def detect(self, points: np.ndarray, sensor_height: float | None = None,

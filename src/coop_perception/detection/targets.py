@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from coop_perception.bev_grid import BevGrid
+
 from .config import DetectorConfig
 from .decode import LOGVAR_CLAMP, REG_FIELDS, class_probability
 
@@ -40,19 +42,18 @@ def example_targets(boxes: np.ndarray, labels: np.ndarray, velocities: np.ndarra
     Boxes of unknown classes, with non-finite values or whose centre lies outside the BEV range are
     left out; beyond ``target.max_objects`` the farthest are.
     """
-    K, (H, W), cell = len(cfg.classes), cfg.bev_shape, cfg.cell_size
-    x0, y0 = cfg.voxel.range_xy[:2]
+    grid = BevGrid.for_detector(cfg)
+    K, (H, W), cell = len(cfg.classes), grid.shape, grid.cell_size
     boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
     labels = np.asarray(labels, np.int64).reshape(-1)
     velocities = np.asarray(velocities, np.float64).reshape(-1, 2)
-    cols = np.floor((boxes[:, 0] - x0) / cell)
-    rows = np.floor((boxes[:, 1] - y0) / cell)
+    # tested unrounded: flooring would cast the non-finite boxes this drops to int
     ok = ((labels >= 0) & (labels < K) & np.isfinite(boxes).all(1) & np.isfinite(velocities).all(1)
-          & (boxes[:, 3:6] > 0).all(1) & (cols >= 0) & (cols < W) & (rows >= 0) & (rows < H))
+          & (boxes[:, 3:6] > 0).all(1) & grid.inside(*grid.cell_coords(boxes[:, 0], boxes[:, 1])))
     order = np.argsort(np.hypot(boxes[:, 0], boxes[:, 1])[ok], kind='stable')[:cfg.target.max_objects]
     sel = np.flatnonzero(ok)[order]
     boxes, labels, velocities = boxes[sel], labels[sel], velocities[sel]
-    rows, cols = rows[sel].astype(np.int64), cols[sel].astype(np.int64)
+    rows, cols = grid.cells_of(boxes[:, 0], boxes[:, 1])
 
     heatmap = np.zeros((K, H, W), np.float32)
     radius = np.maximum(cfg.target.min_radius, gaussian_radius(
@@ -61,13 +62,13 @@ def example_targets(boxes: np.ndarray, labels: np.ndarray, velocities: np.ndarra
         _draw_gaussian(heatmap[k], r, c, int(rad))
 
     reg = np.zeros((len(boxes), len(REG_FIELDS)), np.float32)
-    reg[:, 0] = boxes[:, 0] - (x0 + (cols + 0.5) * cell)
-    reg[:, 1] = boxes[:, 1] - (y0 + (rows + 0.5) * cell)
+    cx, cy = grid.centre_of(rows, cols)
+    reg[:, 0], reg[:, 1] = boxes[:, 0] - cx, boxes[:, 1] - cy
     reg[:, 2] = boxes[:, 2] + sensor_height
     reg[:, 3:6] = np.log(boxes[:, 3:6])
     reg[:, 6], reg[:, 7] = np.sin(boxes[:, 6]), np.cos(boxes[:, 6])
     reg[:, 8:10] = velocities
-    return heatmap, rows * W + cols, reg
+    return heatmap, grid.flat_index(rows, cols), reg
 
 
 def _draw_gaussian(hm: np.ndarray, row: int, col: int, radius: int) -> None:

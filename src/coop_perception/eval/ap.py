@@ -18,6 +18,7 @@ import numpy as np
 from coop_perception.geometry import bev_iou
 
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+HEADLINE_CLASS = 'car'   # the class whose AP the cooperative results headline
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:

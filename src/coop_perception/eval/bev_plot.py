@@ -8,7 +8,6 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
 from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
 from ..geometry import bev_corners, transform_points  # noqa: E402

@@ -8,50 +8,39 @@ returns on, at the ego's capture time, in the ego frame, within `max_range` of t
 """
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from ..data.channel import channel_for_mean_latency
-from ..data.objects import OBJECT_DTYPE
+from ..data.ground_truth import cooperative_targets
 from ..data.synth import RSU_AGENT
-from ..fusion.cache import FeatureCache, build_cache
-from ..fusion.codec import ROI_SCORE_THRESHOLD, encode
+from ..fusion.cache import FeatureCache
+from ..fusion.codec import FeatureMessage, encode
+from ..fusion.methods import METHODS
+from ..fusion.payloads import BoxList, RawPoints
 from ..fusion.pipeline import CooperativeConfig, CooperativeDetector, Sender, collaborator_message
-from ..fusion.train import cooperative_targets
-from .ap import APAccumulator
-
-HEADLINE_CLASS = 'car'
-RAW_POINT_BYTES = 16  # x, y, z, intensity as float32: what a raw scan costs on the wire
+from ..fusion.sharing import ROI_SCORE_THRESHOLD
+from .ap import HEADLINE_CLASS, APAccumulator
 
 
-def _payload_kind(method: str) -> str | None:
-    """What a collaborator sends for ``method``: 'features', 'boxes', 'points' or nothing (ego)."""
-    return {'max': 'features', 'trust': 'features', 'gate': 'features', 'late': 'boxes',
-            'early': 'points'}.get(method)
-
-
-def _payload(kind: str, view, agent, points_fn, roi_policy):
-    """(input for the pipeline, bytes on the wire) of one collaborator scan."""
+def _payload(kind: type, view, agent, points_fn, roi_policy):
+    """(input for the pipeline, bytes on the wire) of one collaborator scan; ``kind`` is a
+    method's payload type (fusion.methods)."""
     det = view.detections
-    if kind == 'features':
+    if kind is FeatureMessage:
         msg = collaborator_message(det, agent, view.stamp_ns, roi_policy)
         return msg, len(encode(msg)[1])
-    if kind == 'boxes':
+    if kind is BoxList:
         # late fusion shares the boxes it is as confident about as intermediate fusion's ROIs
-        keep = det.scores >= (roi_policy or {}).get('score_threshold', ROI_SCORE_THRESHOLD)
-        boxes = {'boxes': det.boxes[keep], 'scores': det.scores[keep], 'labels': det.labels[keep],
-                 'velocities': det.velocities[keep]}
-        return boxes, int(keep.sum()) * OBJECT_DTYPE.itemsize
-    pts = points_fn()
-    return pts, len(pts) * RAW_POINT_BYTES
+        item = BoxList.from_detections(det, (roi_policy or {}).get('score_threshold', ROI_SCORE_THRESHOLD))
+    else:
+        item = RawPoints(points_fn())
+    return item, item.wire_bytes
 
 
-def _scene_payloads(cache: FeatureCache, samples, kind: str, roi_policy) -> dict:
+def _scene_payloads(cache: FeatureCache, samples, kind: type, roi_policy) -> dict:
     """Every agent scan of one scene as it goes on the air: (frame, agent) -> (capture stamp ns,
     T_world_sensor, pipeline input, bytes). Each agent's sender tracks velocities over all its
     scans in capture order, whichever agent is the ego; computed once per scene and payload kind,
@@ -78,24 +67,13 @@ class _Tally:
     drops: Counter = field(default_factory=Counter)
 
 
-def feature_cache(dataset, detector, weights, root, progress: bool = True) -> tuple[FeatureCache, int]:
-    """The cached detector output of every agent view of ``dataset``, in ``root/<weights id>``:
-    keyed by the checkpoint file ``weights``, so a retrained detector never reads stale features.
-    Views not cached yet are computed now. -> (cache, views written now)."""
-    weights_id = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
-    folder = Path(root) / weights_id
-    written = build_cache(dataset, detector, folder, progress=progress)
-    return FeatureCache(folder, detector.grid()), written
-
-
 def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, methods, delays_ms, *,
                     channel_model: str = 'uniform', seed: int = 0, max_range: float = 50.0,
                     egos=None, roi_policy: dict | None = None, gate: dict | None = None,
                     progress: bool = True) -> dict:
     classes = detector.cfg.classes
-    # early fusion is the no-delay upper bound: its collaborators' points arrive at once, whatever
-    # the delay, so it runs once and its row repeats for every delay
-    runs = [(m, float(d)) for m in methods for d in (delays_ms[:1] if m == 'early' else delays_ms)]
+    # a method without delay (early fusion, the upper bound) runs once; its row repeats for every delay
+    runs = [(m, float(d)) for m in methods for d in (delays_ms if METHODS[m].delayed else delays_ms[:1])]
     tallies = {run: _Tally(APAccumulator(classes, max_range=max_range)) for run in runs}
     bar = tqdm(total=len(runs) * len(dataset.scenes), desc='eval fusion', unit='scene', disable=not progress)
     for s in range(len(dataset.scenes)):
@@ -103,21 +81,20 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
         agents = sorted({k for smp in samples for k in smp.agents})
         scene_egos = [a for a in agents if a != RSU_AGENT and (egos is None or a in egos)]
         payloads: dict = {}
-        for method, delay in runs:
-            kind = _payload_kind(method)
+        for name, delay in runs:
+            kind = METHODS[name].payload
             if kind is not None and kind not in payloads:
                 payloads[kind] = _scene_payloads(cache, samples, kind, roi_policy)
             for ego in scene_egos:
-                _run_ego(tallies[(method, delay)], detector, cache, samples, ego, method,
-                         0.0 if method == 'early' else delay, payloads.get(kind, {}), fusion_model,
-                         CooperativeConfig(method=method, roi_policy=roi_policy or {}, gate=gate),
+                _run_ego(tallies[(name, delay)], detector, cache, samples, ego, delay, payloads.get(kind, {}),
+                         fusion_model, CooperativeConfig(method=name, roi_policy=roi_policy or {}, gate=gate),
                          channel_model, seed)
             bar.update(1)
     bar.close()
     results = []
     for method in methods:
         for delay in delays_ms:
-            t = tallies[(method, float(delays_ms[0] if method == 'early' else delay))]
+            t = tallies[(method, float(delay if METHODS[method].delayed else delays_ms[0]))]
             summary = t.acc.summary()
             head = summary['ap'][HEADLINE_CLASS]
             results.append({'method': method, 'delay_ms': float(delay), 'ap50': head['0.5'], 'ap70': head['0.7'],
@@ -128,18 +105,20 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
             'channel': channel_model, 'seed': seed}
 
 
-def _run_ego(tally: _Tally, detector, cache, samples, ego: int, method: str, mean_ms: float, payloads: dict,
+def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, payloads: dict,
              fusion_model, cfg: CooperativeConfig, channel_model: str, seed: int) -> None:
-    """One ego through one scene: collaborators' payloads go through a fresh seeded channel, the
-    pipeline fuses each ego frame with what has arrived by its capture time."""
+    """One ego through one scene: collaborators' payloads go through a fresh seeded channel (none
+    for a method without delay), the pipeline fuses each ego frame with what has arrived by its
+    capture time."""
     scene = samples[0].scene_name
-    channel = channel_for_mean_latency(mean_ms, channel_model, seed=seed)
-    coop = CooperativeDetector(detector, ego, cfg, fusion_model if method in ('trust', 'gate') else None)
+    method = METHODS[cfg.method]
+    channel = channel_for_mean_latency(mean_ms if method.delayed else 0.0, channel_model, seed=seed)
+    coop = CooperativeDetector(detector, ego, cfg, fusion_model if method.needs_fusion_model else None)
     pending = []  # (arrival_ns, agent, stamp_ns, pose, item)
     for f, smp in enumerate(samples):
         if ego not in smp.agents:
             continue
-        if method != 'ego':
+        if method.payload is not None:
             for k in smp.agents:
                 if k == ego:
                     continue
@@ -152,7 +131,8 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, method: str, mea
         ego_view = cache.load(scene, f, ego)
         t_e = ego_view.stamp_ns
         coop.add_pose(ego, t_e, ego_view.T_world_sensor)
-        coop.add_ego_detections(t_e, ego_view.detections, payloads[(f, ego)][2] if method == 'early' else None)
+        coop.add_ego_detections(t_e, ego_view.detections,
+                                payloads[(f, ego)][2].points if method.payload is RawPoints else None)
         arrived = [p for p in pending if p[0] <= t_e]
         pending = [p for p in pending if p[0] > t_e]
         for _, k, stamp, pose, item in arrived:
@@ -173,6 +153,6 @@ def format_results(result: dict) -> str:
         ap50 = f"{100 * r['ap50']:.1f}" if r['ap50'] is not None else 'n/a'
         ap70 = f"{100 * r['ap70']:.1f}" if r['ap70'] is not None else 'n/a'
         lines.append(f"{r['method']:<8}{r['delay_ms']:>9.0f}{ap50:>8}{ap70:>8}{r['bytes_per_agent_frame']:>19.0f}")
-    lines.append(f"({result['headline_class']} AP in %, BEV rotated IoU, within {result['max_range_m']:g} m of the ego; "
-                 f"{result['channel']} latency channel, seed {result['seed']})")
+    lines.append(f"({result['headline_class']} AP in %, BEV rotated IoU, within {result['max_range_m']:g} m of the "
+                 f"ego; {result['channel']} latency channel, seed {result['seed']})")
     return '\n'.join(lines)

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data import ros_msgs
 from ..data.bag import BagReader
+from ..data.ground_truth import cooperative_targets
 from ..data.objects import OBJECT_DTYPE, object_boxes
-from ..fusion.train import cooperative_targets
-from ..ros import convert as cv
-from .ap import APAccumulator
-from .fusion_eval import HEADLINE_CLASS
+from .ap import HEADLINE_CLASS, APAccumulator
 
 
 @dataclass
@@ -44,8 +43,8 @@ def _objects_by_stamp(bag: BagReader, topic: str) -> dict[int, tuple[float, np.n
         return {}
     out = {}
     for _, t_ns, msg in bag.messages([topic]):
-        stamp = cv.stamp_ns(msg.header.stamp)
-        out[stamp] = ((t_ns - stamp) * 1e-6, cv.cloud_to_objects(msg).copy())
+        stamp = ros_msgs.stamp_ns(msg.header.stamp)
+        out[stamp] = ((t_ns - stamp) * 1e-6, ros_msgs.cloud_to_objects(msg).copy())
     return out
 
 

@@ -21,7 +21,7 @@ from .codec import MESSAGE_UNCERTAINTY_FIELDS, FeatureMessage
 from .pose_buffer import NS_PER_S
 
 if TYPE_CHECKING:
-    from coop_perception.detection.decode import BevGrid
+    from coop_perception.bev_grid import BevGrid
 
 
 @dataclass
@@ -75,7 +75,6 @@ def warp_to_ego(msg: FeatureMessage, T_world_sender: np.ndarray, T_world_ego: np
     R, t = P[:2, :2], P[:2, 2]
     age_s = (int(ego_stamp_ns) - int(msg.stamp_ns)) / NS_PER_S
     C, (H, W) = msg.channels, ego_grid.shape
-    cell = ego_grid.cell_size
     src_grid = msg.grid
 
     shift = np.zeros((msg.num_cells, 2))                                       # (M, 2) m, ego frame
@@ -85,28 +84,25 @@ def warp_to_ego(msg: FeatureMessage, T_world_sender: np.ndarray, T_world_ego: np
     q = ((np.arange(2) + 0.5) / 2 - 0.5) * src_grid.cell_size
     sub = np.stack(np.meshgrid(q, q), -1).reshape(-1, 2)                      # (4, 2)
     pts = (msg.cells.astype(np.float64)[:, None, :] + sub) @ R.T + t + shift[:, None, :]
-    cols = np.floor((pts[..., 0] - ego_grid.origin[0]) / cell).astype(np.int64)
-    rows = np.floor((pts[..., 1] - ego_grid.origin[1]) / cell).astype(np.int64)
-    inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)               # (M, 4)
+    rows, cols = ego_grid.cells_of(pts[..., 0], pts[..., 1])
+    inside = ego_grid.inside(rows, cols)                                       # (M, 4)
     dropped = int((~inside.any(axis=1)).sum())
 
     # Back-project each candidate ego centre with its candidate's motion; the message cell
     # containing it (if any, and of the same ROI) supplies the values.
     cand = np.nonzero(inside)[0]
     rows, cols = rows[inside], cols[inside]
-    centre = np.stack([ego_grid.origin[0] + (cols + 0.5) * cell,
-                       ego_grid.origin[1] + (rows + 0.5) * cell], axis=1)
+    centre = np.stack(ego_grid.centre_of(rows, cols), axis=1)
     back = (centre - shift[cand] - t) @ R                                      # sender frame
     Hs, Ws = src_grid.shape
-    bc = np.floor((back[:, 0] - src_grid.origin[0]) / src_grid.cell_size).astype(np.int64)
-    br = np.floor((back[:, 1] - src_grid.origin[1]) / src_grid.cell_size).astype(np.int64)
-    on_grid = (br >= 0) & (br < Hs) & (bc >= 0) & (bc < Ws)
+    br, bc = src_grid.cells_of(back[:, 0], back[:, 1])
+    on_grid = src_grid.inside(br, bc)
     lookup = np.full(Hs * Ws, -1, np.int64)
     lookup[cell_index(msg)] = np.arange(msg.num_cells)
-    src = np.where(on_grid, lookup[np.where(on_grid, br * Ws + bc, 0)], -1)
+    src = np.where(on_grid, lookup[np.where(on_grid, src_grid.flat_index(br, bc), 0)], -1)
     ok = src >= 0
     ok[ok] = msg.roi[src[ok]] == msg.roi[cand[ok]]
-    src, flat = src[ok], (rows * W + cols)[ok]
+    src, flat = src[ok], ego_grid.flat_index(rows, cols)[ok]
 
     order = np.lexsort((-msg.confidence[src], -msg.score[src], flat))
     src, flat = src[order], flat[order]
@@ -135,9 +131,7 @@ def warp_to_ego(msg: FeatureMessage, T_world_sender: np.ndarray, T_world_ego: np
 
 def cell_index(msg: FeatureMessage) -> np.ndarray:
     """(M,) flat index row * W + col of each message cell in its own grid."""
-    g = msg.grid
-    ij = np.floor((msg.cells.astype(np.float64) - g.origin) / g.cell_size).astype(np.int64)
-    return ij[:, 1] * g.shape[1] + ij[:, 0]
+    return msg.grid.flat_index(*msg.grid.cells_of(msg.cells[:, 0], msg.cells[:, 1]))
 
 
 def warp_boxes(boxes: np.ndarray, velocities: np.ndarray, T_world_sender: np.ndarray,

@@ -6,13 +6,15 @@ stored with the codec's per-cell int8 quantisation (the same loss the wire has).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from ..detection.decode import BevGrid, Detections
+from ..bev_grid import BevGrid
+from ..detection.decode import Detections
 from .codec import dequantise, quantise
 
 
@@ -82,3 +84,13 @@ def build_cache(dataset, detector, root, progress: bool = True) -> int:
             save_view(path, det, agent.T_world_sensor, agent.timestamp_us * 1000)
             written += 1
     return written
+
+
+def feature_cache(dataset, detector, weights, root, progress: bool = True) -> tuple[FeatureCache, int]:
+    """The cached detector output of every agent view of ``dataset``, in ``root/<weights id>``:
+    keyed by the checkpoint file ``weights``, so a retrained detector never reads stale features.
+    Views not cached yet are computed now. -> (cache, views written now)."""
+    weights_id = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+    folder = Path(root) / weights_id
+    written = build_cache(dataset, detector, folder, progress=progress)
+    return FeatureCache(folder, detector.grid()), written

@@ -1,10 +1,11 @@
-"""Compact BEV features on the wire: which cells to share, int8 quantisation, PointCloud2 layout.
+"""Compact BEV features on the wire: int8 quantisation, PointCloud2 layout, validation.
 
 A feature message is a sparse set of BEV cells of one agent's detector grid, one PointCloud2
-point per cell (DESIGN.md, "Compact features"). Producer side::
+point per cell (docs/architecture.md, "Wire formats"); which cells is the sharing policy's choice
+(fusion.sharing). Producer side::
 
     det = detector.detect(scan)                                    # Detections, sensor frame
-    msg = make_message(det, select_roi_cells(det), agent_id, stamp_ns)
+    msg = make_message(det, sharing.select_roi_cells(det), agent_id, stamp_ns)
     fields, data, point_step = encode(msg)                         # -> PointCloud2, width = M
 
 Consumer side: ``decode(fields, data, point_step, width=..., grid=..., channels=..., ...)``
@@ -27,7 +28,7 @@ Per-ROI values are repeated on every cell of the ROI because a PointCloud2 has o
 They stay float32 rather than being squeezed into bespoke integer codes: they cost 28 of 110
 bytes a cell, every consumer (RViz included) reads float32 fields as they are, and the variances
 span many decades, which a linear 8- or 16-bit code would not hold. ``vx``/``vy`` are optional on
-decode (DESIGN lists velocity as optional); a message without them decodes with zero velocity.
+decode (the contract makes velocity optional); a message without them decodes with zero velocity.
 
 The grid (cell size, extent) is not on the wire: every agent runs the same detector config, so a
 receiver decodes against its own copy and rejects cells that are not centres of that grid.
@@ -35,27 +36,29 @@ receiver decodes against its own copy and rejects cells that are not centres of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 import numpy as np
 
 from coop_perception.data.pointcloud import (
-    FLOAT32, INT8, INT16, Field, PointCloudError, array_to_buffer, buffer_to_array, check_layout)
+    FLOAT32,
+    INT8,
+    INT16,
+    Field,
+    PointCloudError,
+    array_to_buffer,
+    buffer_to_array,
+    check_layout,
+)
 
 if TYPE_CHECKING:  # only for annotations: decoding needs no torch
-    from coop_perception.detection.decode import BevGrid, Detections
+    from coop_perception.bev_grid import BevGrid
+    from coop_perception.detection.decode import Detections
+
+    from .sharing import CellSelection
 
 # Columns of FeatureMessage.uncertainty, from the detector's six by message_uncertainty().
 MESSAGE_UNCERTAINTY_FIELDS = ('cls_aleatoric', 'cls_epistemic', 'reg_aleatoric', 'reg_epistemic')
-
-# ROI policy defaults, sized for the 20 kB mean message budget (issue 5) with C = 64; the fusion
-# config overrides them. See select_roi_cells for what each does.
-ROI_SCORE_THRESHOLD = 0.3
-ROI_MAX = 32
-ROI_MARGIN_M = 0.4            # half a 0.8 m cell: the cells the box edge cuts through come along
-ROI_MIN_CONFIDENCE = 0.1
-# Data bytes: 20 000 minus ~500 for the PointCloud2 header and the 13 field descriptors.
-ROI_MAX_BYTES = 19_500
 
 _INT8_MAX = 127
 # A received centre may sit this far (in cells) from the grid's centre: float32 rounding of
@@ -117,13 +120,6 @@ class FeatureMessage:
         return dequantise(self.features, self.scale)
 
 
-class CellSelection(NamedTuple):
-    """Cells chosen by a sharing policy, sorted by flat index row * W + col."""
-    rows: np.ndarray  # (M,) int64
-    cols: np.ndarray  # (M,) int64
-    roi: np.ndarray   # (M,) int64 index into the Detections' arrays, -1 background
-
-
 # --------------------------------------------------------------------------- uncertainty
 def message_uncertainty(uncertainty: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Detector uncertainty (N, 6) (columns detection.decode.UNCERTAINTY_FIELDS) and boxes (N, 7)
@@ -164,140 +160,14 @@ def dequantise(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[:, None]
 
 
-# --------------------------------------------------------------------------- sharing policies
-def _box_cells(boxes: np.ndarray, grid: BevGrid, margin_m: float) -> tuple[np.ndarray, np.ndarray]:
-    """Grid cells whose centre lies inside each box's BEV footprint grown by ``margin_m`` on every
-    side -> (box index (P,), flat cell index (P,)), pairs of all boxes (a cell may repeat).
-
-    Each box tests only a square window of cells around its centre, sized for the largest box,
-    instead of the whole grid.
-    """
-    n = len(boxes)
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    H, W = grid.shape
-    cell = grid.cell_size
-    half_l = boxes[:, 3] / 2 + margin_m
-    half_w = boxes[:, 4] / 2 + margin_m
-    k = int(np.ceil(np.hypot(half_l, half_w).max() / cell)) + 1
-    k = min(k, max(H, W))
-    offsets = np.arange(-k, k + 1)
-    c0 = np.floor((boxes[:, 0] - grid.origin[0]) / cell).astype(np.int64)
-    r0 = np.floor((boxes[:, 1] - grid.origin[1]) / cell).astype(np.int64)
-    rows = r0[:, None, None] + offsets[None, :, None]            # (n, 2k+1, 1)
-    cols = c0[:, None, None] + offsets[None, None, :]            # (n, 1, 2k+1)
-    dx = grid.origin[0] + (cols + 0.5) * cell - boxes[:, 0, None, None]
-    dy = grid.origin[1] + (rows + 0.5) * cell - boxes[:, 1, None, None]
-    c = np.cos(boxes[:, 6])[:, None, None]
-    s = np.sin(boxes[:, 6])[:, None, None]
-    inside = ((np.abs(c * dx + s * dy) <= half_l[:, None, None])
-              & (np.abs(-s * dx + c * dy) <= half_w[:, None, None])
-              & (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W))
-    b, i, j = np.nonzero(inside)
-    flat = (r0[b] + offsets[i]) * W + (c0[b] + offsets[j])
-    return b, flat
-
-
-def _assign_by_score(box_idx: np.ndarray, flat: np.ndarray, scores: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (box, cell) -> one box per cell, the one with the higher score (lower index on ties);
-    returns (box index, flat cell) sorted by cell."""
-    order = np.lexsort((box_idx, -scores[box_idx], flat))
-    box_idx, flat = box_idx[order], flat[order]
-    first = np.ones(len(flat), bool)
-    first[1:] = flat[1:] != flat[:-1]
-    return box_idx[first], flat[first]
-
-
-def _occupied(det: Detections) -> np.ndarray:
-    """(H, W) bool: cells whose feature vector is not all zero."""
-    return np.any(det.features != 0, axis=0)
-
-
-def cell_bytes(channels: int) -> int:
-    """Bytes per shared cell on the wire (the PointCloud2 point_step)."""
-    return message_dtype(channels).itemsize
-
-
-def select_roi_cells(det: Detections, score_threshold: float = ROI_SCORE_THRESHOLD,
-                     max_rois: int = ROI_MAX, margin_m: float = ROI_MARGIN_M, *,
-                     min_confidence: float = ROI_MIN_CONFIDENCE,
-                     max_bytes: int | None = ROI_MAX_BYTES) -> CellSelection:
-    """What a collaborator shares: the cells of its confident detections (Where2comm/CoDynTrust).
-
-    ROIs are the detections with score >= ``score_threshold``, at most ``max_rois`` of them by
-    descending score. An ROI's cells are its peak's 3 x 3 neighbourhood (the peak is the ROI's cell
-    of highest confidence: the receiver runs the detector's head there, whose 3 x 3 convolution
-    reads exactly these cells, fusion.roi_boxes) and the grid cells whose centre lies inside its
-    rotated BEV footprint grown by ``margin_m`` on every side with confidence >= ``min_confidence``
-    (the detector's confidence is high around object centres, where the receiving head reads its
-    evidence, and the threshold drops the low-evidence fringe of large boxes). All-zero cells are
-    left out: the receiver fills missing cells with zeros, so that costs nothing. A cell inside
-    several ROIs belongs to the one with the higher score. ROIs are then kept in score order while
-    the message's data stays within ``max_bytes`` (None: no limit); the first ROI that does not
-    fit ends the message, so a lower-score ROI is never sent in place of a higher one.
-    """
-    scores = np.asarray(det.scores, dtype=np.float64)
-    cand = np.flatnonzero(scores >= score_threshold)
-    cand = cand[np.argsort(-scores[cand], kind='stable')][:max_rois]
-    b, flat = _box_cells(np.asarray(det.boxes, np.float64)[cand], det.grid, margin_m)
-    confidence = det.confidence.reshape(-1)
-    core_b, core_flat = _peak_neighbourhoods(b, flat, confidence, det.grid.shape)
-    keep = confidence[flat] >= min_confidence
-    b, flat = np.concatenate([b[keep], core_b]), np.concatenate([flat[keep], core_flat])
-    occupied = _occupied(det).reshape(-1)[flat]
-    b, flat = _assign_by_score(b[occupied], flat[occupied], scores[cand])
-    if max_bytes is not None:
-        max_cells = max_bytes // cell_bytes(det.features.shape[0])
-        fits = np.cumsum(np.bincount(b, minlength=len(cand))) <= max_cells
-        b, flat = b[fits[b]], flat[fits[b]]
-    rows, cols = np.divmod(flat, det.grid.shape[1])
-    return CellSelection(rows, cols, cand[b])
-
-
-def _peak_neighbourhoods(box_idx: np.ndarray, flat: np.ndarray, confidence: np.ndarray,
-                         shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (box, cell) of every box's footprint -> pairs (box, cell) of the 3 x 3 cells around
-    each box's highest-confidence footprint cell, within the grid."""
-    if len(flat) == 0:
-        return box_idx, flat
-    H, W = shape
-    order = np.lexsort((-confidence[flat], box_idx))
-    first = np.ones(len(order), bool)
-    first[1:] = box_idx[order][1:] != box_idx[order][:-1]
-    peak_b, peak = box_idx[order][first], flat[order][first]
-    rows, cols = np.divmod(peak, W)
-    offsets = np.arange(-1, 2)
-    nr = (rows[:, None, None] + offsets[None, :, None]).repeat(3, 2)
-    nc = (cols[:, None, None] + offsets[None, None, :]).repeat(3, 1)
-    inside = (nr >= 0) & (nr < H) & (nc >= 0) & (nc < W)
-    nb = np.broadcast_to(peak_b[:, None, None], nr.shape)
-    return nb[inside], (nr * W + nc)[inside]
-
-
-def select_occupied_cells(det: Detections, margin_m: float = ROI_MARGIN_M) -> CellSelection:
-    """Every cell whose feature vector is not all zero (the ego's own full map). Cells inside a
-    detection's footprint grown by ``margin_m`` carry that detection's attributes (higher score
-    wins), the rest are background."""
-    H, W = det.grid.shape
-    flat = np.flatnonzero(_occupied(det))
-    scores = np.asarray(det.scores, dtype=np.float64)
-    b, roi_flat = _box_cells(np.asarray(det.boxes, np.float64), det.grid, margin_m)
-    b, roi_flat = _assign_by_score(b, roi_flat, scores)
-    roi_map = np.full(H * W, -1, np.int64)
-    roi_map[roi_flat] = b
-    rows, cols = np.divmod(flat, W)
-    return CellSelection(rows, cols, roi_map[flat])
-
-
+# --------------------------------------------------------------------------- producer side
 def make_message(det: Detections, selection: CellSelection, agent_id: Hashable,
                  stamp_ns: int) -> FeatureMessage:
     """Gather the selected cells of ``det`` into a message stamped with the scan's capture time."""
     rows, cols, roi = selection
     grid = det.grid
     q, scale = quantise(det.features[:, rows, cols].T)
-    cells = np.stack([grid.origin[0] + (cols + 0.5) * grid.cell_size,
-                      grid.origin[1] + (rows + 0.5) * grid.cell_size], axis=1).astype(np.float32)
+    cells = np.stack(grid.centre_of(rows, cols), axis=1).astype(np.float32)
     fg = roi >= 0
     r = roi[fg]
     uncertainty = np.zeros((len(roi), len(MESSAGE_UNCERTAINTY_FIELDS)), np.float32)
@@ -325,6 +195,11 @@ def message_dtype(channels: int, extra_floats: Sequence[str] = ()) -> np.dtype:
     return np.dtype([(name, '<f4') for name in _FLOAT_FIELDS]
                     + [('roi', '<i2'), ('features', 'i1', (channels,))]
                     + [(name, '<f4') for name in extra_floats])
+
+
+def cell_bytes(channels: int) -> int:
+    """Bytes per shared cell on the wire (the PointCloud2 point_step)."""
+    return message_dtype(channels).itemsize
 
 
 def encode(msg: FeatureMessage, extra_floats: dict[str, float] | None = None) -> tuple[list[Field], bytes, int]:
@@ -394,19 +269,20 @@ def _check_values(msg: FeatureMessage) -> None:
 
     grid = msg.grid
     H, W = grid.shape
-    u = (msg.cells.astype(np.float64) - grid.origin) / grid.cell_size  # position in cell units
-    outside = (u[:, 0] < 0) | (u[:, 0] >= W) | (u[:, 1] < 0) | (u[:, 1] >= H)
+    xs, ys = msg.cells.astype(np.float64).T
+    # unrounded: a far-off position must not reach the float -> int cast
+    outside = ~grid.inside(*grid.cell_coords(xs, ys))
     if outside.any():
         x, y = msg.cells[outside][0]
         raise err(err.OUT_OF_GRID, f'{int(outside.sum())} of {msg.num_cells} cells lie outside the '
                                    f'{H}x{W} grid of {grid.cell_size} m cells '
                                    f'(first: x={x:.2f}, y={y:.2f} m)')
-    off = np.abs(u - 0.5 - np.rint(u - 0.5)).max(axis=1, initial=0.0) > _LATTICE_TOLERANCE_CELLS
+    off = grid.centre_offset(xs, ys) > _LATTICE_TOLERANCE_CELLS
     if off.any():
         x, y = msg.cells[off][0]
         raise err(err.OFF_LATTICE, f'{int(off.sum())} cells are not centres of {grid.cell_size} m '
                                    f'cells (first: x={x:.3f}, y={y:.3f} m); sender grid differs?')
-    flat = np.floor(u[:, 1]).astype(np.int64) * W + np.floor(u[:, 0]).astype(np.int64)
+    flat = grid.flat_index(*grid.cells_of(xs, ys))
     repeats = len(flat) - len(np.unique(flat))
     if repeats:
         raise err(err.DUPLICATE_CELL, f'{repeats} cells appear more than once')

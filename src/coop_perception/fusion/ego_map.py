@@ -19,7 +19,8 @@ import numpy as np
 
 from coop_perception.data.pointcloud import PointCloudError, buffer_to_array, check_layout
 
-from .codec import FeatureMessageError, decode, encode, make_message, select_occupied_cells
+from .codec import FeatureMessageError, decode, encode, make_message
+from .sharing import select_occupied_cells
 
 SENSOR_HEIGHT_FIELD = 'sensor_height'
 
@@ -73,8 +74,7 @@ def decode_ego_features(fields: Sequence, data, point_step: int, *, width: int, 
     if msg.num_cells == 0:
         return None, float('nan')
     H, W = grid.shape
-    cols = np.floor((msg.cells[:, 0] - grid.origin[0]) / grid.cell_size).astype(np.int64)
-    rows = np.floor((msg.cells[:, 1] - grid.origin[1]) / grid.cell_size).astype(np.int64)
+    rows, cols = grid.cells_of(msg.cells[:, 0], msg.cells[:, 1])
     features = np.zeros((channels, H, W), np.float32)
     features[:, rows, cols] = msg.dequantised().T
     return features, float(heights[0])

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
+from coop_perception.errors import UserError
+
 from .align import WarpedFeatures
+from .methods import GATE, METHODS, FusionMethod
 from .network import MultiScaleFusion, SparseAgent, max_fusion, reduce_sparse
 from .trust import ROI_ATTRIBUTES, LearnedTrust, ThresholdTrust, roi_attributes
 
@@ -50,24 +55,24 @@ def collate(batch: list[FusionInputs]) -> dict[str, torch.Tensor]:
             for name in ('ego', 'collab', 'attributes', 'roi', 'valid')}
 
 
-def fuse(ego, collab, attributes, roi, valid, method: str, model: 'FusionModel | None' = None,
+def fuse(ego, collab, attributes, roi, valid, method: FusionMethod, model: 'FusionModel | None' = None,
          gate: 'ThresholdTrust | None' = None):
-    """'trust': learned trust on collaborator ROI cells, then the multi-scale fusion of `model`;
-    'gate': the calibrated threshold gate instead of the learned trust, same fusion;
-    'max': every collaborator ROI cell at full weight, element-wise max (needs no model).
+    """A feature method (fusion.methods) on a batch: each collaborator ROI cell weighted by the
+    method's trust (learned: ``model.trust``; gate: ``gate``; none: full weight), then fused by
+    ``model``'s multi-scale fusion or, without a fusion network, an element-wise max.
     Background cells of collaborators are suppressed either way; the ego is never masked.
     -> fused (B, C, H, W), trust (B, K, H, W)."""
     keep = roi.to(collab.dtype) * valid[:, :, None, None]
-    if method == 'max':
+    if method.trust is None:
         trust = keep
-    elif method == 'gate':
+    elif method.trust == GATE:
         flat = attributes.reshape(-1, attributes.shape[-1]).numpy()
         trust = torch.from_numpy(gate.trust(flat).astype(np.float32)).reshape(keep.shape) * keep
     else:
         trust = model.trust(attributes) * keep
     agents = torch.cat([ego[:, None], collab * trust[:, :, None]], 1)
     valid_all = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
-    if method == 'max':
+    if not method.fusion_network:
         return max_fusion(agents, valid_all), trust
     return model.fusion(agents, valid_all), trust
 
@@ -77,7 +82,7 @@ def _cell_attributes(w: WarpedFeatures, cells: np.ndarray) -> np.ndarray:
     return roi_attributes(w.score.reshape(-1)[cells], w.uncertainty.reshape(-1, 4)[cells], w.age_s)
 
 
-def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: str, slots: int,
+def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: FusionMethod, slots: int,
                 model: 'FusionModel | None' = None, gate: 'ThresholdTrust | None' = None):
     """`fuse` for one ego frame at run time, from each message's ROI cells alone (the first
     ``slots`` messages) -> fused (1, C, H, W) tensor, trust (K, H, W) float32 (K = messages used).
@@ -87,16 +92,16 @@ def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: 
     agents, trust = [], np.zeros((min(len(warped), slots), H * W), np.float32)
     for i, w in enumerate(warped[:slots]):
         cells = np.flatnonzero(w.roi.reshape(-1) >= 0)
-        if method == 'max':
+        if method.trust is None:
             t = np.ones(len(cells), np.float32)
-        elif method == 'gate':
+        elif method.trust == GATE:
             t = gate.trust(_cell_attributes(w, cells)).astype(np.float32)
         else:
             t = model.trust(torch.from_numpy(_cell_attributes(w, cells))).numpy()
         trust[i, cells] = t
         values = w.features.reshape(C, -1)[:, cells] * t
         agents.append(SparseAgent(torch.from_numpy(cells), torch.from_numpy(np.ascontiguousarray(values))))
-    if method == 'max':
+    if not method.fusion_network:
         fused = reduce_sparse(ego, agents)[0][None] if agents else ego[None]
     else:
         fused = model.fusion.forward_sparse(ego, agents)
@@ -104,8 +109,7 @@ def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: 
 
 
 class FusionModel(nn.Module):
-    """method 'trust': learned trust + multi-scale fusion; 'max': plain element-wise max of all
-    collaborator cells (no trust, no learning)."""
+    """The learned part of the feature methods: trust network + multi-scale fusion."""
 
     def __init__(self, channels: int, scales: int = 2, trust_hidden: int = 16):
         super().__init__()
@@ -113,9 +117,10 @@ class FusionModel(nn.Module):
         self.fusion = MultiScaleFusion(channels, scales)
         self.config = {'channels': channels, 'scales': scales, 'trust_hidden': trust_hidden}
 
-    def forward(self, ego, collab, attributes, roi, valid, method: str = 'trust'):
-        """Tensors as in `collate` (batched) -> fused (B, C, H, W) and trust (B, K, H, W)."""
-        return fuse(ego, collab, attributes, roi, valid, method, self)
+    def forward(self, ego, collab, attributes, roi, valid):
+        """Tensors as in `collate` (batched) -> fused (B, C, H, W) and trust (B, K, H, W), with the
+        learned trust (method 'trust', what training optimises)."""
+        return fuse(ego, collab, attributes, roi, valid, METHODS['trust'], self)
 
     def save(self, path, **extra) -> None:
         torch.save({'config': self.config, 'state': self.state_dict(), **extra}, path)
@@ -126,3 +131,23 @@ class FusionModel(nn.Module):
         model = cls(**ckpt['config'])
         model.load_state_dict(ckpt['state'])
         return model.eval()
+
+
+def load_method_models(methods: Iterable[FusionMethod], fusion_path, gate_path,
+                       channels: int | None = None) -> tuple['FusionModel | None', dict | None]:
+    """The fusion checkpoint and the calibrated gate settings that ``methods`` need (else None);
+    ``channels``: the detector's feature channels, which the fusion model must match."""
+    methods = list(methods)
+    fusion = gate = None
+    if any(m.needs_fusion_model for m in methods):
+        if not Path(fusion_path).exists():
+            raise UserError(fusion_path, 'fusion checkpoint not found (train one with `train fusion`)')
+        fusion = FusionModel.load(fusion_path)
+        if channels is not None and fusion.config['channels'] != channels:
+            raise UserError(fusion_path, f'fusion model has {fusion.config["channels"]} channels, '
+                                         f'the detector {channels}')
+    if any(m.needs_gate for m in methods):
+        if not Path(gate_path).exists():
+            raise UserError(gate_path, 'trust gate not found (make one with `calibrate trust`)')
+        gate = yaml.safe_load(Path(gate_path).read_text())
+    return fusion, gate

@@ -2,8 +2,8 @@
 ROS fusion node alike (one code path).
 
 Feed it, as they arrive, the ego's scans (or their detector output), collaborators' inputs
-(feature messages for 'max'/'trust', box lists for 'late', raw points for 'early') and everyone's
-poses, all with their capture stamps (int ns); then ask `detect(ego_stamp_ns)`. For each
+(the payload type of the method in ``fusion.methods.METHODS``: feature messages, box lists or raw
+points) and everyone's poses, all with their capture stamps (int ns); then ask `detect(ego_stamp_ns)`. For each
 collaborator the newest input not newer than the ego stamp and not older than `max_age_s` is used;
 a missing collaborator is simply absent. Bad or unusable inputs are dropped, logged once per reason
 and counted in `drops`.
@@ -18,27 +18,30 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from ..bev_grid import BevGrid
 from ..data.objects import make_objects
 from ..detection.decode import Detections, rotated_nms
 from ..geometry import invert_pose, transform_points
 from .align import warp_boxes, warp_to_ego
-from .codec import FeatureMessage, make_message, select_roi_cells
+from .codec import FeatureMessage, make_message
+from .methods import GATE, LEARNED, method_named
 from .model import FusionModel, fuse_sparse
 from .motion import VelocityTracker, VelocityTrackerConfig
+from .payloads import BoxList, RawPoints
 from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .roi_boxes import decode_roi_boxes
+from .sharing import select_roi_cells
 from .trust import ThresholdTrust
 
 log = logging.getLogger(__name__)
-METHODS = ('ego', 'late', 'early', 'max', 'trust', 'gate')
 
 
 @dataclass
 class CooperativeConfig:
-    method: str = 'trust'
+    method: str = 'trust'                  # a name in fusion.methods.METHODS
     max_age_s: float = 1.0                 # collaborator inputs older than this are ignored
     slots: int = 4                         # collaborators fused per frame (newest first)
-    roi_policy: dict = field(default_factory=dict)   # codec.select_roi_cells keyword arguments
+    roi_policy: dict = field(default_factory=dict)   # sharing.select_roi_cells keyword arguments
     late_nms_iou: float = 0.2              # NMS between merged box sets (late, and ROI boxes)
     # trust/gate: also decode each collaborator's ROIs in its own grid (fusion.roi_boxes) and
     # merge them, trust-weighted, with the boxes of the fused map
@@ -47,11 +50,10 @@ class CooperativeConfig:
     # itself as collaborators (or early fusion's points) see it; None keeps them
     own_footprint_m: tuple[float, float] | None = (5.0, 2.4)
     history: int = 20                      # inputs kept per collaborator
-    gate: dict | None = None               # ThresholdTrust settings for method 'gate' (calibrated)
+    gate: dict | None = None               # ThresholdTrust settings of methods that need a gate
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f'unknown fusion method {self.method!r} (choose from {", ".join(METHODS)})')
+        method_named(self.method)
 
 
 @dataclass
@@ -101,12 +103,15 @@ class CooperativeDetector:
         self.detector = detector
         self.ego_id = ego_id
         self.cfg = cfg or CooperativeConfig()
-        if self.cfg.method in ('trust', 'gate') and fusion_model is None:
-            raise ValueError(f"method '{self.cfg.method}' needs a trained fusion model")
-        if self.cfg.method == 'gate' and not self.cfg.gate:
-            raise ValueError("method 'gate' needs calibrated thresholds (CooperativeConfig.gate)")
+        self.method = method_named(self.cfg.method)
+        if self.method.needs_fusion_model and fusion_model is None:
+            raise ValueError(f"method '{self.method.name}' needs a trained fusion model")
+        if self.method.needs_gate and not self.cfg.gate:
+            raise ValueError(f"method '{self.method.name}' needs calibrated thresholds (CooperativeConfig.gate)")
         self.gate = ThresholdTrust.from_dict(self.cfg.gate) if self.cfg.gate else None
         self.fusion = fusion_model.eval() if fusion_model is not None else None
+        # the trust modulus of the method's collaborator ROI boxes
+        self.roi_trust = {LEARNED: self.fusion and self.fusion.trust, GATE: self.gate}.get(self.method.trust)
         self.poses = PoseBuffers(pose_config)
         self.drops: Counter = Counter()
         self._warned: set = set()
@@ -135,7 +140,7 @@ class CooperativeDetector:
 
     def add_ego_scan(self, stamp_ns: int, points: np.ndarray) -> Detections:
         det = self.detector.detect(points)
-        self.add_ego_detections(stamp_ns, det, points if self.cfg.method == 'early' else None)
+        self.add_ego_detections(stamp_ns, det, points if self.method.payload is RawPoints else None)
         return det
 
     def add_ego_detections(self, stamp_ns: int, det: Detections, points: np.ndarray | None = None) -> None:
@@ -155,10 +160,17 @@ class CooperativeDetector:
         return entry
 
     def add_input(self, agent, stamp_ns: int, item) -> None:
-        """A collaborator's FeatureMessage, box list (dict with boxes, scores, labels, velocities)
-        or raw points (N, 3+), captured at stamp_ns."""
+        """A collaborator's payload captured at stamp_ns: an instance of the method's payload type
+        (FeatureMessage, BoxList or RawPoints); anything else is dropped."""
         if agent == self.ego_id:
             self._drop('ego_as_collaborator', f'agent {agent} is the ego')
+            return
+        payload = self.method.payload
+        if payload is None:   # the ego alone: collaborators' inputs are not used
+            return
+        if not isinstance(item, payload):
+            self._drop('wrong_input_kind', f'{self.method.name} fusion takes {payload.__name__}, agent {agent} '
+                                           f'sent {type(item).__name__}')
             return
         buf = self._inputs[agent]
         buf[int(stamp_ns)] = item
@@ -199,20 +211,19 @@ class CooperativeDetector:
             self._drop('no_ego_pose', str(exc))
             return None
         chosen = {}
-        if self.cfg.method != 'ego':
-            for agent in sorted(self._inputs, key=str):
-                picked = self._select(agent, ego_stamp)
-                if picked is not None:
-                    chosen[agent] = picked
+        for agent in sorted(self._inputs, key=str):
+            picked = self._select(agent, ego_stamp)
+            if picked is not None:
+                chosen[agent] = picked
         ages = {a: (ego_stamp - s) / NS_PER_S for a, (s, _, _) in chosen.items()}
-        method = self.cfg.method
-        if method == 'ego' or not chosen:
+        payload = self.method.payload
+        if not chosen:
             det = self._ego_boxes(det)
             out = self._wrap(det, np.zeros(len(det.boxes)), np.full(len(det.boxes), 1 << self.ego_id),
                              ego_stamp, ages)
-        elif method == 'late':
+        elif payload is BoxList:
             out = self._late(self._ego_boxes(det), chosen, T_ego, ego_stamp, ages)
-        elif method == 'early':
+        elif payload is RawPoints:
             out = self._early(self._ego_boxes(det), ego_points, chosen, T_ego, ego_stamp, ages)
         else:
             out = self._intermediate(det, chosen, T_ego, ego_stamp, ages)
@@ -237,11 +248,9 @@ class CooperativeDetector:
     def _late(self, det, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
         parts = [_Part(det.boxes, det.scores, det.labels, det.velocities, 0.0, 1 << self.ego_id)]
         for agent, (stamp, item, pose) in chosen.items():
-            if not isinstance(item, dict):
-                self._drop('wrong_input_kind', f'late fusion needs box lists, agent {agent} sent {type(item).__name__}')
-                continue
-            boxes, vel = warp_boxes(item['boxes'], item['velocities'], pose, T_ego, stamp, ego_stamp)
-            parts.append(_Part(boxes, item['scores'], item['labels'], vel, 1.0, 1 << agent))
+            boxes, vel = warp_boxes(item.boxes, item.velocities, pose, T_ego, stamp, ego_stamp,
+                                    motion_compensation=self.method.motion_compensation)
+            parts.append(_Part(boxes, item.scores, item.labels, vel, 1.0, 1 << agent))
         return self._merge(parts, ego_stamp, ages)
 
     def _merge(self, parts: list['_Part'], ego_stamp: int, ages: dict) -> FusedDetections:
@@ -268,25 +277,18 @@ class CooperativeDetector:
         mask = 1 << self.ego_id
         T_ego_world = invert_pose(T_ego)
         for agent, (_, item, pose) in chosen.items():
-            if isinstance(item, (dict, FeatureMessage)):
-                self._drop('wrong_input_kind', f'early fusion needs points, agent {agent} sent {type(item).__name__}')
-                continue
-            clouds.append(transform_points(T_ego_world @ pose, np.asarray(item, np.float32)[:, :4]))
+            clouds.append(transform_points(T_ego_world @ pose, np.asarray(item.points, np.float32)[:, :4]))
             mask |= 1 << agent
         fused = self.detector.detect(np.concatenate(clouds), sensor_height=det.sensor_height)
         return self._wrap(fused, np.ones(len(fused.boxes)), np.full(len(fused.boxes), mask), ego_stamp, ages)
 
     def _intermediate(self, det, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
-        method = self.cfg.method
+        method = self.method
         clock = _StageClock()
         warped, agents = [], []
         for agent, (stamp, item, pose) in sorted(chosen.items(), key=lambda kv: -kv[1][0]):
-            if not isinstance(item, FeatureMessage):
-                self._drop('wrong_input_kind', f'{method} fusion needs feature messages, agent {agent} sent '
-                                               f'{type(item).__name__}')
-                continue
             warped.append(warp_to_ego(item, pose, T_ego, det.grid, ego_stamp,
-                                      motion_compensation=(method != 'max')))
+                                      motion_compensation=method.motion_compensation))
             agents.append(agent)
         clock.lap('warp')
         with torch.inference_mode():
@@ -294,20 +296,20 @@ class CooperativeDetector:
         clock.lap('fusion')
         out = self.detector.detect_from_features(fused[0], det.sensor_height)
         clock.lap('head_decode')
-        rows, cols = _cells_of(out.boxes, det.grid)
+        rows, cols = det.grid.cells_of(out.boxes[:, 0], out.boxes[:, 1], clip=True)
         box_trust = trust[:, rows, cols] if len(rows) else np.zeros((len(trust), 0))
         sources = np.full(len(out.boxes), 1 << self.ego_id, np.int64)
         for i, agent in enumerate(agents[:self.cfg.slots]):
             sources |= np.where(box_trust[i] > 0, 1 << agent, 0)
         fused_trust = box_trust.max(0) if len(agents) else np.zeros(len(out.boxes))
-        if method == 'max' or not self.cfg.roi_boxes:
+        if not (method.roi_boxes and self.cfg.roi_boxes):
             result = self._wrap(out, fused_trust, sources, ego_stamp, ages)
         else:
             parts = [_Part(out.boxes, out.scores, out.labels, out.velocities, fused_trust, sources)]
             for agent, (stamp, item, pose) in chosen.items():
-                if isinstance(item, FeatureMessage) and agent in agents[:self.cfg.slots]:
+                if agent in agents[:self.cfg.slots]:
                     rb = decode_roi_boxes(self.detector.head, item, pose, T_ego, ego_stamp, det.sensor_height)
-                    t = self._roi_trust(rb.attributes)
+                    t = self.roi_trust.trust(rb.attributes)
                     parts.append(_Part(rb.boxes, rb.scores * t, rb.labels, rb.velocities, t, 1 << agent))
             clock.lap('roi_boxes')
             result = self._merge(parts, ego_stamp, ages)
@@ -315,16 +317,12 @@ class CooperativeDetector:
         result.timings_ms = clock.ms()
         return result
 
-    def _roi_trust(self, attributes: np.ndarray) -> np.ndarray:
-        """(n, 6) ROI attributes -> (n,) trust of the method's modulus."""
-        return (self.gate if self.cfg.method == 'gate' else self.fusion.trust).trust(attributes)
-
 
 @dataclass
 class _EgoMap:
     """The ego's features of one frame whose boxes are not decoded yet (``add_ego_map``)."""
     features: np.ndarray      # (C, H, W) float32
-    grid: object              # detection.decode.BevGrid
+    grid: BevGrid
     sensor_height: float      # m
 
 
@@ -353,11 +351,3 @@ class _Part:
     velocities: np.ndarray
     trust: np.ndarray | float
     sources: np.ndarray | int
-
-
-def _cells_of(boxes: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray]:
-    """Grid (row, col) of each box centre, clipped into the grid."""
-    H, W = grid.shape
-    cols = np.clip(((boxes[:, 0] - grid.origin[0]) / grid.cell_size).astype(int), 0, W - 1)
-    rows = np.clip(((boxes[:, 1] - grid.origin[1]) / grid.cell_size).astype(int), 0, H - 1)
-    return rows, cols

@@ -7,7 +7,7 @@ know, so a box decoded from fused cells that only a collaborator saw comes out t
 relative yaw. Here the receiver runs the same head where the cells were computed, in the sender's
 grid: at each ROI's peak (its cell of highest confidence) the head's 3 x 3 convolution needs only
 the peak and its eight neighbours, which the sharing policy always sends
-(``codec.select_roi_cells``), so the box is what the sender's own head reads there. Boxes, not
+(``sharing.select_roi_cells``), so the box is what the sender's own head reads there. Boxes, not
 features, then move into the ego frame with the ROI's velocity, carrying the ROI's attributes so
 that the trust modulus weights them like the ROI's cells.
 """
@@ -50,15 +50,15 @@ def roi_peaks(msg: FeatureMessage) -> np.ndarray:
 def peak_patches(msg: FeatureMessage, peaks: np.ndarray) -> np.ndarray:
     """(R,) peak cells -> (R, C, 3, 3) float32 features of each peak's neighbourhood in the
     sender's grid; neighbours not in the message (all-zero cells, the grid's edge) are zero."""
-    H, W = msg.grid.shape
+    grid = msg.grid
+    H, W = grid.shape
     flat = cell_index(msg)
-    rows, cols = np.divmod(flat[peaks], W)
+    rows, cols = grid.unflatten(flat[peaks])
     nr = rows[:, None] + _NEIGHBOURS[:, 0]
     nc = cols[:, None] + _NEIGHBOURS[:, 1]
-    inside = (nr >= 0) & (nr < H) & (nc >= 0) & (nc < W)
     lookup = np.full(H * W + 1, -1, np.int64)   # the extra slot answers for outside cells
     lookup[flat] = np.arange(msg.num_cells)
-    src = lookup[np.where(inside, nr * W + nc, H * W)]                        # (R, 9)
+    src = lookup[np.where(grid.inside(nr, nc), grid.flat_index(nr, nc), H * W)]  # (R, 9)
     values = np.concatenate([msg.dequantised(), np.zeros((1, msg.channels), np.float32)])
     return np.ascontiguousarray(values[src].transpose(0, 2, 1)).reshape(len(peaks), msg.channels, 3, 3)
 
@@ -74,7 +74,7 @@ def decode_roi_boxes(head, msg: FeatureMessage, T_world_sender: np.ndarray, T_wo
     out = head.pointwise(head.shared(patches)[:, :, 1, 1])
     prob = class_probability(out['heatmap'], out['cls_logvar'])
     scores, labels = prob.max(1)
-    rows, cols = np.divmod(cell_index(msg)[peaks], msg.grid.shape[1])
+    rows, cols = msg.grid.unflatten(cell_index(msg)[peaks])
     # Against the ground (sensor height 0): z must not depend on the sender's height, which the
     # message does not carry (a road-side unit sits metres above a car's LiDAR).
     boxes, _ = boxes_from_regression(out['reg'].numpy(), rows, cols, msg.grid, 0.0)

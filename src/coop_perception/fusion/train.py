@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data.ground_truth import cooperative_targets
 from ..data.synth import RSU_AGENT
+from ..detection.config import build_strict, read_yaml_mapping
 from ..detection.targets import batch_targets, detection_loss, example_targets
-from ..geometry import invert_pose, rotate_vectors_2d, transform_boxes
+from ..errors import UserError
 from .align import warp_to_ego
 from .cache import FeatureCache
 from .model import FusionInputs, FusionModel, collate, stack_inputs
@@ -44,20 +46,18 @@ class FusionTrainConfig:
     seed: int = 0
 
 
-def cooperative_targets(sample, ego: int):
-    """Ground truth in the ego's sensor frame at its capture time: objects any agent sees, minus
-    the ego's own vehicle. -> boxes (M, 7), labels (M,), velocities (M, 2)."""
-    gt = sample.gt
-    agent = sample.agents[ego]
-    boxes = gt.boxes_at((agent.timestamp_us - sample.timestamp_us) * 1e-6)
-    keep = np.ones(len(boxes), bool)
-    if gt.agent_points:
-        keep &= np.sum(list(gt.agent_points.values()), axis=0) >= 1
-    own = sample.agent_box(ego)
-    if own >= 0:
-        keep[own] = False
-    T = invert_pose(agent.T_world_sensor)
-    return transform_boxes(T, boxes[keep]), np.asarray(gt.labels)[keep], rotate_vectors_2d(T, gt.velocities[keep])
+def load_fusion_config(path) -> FusionTrainConfig:
+    """The training settings in a YAML such as ``models/fusion.yaml`` (those the shipped
+    ``models/fusion.pt`` was trained with), parsed as strictly as the detector's config: every
+    FusionTrainConfig key, no other, each of its type; else a UserError naming the file and key."""
+    source = str(path)
+    cfg = build_strict(FusionTrainConfig, read_yaml_mapping(path, 'fusion config'), source, check_types=True)
+    for name in ('iterations', 'batch_size', 'slots', 'scales', 'checkpoint_every'):
+        if getattr(cfg, name) < 1:
+            raise UserError(source, f'{name} must be >= 1, got {getattr(cfg, name)}')
+    if not (cfg.lr > 0 and cfg.weight_decay >= 0 and cfg.max_latency_ms >= 0 and 0 <= cfg.loss_probability < 1):
+        raise UserError(source, 'lr must be > 0, weight_decay and max_latency_ms >= 0, loss_probability in [0, 1)')
+    return cfg
 
 
 def delayed_frame(stamps_ns: np.ndarray, ego_stamp_ns: int, latency_ns: int) -> int | None:

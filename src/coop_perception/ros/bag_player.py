@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coop_perception.commands import Commands, non_negative, positive
 from coop_perception.data.bag import BagReader
 from coop_perception.errors import UserError, exit_code
 from coop_perception.ros.env import FASTDDS_PROFILES_ENV, use_large_shm_segment, use_local_discovery
@@ -30,20 +31,6 @@ from coop_perception.ros.env import FASTDDS_PROFILES_ENV, use_large_shm_segment,
 NODE_NAME = 'bag_player'
 # How long to let reliable subscribers acknowledge the last messages before exiting.
 ACK_TIMEOUT_S = 2.0
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be >= 0, got {text}')
-    return value
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f'must be > 0, got {text}')
-    return value
 
 
 def _wait_topic(text: str) -> tuple[str, int]:
@@ -60,16 +47,16 @@ def _wait_topic(text: str) -> tuple[str, int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('bag', help='rosbag2 bag directory (or a single .mcap / .db3 file)')
-    p.add_argument('--rate', type=_positive, default=1.0, help='playback speed factor (default 1)')
-    p.add_argument('--start-offset', type=_non_negative, default=0.0, metavar='SECONDS',
+    p.add_argument('--rate', type=positive(float), default=1.0, help='playback speed factor (default 1)')
+    p.add_argument('--start-offset', type=non_negative(float), default=0.0, metavar='SECONDS',
                    help='start this far into the bag; latched topics still get their last earlier message')
     p.add_argument('--loop', action='store_true', help='start over at the end, until interrupted')
     p.add_argument('--topics', nargs='+', metavar='TOPIC', help='play only these topics')
-    p.add_argument('--clock-hz', type=_non_negative, default=100.0,
+    p.add_argument('--clock-hz', type=non_negative(float), default=100.0,
                    help='/clock rate between messages; 0 disables /clock (default 100)')
-    p.add_argument('--delay', type=_non_negative, default=0.0, metavar='SECONDS',
+    p.add_argument('--delay', type=non_negative(float), default=0.0, metavar='SECONDS',
                    help='wait before the first message, after discovery')
-    p.add_argument('--wait-for-subscribers', type=_non_negative, default=0.0, metavar='SECONDS',
+    p.add_argument('--wait-for-subscribers', type=non_negative(float), default=0.0, metavar='SECONDS',
                    help='first wait up to SECONDS until every played topic has a subscriber')
     p.add_argument('--wait-topics', nargs='+', metavar='TOPIC[:N]', type=_wait_topic,
                    help='with --wait-for-subscribers: wait for subscribers of these topics only, '
@@ -78,18 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='offer reliable delivery on every topic instead of the recorded reliability, '
                         'so that subscribers asking for reliable (e.g. RViz by default) match the '
                         'best-effort sensor topics too; best-effort subscribers still match')
-    p.add_argument('--shm-segment-mb', type=_non_negative, default=64.0, metavar='MB',
+    p.add_argument('--shm-segment-mb', type=non_negative(float), default=64.0, metavar='MB',
                    help='shared-memory segment for sending with Fast DDS (default 64; 0 keeps the '
                         "RMW's 512 KiB, which drops best-effort scans over 512 KiB under load)")
     p.add_argument('--stats-json', metavar='PATH',
                    help='write message counts and publication lateness (ms) here at the end')
 
 
-def add_cli(subparsers) -> None:
-    """Register ``play`` on the ``coop-perception`` argparse subparsers."""
-    p = subparsers.add_parser('play', help='replay a rosbag2 bag into ROS 2 in recorded time')
-    add_arguments(p)
-    p.set_defaults(func=run)
+def add_cli(commands: Commands) -> None:
+    add_arguments(commands.add('play', run, 'replay a rosbag2 bag into ROS 2 in recorded time'))
 
 
 @dataclass

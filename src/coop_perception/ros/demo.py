@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from coop_perception.commands import Commands, non_negative, positive
 from coop_perception.data.bag import write_scene_bag
 from coop_perception.data.labels import CLASSES
 from coop_perception.data.objects import object_boxes
@@ -28,10 +29,10 @@ from coop_perception.data.synth import PRESETS, RSU_AGENT, ScenarioConfig, gener
 from coop_perception.data.v2xsim import DEFAULT_VERSION, V2XSimDataset
 from coop_perception.errors import UserError
 from coop_perception.eval import live_eval
-from coop_perception.eval.fusion_eval import HEADLINE_CLASS
+from coop_perception.eval.ap import HEADLINE_CLASS
+from coop_perception.paths import package_path
 from coop_perception.ros import topics as T
 from coop_perception.ros.live_run import LiveRunSettings, run_live
-from coop_perception.ros.paths import package_path
 
 STEPS = 6
 SCENE = 0
@@ -102,8 +103,10 @@ def _bag(s: DemoSettings, ds, progress: bool) -> Path:
 
 
 def _offline(s: DemoSettings, ds, progress: bool) -> dict:
-    from coop_perception.detection import apply_threads, load_detector
-    from coop_perception.eval.fusion_eval import evaluate_fusion, feature_cache
+    from coop_perception.detection.checkpoint import load_detector
+    from coop_perception.detection.model import apply_threads
+    from coop_perception.eval.fusion_eval import evaluate_fusion
+    from coop_perception.fusion.cache import feature_cache
     from coop_perception.fusion.model import FusionModel
 
     detector = load_detector(s.detector_weights, s.detector_config)
@@ -124,7 +127,8 @@ def _score_live(run: dict, ds, s: DemoSettings) -> tuple[list, dict]:
                                                T.agent_topic(ego, T.LOCAL_OBJECTS))
     scores = {w: live_eval.score(frames, w, CLASSES, s.max_range_m) for w in ('ego_only', 'fused')}
     status = live_eval.last_json(record, T.FUSION_STATUS) or {}
-    detectors = {k: live_eval.last_json(record, T.agent_topic(k, T.DETECTOR_STATUS)) or {} for k in range(s.live.agents)}
+    detectors = {k: live_eval.last_json(record, T.agent_topic(k, T.DETECTOR_STATUS)) or {}
+                 for k in range(s.live.agents)}
     latency = live_eval.latency_summary(frames, 'fused')
     return frames, {
         **scores, 'fused_fraction': scores['fused']['frames_with_output'] / max(len(frames), 1),
@@ -268,7 +272,8 @@ def format_report(r: dict) -> str:
                      f"median {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms over {lat['n']} frames")
         lines.append(f"  ROS time runs at {st['rate']:g}x wall time: median {wall['p50']:.0f} ms, p95 "
                      f"{wall['p95']:.0f} ms of wall time on this shared machine"
-                     + (f"; the ego detector's own output alone: median {local['p50']:.1f} ms ROS time" if local else ''))
+                     + (f"; the ego detector's own output alone: median {local['p50']:.1f} ms ROS time"
+                        if local else ''))
         node = live['fusion_node_latency_ms']
         if node:
             lines.append(f"  (trust_fusion's /coop/status says median {node['p50']:.1f} ms: under sim time its clock "
@@ -289,3 +294,27 @@ def format_report(r: dict) -> str:
     o = r['outputs']
     lines.append(f"wrote {o['json']}, {o['png']}, {o['gif']}, recorded bag {o['record']} (MCAP), logs {o['logs']}")
     return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+def add_cli(commands: Commands) -> None:
+    p = commands.add('demo', cmd_demo, 'the whole system live on a synthetic scene, vs offline evaluation (make demo)',
+                     description='Generate (or reuse) a 5-agent synthetic scene, record it as a bag, replay it '
+                                 'through real ROS processes, record and score the fused output against the '
+                                 'ground truth and against offline `eval fusion`, draw it.')
+    p.add_argument('--out', default='out/demo', help='output folder (default out/demo)')
+    p.add_argument('--rate', type=positive(float), default=0.1,
+                   help='replay speed factor (default 0.1: on 2 shared cores every detector keeps up, so the '
+                        'live run sees the scans offline evaluation sees)')
+    p.add_argument('--latency-ms', type=non_negative(float), default=200.0,
+                   help='mean V2X latency of the uniform channel, ms (default 200)')
+    p.add_argument('--nice', type=non_negative(int), default=10,
+                   help="niceness added to the collaborators' detectors so that the ego's keeps its frames "
+                        '(default 10; 0: none)')
+
+
+def cmd_demo(args) -> int:
+    settings = DemoSettings(out=Path(args.out), latency_ms=args.latency_ms,
+                            live=LiveRunSettings(rate=args.rate, collaborator_nice=args.nice))
+    print(format_report(run_demo(settings)))
+    return 0

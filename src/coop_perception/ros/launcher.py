@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coop_perception.commands import Commands
 from coop_perception.data.bag import lidar_topic, odom_topic
 from coop_perception.errors import UserError
+from coop_perception.paths import package_path
 from coop_perception.ros.env import use_local_discovery
-from coop_perception.ros.paths import package_path
 
 # What the launch files default to.
 DEFAULT_AGENTS = 5
@@ -154,9 +155,9 @@ class Launch:
 
 
 # --------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser('launch', help='start the ROS nodes as processes (ros2 launch without the ROS CLI)',
-                              description=__doc__.split('\n\n')[0])
+def add_cli(commands: Commands) -> None:
+    p = commands.add('launch', run, 'start the ROS nodes as processes (ros2 launch without the ROS CLI)',
+                     description=__doc__.split('\n\n')[0])
     p.add_argument('config', nargs='?', type=Path, default=None,
                    help="parameter file (default: the package's config/coop_perception.yaml)")
     p.add_argument('--agents', type=int, default=DEFAULT_AGENTS, help=f'agents 0..N-1 (default {DEFAULT_AGENTS})')
@@ -169,7 +170,6 @@ def add_cli(subparsers) -> None:
                    help='after the bag ends, keep the nodes running this long for messages in flight')
     p.add_argument('--log-dir', type=Path, help="write each node's output to DIR/<namespace>_<node>.log")
     p.add_argument('--print', action='store_true', help='print the commands and exit')
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -21,17 +21,29 @@ import time
 
 from rclpy.node import Node
 
+from coop_perception.data import ros_msgs
 from coop_perception.data.bag import MARKER_ARRAY, ODOMETRY, POINTCLOUD2
 from coop_perception.data.objects import make_objects
-from coop_perception.fusion import codec
+from coop_perception.fusion import codec, sharing
 from coop_perception.fusion.ego_map import encode_ego_map
 from coop_perception.fusion.pipeline import Sender, collaborator_message
 from coop_perception.fusion.pose_buffer import PoseBuffer, PoseLookupError
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
-from coop_perception.ros.node import (LATEST_QOS, ODOM_QOS, RELIABLE_QOS, SCAN_QOS, InputGuard, Param, Window,
-                                      agent_id, ahead_of_clock_ns, declare_parameters, load_detector,
-                                      status_publisher)
+from coop_perception.ros.node import (
+    LATEST_QOS,
+    ODOM_QOS,
+    RELIABLE_QOS,
+    SCAN_QOS,
+    InputGuard,
+    Param,
+    Window,
+    agent_id,
+    ahead_of_clock_ns,
+    declare_parameters,
+    load_detector,
+    status_publisher,
+)
 from coop_perception.ros.node import main as node_main
 
 NODE_NAME = 'lidar_detector'
@@ -46,14 +58,14 @@ PARAMS = (
                                    'decode.score_threshold', (-1.0, 1.0)),
     Param('threads', -1, "torch threads (0: torch's default); -1: the detector config's runtime.threads",
           (-1, 256)),
-    Param('roi.score_threshold', codec.ROI_SCORE_THRESHOLD,
+    Param('roi.score_threshold', sharing.ROI_SCORE_THRESHOLD,
           'sharing policy: detections with at least this score become shared ROIs', (0.0, 1.0)),
-    Param('roi.max_rois', codec.ROI_MAX, 'sharing policy: at most this many ROIs per scan', (0, 10000)),
-    Param('roi.margin_m', codec.ROI_MARGIN_M, 'sharing policy: ROI footprint grown by this on every side (m)',
+    Param('roi.max_rois', sharing.ROI_MAX, 'sharing policy: at most this many ROIs per scan', (0, 10000)),
+    Param('roi.margin_m', sharing.ROI_MARGIN_M, 'sharing policy: ROI footprint grown by this on every side (m)',
           (0.0, 100.0)),
-    Param('roi.min_confidence', codec.ROI_MIN_CONFIDENCE,
+    Param('roi.min_confidence', sharing.ROI_MIN_CONFIDENCE,
           'sharing policy: ROI cells below this detector confidence are left out', (0.0, 1.0)),
-    Param('roi.max_bytes', codec.ROI_MAX_BYTES, 'sharing policy: message data budget in bytes; 0: no limit',
+    Param('roi.max_bytes', sharing.ROI_MAX_BYTES, 'sharing policy: message data budget in bytes; 0: no limit',
           (0, 1 << 30)),
     Param('publish_bev', False, 'also publish the whole feature map on coop/bev (the ego agent, for its '
                                 'fusion node)'),
@@ -106,7 +118,7 @@ class LidarDetectorNode(Node):
 
     def on_odom(self, msg) -> None:
         try:
-            jumped = self.poses.insert(cv.stamp_ns(msg.header.stamp), cv.odometry_to_pose(msg))
+            jumped = self.poses.insert(ros_msgs.stamp_ns(msg.header.stamp), ros_msgs.odometry_to_pose(msg))
         except ValueError as e:
             self.guard.reject('bad_pose', f'odometry: {e}')
             return
@@ -114,14 +126,14 @@ class LidarDetectorNode(Node):
             self.sender.tracker.reset()
 
     def on_scan(self, msg) -> None:
-        stamp = cv.stamp_ns(msg.header.stamp)
+        stamp = ros_msgs.stamp_ns(msg.header.stamp)
         ahead = ahead_of_clock_ns(self, stamp)
         if ahead > self.max_future_ns:
             self.guard.reject('future_stamp', f'scan stamped {ahead * 1e-9:.3f} s ahead of this node\'s clock')
             return
         try:
-            points = cv.cloud_to_points(msg, self.fields)
-        except cv.PointCloudError as e:
+            points = ros_msgs.cloud_to_points(msg, self.fields)
+        except ros_msgs.PointCloudError as e:
             self.guard.reject('malformed_scan', str(e))
             return
         t0 = time.perf_counter()
@@ -143,9 +155,9 @@ class LidarDetectorNode(Node):
         self.feature_bytes.add(len(data))
         self.pub_features.publish(cv.buffer_to_cloud(fields, data, step, header, self.msgs))
         objects = make_objects(det.boxes, det.velocities, score=det.scores, label=det.labels, source=self.agent)
-        self.pub_objects.publish(cv.objects_to_cloud(objects, header, self.msgs))
+        self.pub_objects.publish(ros_msgs.objects_to_cloud(objects, header, self.msgs))
         shown = objects[objects['score'] >= self.display_threshold]
-        self.pub_markers.publish(cv.objects_to_markers(shown, header, self.msgs, ns=f'agent{self.agent}'))
+        self.pub_markers.publish(ros_msgs.objects_to_markers(shown, header, self.msgs, ns=f'agent{self.agent}'))
 
     def status(self) -> dict:
         return {'agent': self.agent, 'scans': self.scans, 'last_stamp_ns': self.last_stamp_ns,

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from coop_perception.data.bag import MARKER_ARRAY, POINTCLOUD2, STRING, BagReader, lidar_topic
 from coop_perception.errors import UserError
-from coop_perception.ros.launcher import PLAYER_WAIT_S, Launch, node_specs, player_spec
 from coop_perception.ros import topics as T
-from coop_perception.ros.recorder import BagRecorder
+from coop_perception.ros.launcher import PLAYER_WAIT_S, Launch, node_specs, player_spec
+
 
 @dataclass(frozen=True)
 class LiveRunSettings:
@@ -80,6 +80,9 @@ def run_live(bag, params: Path, out: Path, settings: LiveRunSettings, *, env: di
 
     The player starts once every node has published its status, i.e. has loaded its models and
     spins, so the recorder's clock and every status topic are live from the first frame."""
+    # imported here: the recorder is a ROS node, and the demo command registers without rclpy
+    from coop_perception.ros.recorder import BagRecorder
+
     bag, out = Path(bag), Path(out)
     logs = out / 'logs'
     ego_scans, duration_s = _ego_scans_and_duration(bag, settings.ego)

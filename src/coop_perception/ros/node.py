@@ -30,8 +30,8 @@ from rclpy.signals import SignalHandlerOptions
 
 from coop_perception.data.bag import STRING, agent_from_frame
 from coop_perception.errors import UserError, exit_code
+from coop_perception.paths import package_path
 from coop_perception.ros.env import FASTDDS_PROFILES_ENV, use_large_shm_segment, use_local_discovery
-from coop_perception.ros.paths import package_path
 
 # Sensor inputs: best effort matches both kinds of publisher. A scan queue of one means a node
 # that falls behind skips to the newest scan instead of working through a growing backlog. The
@@ -65,8 +65,8 @@ def _descriptor(p: Param) -> ParameterDescriptor:
     # Parameters are read once at start-up: say so instead of accepting changes that do nothing.
     d = ParameterDescriptor(description=p.description, read_only=True)
     if isinstance(p.default, list):
-        d.type = ParameterType.PARAMETER_INTEGER_ARRAY
-    if p.range is not None and isinstance(p.default, float):
+        d.type = ParameterType.PARAMETER_DOUBLE_ARRAY if _floats(p) else ParameterType.PARAMETER_INTEGER_ARRAY
+    if p.range is not None and (isinstance(p.default, float) or _floats(p)):
         d.floating_point_range = [FloatingPointRange(from_value=float(p.range[0]), to_value=float(p.range[1]),
                                                      step=0.0)]
     elif p.range is not None:
@@ -74,6 +74,11 @@ def _descriptor(p: Param) -> ParameterDescriptor:
     if p.choices:
         d.additional_constraints = f'one of: {", ".join(p.choices)}'
     return d
+
+
+def _floats(p: Param) -> bool:
+    """A list parameter of floats (its default holds one); other lists hold integers."""
+    return isinstance(p.default, list) and any(isinstance(v, float) for v in p.default)
 
 
 def declare_parameters(node, params: tuple[Param, ...]) -> dict:
@@ -84,7 +89,9 @@ def declare_parameters(node, params: tuple[Param, ...]) -> dict:
         where = f'{node.get_fully_qualified_name()}:{p.name}'
         # rclpy types an empty list default as a byte array; declaring the type instead leaves the
         # value unset (None) when nothing overrides it.
-        default = Parameter.Type.INTEGER_ARRAY if isinstance(p.default, list) else p.default
+        default = p.default
+        if isinstance(p.default, list):
+            default = Parameter.Type.DOUBLE_ARRAY if _floats(p) else Parameter.Type.INTEGER_ARRAY
         try:
             value = node.declare_parameter(p.name, default, _descriptor(p)).value
         except ParameterException as e:
@@ -123,9 +130,9 @@ def load_detector(config: str, weights: str, *, mc_passes: int = -1, score_thres
                   threads: int = -1):
     """The detector from parameters; negative overrides keep the config file's value."""
     # imported here: v2x_channel shares this module and needs no torch
-    from coop_perception.detection import apply_threads, load_config
-    from coop_perception.detection import load_detector as load
-    from coop_perception.detection.config import with_overrides
+    from coop_perception.detection.checkpoint import load_detector as load
+    from coop_perception.detection.config import load_config, with_overrides
+    from coop_perception.detection.model import apply_threads
 
     config_path = model_file(config, 'detector.yaml', 'detector_config')
     weights_path = model_file(weights, 'detector.pt', 'detector_weights')

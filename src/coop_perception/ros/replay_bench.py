@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coop_perception.commands import Commands, add_json, positive, write_json
 from coop_perception.data.bag import POINTCLOUD2, BagReader
 from coop_perception.errors import UserError, exit_code
 from coop_perception.ros.env import use_local_discovery
@@ -39,6 +40,7 @@ def codec_cost(bag_path, repeats: int = 20) -> dict:
     """Median ms to build an rclpy PointCloud2 from an (N, C) scan and to decode it back."""
     from rclpy.serialization import deserialize_message
 
+    from coop_perception.data import ros_msgs
     from coop_perception.data.bag import LIDAR_DTYPE
     from coop_perception.ros import convert as cv
 
@@ -48,14 +50,14 @@ def codec_cost(bag_path, repeats: int = 20) -> dict:
         raw = next(bag.raw_messages([topic]))[3]
     cloud = deserialize_message(bytes(raw), msgs.get_class(POINTCLOUD2))
     names = [f.name for f in cloud.fields]
-    points = cv.cloud_to_points(cloud, names)
+    points = ros_msgs.cloud_to_points(cloud, names)
     dtype = np.dtype([(n, LIDAR_DTYPE[n]) for n in names])
     enc, dec = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        msg = cv.points_to_cloud(points, dtype, cloud.header, msgs)
+        msg = ros_msgs.points_to_cloud(points, dtype, cloud.header, msgs)
         t1 = time.perf_counter()
-        cv.cloud_to_points(msg, names)
+        ros_msgs.cloud_to_points(msg, names)
         dec.append(time.perf_counter() - t1)
         enc.append(t1 - t0)
     return {'points': int(len(points)), 'fields': names,
@@ -141,20 +143,23 @@ def replay(bag_path, rate: float = 1.0, reliable: bool = False, settle_s: float 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('bag')
-    p.add_argument('--rate', type=float, default=1.0)
+    p.add_argument('--rate', type=positive(float), default=1.0)
     p.add_argument('--reliable', action='store_true',
                    help='player offers and subscriber requests reliable delivery (default: recorded QoS, '
                         'best-effort subscriber)')
-    p.add_argument('--json', help='also write the results here')
+    add_json(p)
+
+
+def add_cli(commands: Commands) -> None:
+    add_arguments(commands.add('replay', run, 'replay a bag at 1x into a subscriber: lateness, drops, codec cost',
+                               group='bench'))
 
 
 def run(args) -> int:
     use_local_discovery()
     result = {'codec': codec_cost(args.bag), 'replay': replay(args.bag, args.rate, args.reliable)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    print(json.dumps(result, indent=2))
+    write_json(args, result)
     return 0
 
 

@@ -25,41 +25,55 @@ import sys
 import time
 
 import numpy as np
-import yaml
 from rclpy.node import Node
 
+from coop_perception.data import ros_msgs
 from coop_perception.data.bag import MARKER_ARRAY, ODOMETRY, POINTCLOUD2, agent_from_frame
 from coop_perception.data.labels import CLASSES
 from coop_perception.errors import UserError
 from coop_perception.fusion.codec import FeatureMessageError, decode
 from coop_perception.fusion.ego_map import decode_ego_features, empty_ego_detections
-from coop_perception.fusion.model import FusionModel
+from coop_perception.fusion.methods import METHODS, ROS_METHODS
+from coop_perception.fusion.model import load_method_models
 from coop_perception.fusion.pipeline import CooperativeConfig, CooperativeDetector
 from coop_perception.fusion.pose_buffer import PoseBufferConfig
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
-from coop_perception.ros.node import (LATEST_QOS, ODOM_QOS, RELIABLE_QOS, InputGuard, Param, Window, agent_id,
-                                      ahead_of_clock_ns, declare_parameters, load_detector, model_file, ros_now_ns,
-                                      status_publisher)
+from coop_perception.ros.node import (
+    LATEST_QOS,
+    ODOM_QOS,
+    RELIABLE_QOS,
+    InputGuard,
+    Param,
+    Window,
+    agent_id,
+    ahead_of_clock_ns,
+    declare_parameters,
+    load_detector,
+    model_file,
+    ros_now_ns,
+    status_publisher,
+)
 from coop_perception.ros.node import main as node_main
 
 NODE_NAME = 'trust_fusion'
 NS_PER_S = 1_000_000_000
-# Methods whose collaborator inputs are feature messages, what the detector nodes share.
-ROS_METHODS = ('ego', 'max', 'trust', 'gate')
 _DEFAULTS = CooperativeConfig()
 
 PARAMS = (
     Param('ego_id', -1, 'the ego agent; -1: k of the namespace /agent{k}', (-1, 1023)),
     Param('agents', [], 'collaborators whose inputs are accepted; []: every agent but the ego', (0, 1023)),
-    Param('method', _DEFAULTS.method, 'fusion method (late and early fusion are offline only: the nodes '
-                                      'share features)', choices=ROS_METHODS),
+    Param('method', _DEFAULTS.method, 'fusion method (those whose collaborators share features; late and '
+                                      'early fusion are offline only)', choices=ROS_METHODS),
     Param('max_age_s', _DEFAULTS.max_age_s, 'collaborator inputs older than this (vs the ego frame) are not used',
           (0.0, 1e6)),
     Param('slots', _DEFAULTS.slots, 'collaborators fused per frame, newest first', (1, 64)),
     Param('roi_boxes', _DEFAULTS.roi_boxes, "methods trust and gate: also decode every collaborator ROI in "
                                             "the collaborator's grid and merge its trust-weighted box"),
     Param('history', _DEFAULTS.history, 'inputs kept per collaborator', (1, 10000)),
+    Param('own_footprint_m', list(_DEFAULTS.own_footprint_m), "length and width (m) of the ego vehicle around "
+          "its sensor: fused boxes centred inside are the ego itself as collaborators see it and are dropped; "
+          "[]: keep them", (0.0, 100.0)),
     Param('detector_config', '', "detector config YAML (the ego detector's); '': the package's "
                                  'models/detector.yaml'),
     Param('detector_weights', '', "detector checkpoint (the ego detector's); '': the package's models/detector.pt"),
@@ -108,22 +122,22 @@ class TrustFusionNode(Node):
             raise UserError(f'{self.get_fully_qualified_name()}:agents', f'lists the ego {self.ego}')
         self.detector = load_detector(p['detector_config'], p['detector_weights'], threads=p['threads'])
         self.method = p['method']
-        fusion, gate = None, None
-        if self.method in ('trust', 'gate'):
-            path = model_file(p['fusion_model'], 'fusion.pt', 'fusion_model')
-            fusion = FusionModel.load(path)
-            channels = self.detector.cfg.model.feature_channels
-            if fusion.config['channels'] != channels:
-                raise UserError(path, f'fusion model has {fusion.config["channels"]} channels, the detector {channels}')
-        if self.method == 'gate':
-            gate = yaml.safe_load(model_file(p['trust_gate'], 'trust_gate.yaml', 'trust_gate').read_text())
+        method = METHODS[self.method]
+        fusion_path = model_file(p['fusion_model'], 'fusion.pt', 'fusion_model') if method.needs_fusion_model else None
+        gate_path = model_file(p['trust_gate'], 'trust_gate.yaml', 'trust_gate') if method.needs_gate else None
+        fusion, gate = load_method_models([method], fusion_path, gate_path,
+                                          channels=self.detector.cfg.model.feature_channels)
+        if len(p['own_footprint_m']) not in (0, 2):
+            raise UserError(f'{self.get_fully_qualified_name()}:own_footprint_m',
+                            f'{p["own_footprint_m"]}: give [length, width] or []')
         self.jump_ns = int(p['time_jump_back_s'] * NS_PER_S)
         self.max_future_ns = int(p['max_future_s'] * NS_PER_S)
         self.max_age_ns = int(p['max_age_s'] * NS_PER_S)
         self.coop = CooperativeDetector(
             self.detector, self.ego,
             CooperativeConfig(method=self.method, max_age_s=p['max_age_s'], slots=p['slots'],
-                              history=p['history'], gate=gate, roi_boxes=p['roi_boxes']),
+                              history=p['history'], gate=gate, roi_boxes=p['roi_boxes'],
+                              own_footprint_m=tuple(p['own_footprint_m']) or None),
             fusion, PoseBufferConfig(time_jump_back_s=p['time_jump_back_s']))
         self.grid = self.detector.grid()
         self.channels = self.detector.cfg.model.feature_channels
@@ -196,7 +210,7 @@ class TrustFusionNode(Node):
 
     def _pose(self, msg, who: str) -> np.ndarray | None:
         try:
-            T = cv.odometry_to_pose(msg)
+            T = ros_msgs.odometry_to_pose(msg)
         except ValueError as e:  # a zero or NaN quaternion
             self.guard.reject('bad_pose', f'odometry of {who}: {e}')
             return None
@@ -207,7 +221,7 @@ class TrustFusionNode(Node):
 
     # ------------------------------------------------------------------ inputs
     def on_ego_odom(self, msg) -> None:
-        stamp = cv.stamp_ns(msg.header.stamp)
+        stamp = ros_msgs.stamp_ns(msg.header.stamp)
         if agent_from_frame(msg.child_frame_id) != self.ego:
             self.guard.reject('unknown_agent', f'ego odometry for frame {msg.child_frame_id!r}')
             return
@@ -217,14 +231,14 @@ class TrustFusionNode(Node):
             self._fuse_when_posed()
 
     def on_collaborator_odom(self, msg) -> None:
-        stamp = cv.stamp_ns(msg.header.stamp)
+        stamp = ros_msgs.stamp_ns(msg.header.stamp)
         k = self._collaborator(msg.child_frame_id, stamp, 'odometry')
         T = self._pose(msg, f'agent {k}') if k is not None else None
         if T is not None:
             self.coop.add_pose(k, stamp, T)
 
     def on_features(self, msg) -> None:
-        stamp = cv.stamp_ns(msg.header.stamp)
+        stamp = ros_msgs.stamp_ns(msg.header.stamp)
         k = self._collaborator(msg.header.frame_id, stamp, 'features')
         if k is None:
             return
@@ -242,7 +256,7 @@ class TrustFusionNode(Node):
 
     def on_ego_map(self, msg) -> None:
         t0 = time.perf_counter()
-        stamp = cv.stamp_ns(msg.header.stamp)
+        stamp = ros_msgs.stamp_ns(msg.header.stamp)
         if agent_from_frame(msg.header.frame_id) != self.ego:
             self.guard.reject('unknown_agent', f'ego map in frame {msg.header.frame_id!r}, not agent{self.ego}/...')
             return
@@ -288,14 +302,15 @@ class TrustFusionNode(Node):
     # ------------------------------------------------------------------ outputs
     def _publish(self, fused, header) -> None:
         objects = fused.to_objects()
-        self.pub_objects.publish(cv.objects_to_cloud(objects, header, self.msgs))
+        self.pub_objects.publish(ros_msgs.objects_to_cloud(objects, header, self.msgs))
         shown = objects['score'] >= self.display_threshold
         texts = [f'{CLASSES[label] if 0 <= label < len(CLASSES) else "other"} {score:.2f} trust {trust:.2f} '
                  f'agents {",".join(str(k) for k in range(int(sources).bit_length()) if sources >> k & 1)}'
                  for label, score, trust, sources in zip(objects['label'][shown], objects['score'][shown],
                                                          objects['trust'][shown], fused.sources[shown])]
-        self.pub_markers.publish(cv.objects_to_markers(objects[shown], header, self.msgs, ns='fused',
-                                                       colors=cv.trust_colors(objects['trust'][shown]), texts=texts))
+        self.pub_markers.publish(ros_msgs.objects_to_markers(
+            objects[shown], header, self.msgs, ns='fused', colors=cv.trust_colors(objects['trust'][shown]),
+            texts=texts))
         if self.pub_detection3d is not None:
             self.pub_detection3d.publish(cv.objects_to_detection3d(objects, header, self.msgs))
 

@@ -28,14 +28,24 @@ from rclpy.clock import JumpThreshold
 from rclpy.duration import Duration
 from rclpy.node import Node
 
+from coop_perception.data import ros_msgs
 from coop_perception.data.bag import ODOMETRY, POINTCLOUD2, agent_from_frame, odom_topic
 from coop_perception.data.channel import MODEL_SETTINGS, BernoulliFramesLatency, channel_from_settings
 from coop_perception.errors import UserError
 from coop_perception.fusion.pose_buffer import insert_stamped
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
-from coop_perception.ros.node import (ODOM_QOS, RELIABLE_QOS, InputGuard, Param, Window, ahead_of_clock_ns,
-                                      declare_parameters, ros_now_ns, status_publisher)
+from coop_perception.ros.node import (
+    ODOM_QOS,
+    RELIABLE_QOS,
+    InputGuard,
+    Param,
+    Window,
+    ahead_of_clock_ns,
+    declare_parameters,
+    ros_now_ns,
+    status_publisher,
+)
 from coop_perception.ros.node import main as node_main
 
 NODE_NAME = 'v2x_channel'
@@ -146,7 +156,7 @@ class V2XChannelNode(Node):
         return True
 
     def on_odom(self, k: int, msg) -> None:
-        stamp = cv.stamp_ns(msg.header.stamp)
+        stamp = ros_msgs.stamp_ns(msg.header.stamp)
         if not self._sender_ok(k, msg.child_frame_id, stamp, 'odometry'):
             return
         link = self.links[k]
@@ -155,12 +165,12 @@ class V2XChannelNode(Node):
         link.add_odom(stamp, msg, self.odom_history)
 
     def on_features(self, k: int, msg) -> None:
-        stamp = cv.stamp_ns(msg.header.stamp)
+        stamp = ros_msgs.stamp_ns(msg.header.stamp)
         if not self._sender_ok(k, msg.header.frame_id, stamp, 'features'):
             return
         try:
-            cv.cloud_to_array(msg, require=())
-        except cv.PointCloudError as e:
+            ros_msgs.cloud_to_array(msg, require=())
+        except ros_msgs.PointCloudError as e:
             self.guard.reject('malformed_features', f'agent {k}: {e}')
             return
         link = self.links[k]
@@ -197,7 +207,7 @@ class V2XChannelNode(Node):
         if not offset_ns:
             return msg
         msg = copy.deepcopy(msg)
-        msg.header.stamp = cv.to_stamp(self.msgs, cv.stamp_ns(msg.header.stamp) + offset_ns)
+        msg.header.stamp = ros_msgs.to_stamp(self.msgs, ros_msgs.stamp_ns(msg.header.stamp) + offset_ns)
         return msg
 
     def _drop_in_flight(self, jump) -> None:

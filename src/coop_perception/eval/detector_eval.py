@@ -13,11 +13,10 @@ import numpy as np
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from coop_perception.eval.ap import IOU_THRESHOLDS, APAccumulator, auroc
-
-from .decode import UNCERTAINTY_FIELDS, corner_variance
-from .model import Detector
-from .train import TrainExample
+from ..detection.decode import UNCERTAINTY_FIELDS, corner_variance
+from ..detection.model import Detector
+from ..detection.train import TrainExample
+from .ap import IOU_THRESHOLDS, APAccumulator, auroc
 
 # The single number reported as "uncertainty_auroc": the aleatoric variance of a box corner (the
 # regression uncertainty the fusion's trust modulus receives). Chosen on the val split, before any

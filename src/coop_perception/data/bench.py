@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
-from ..data.synth import Scenario, ScenarioConfig, generate
-from ..data.v2xsim import V2XSimDataset
+from .synth import Scenario, ScenarioConfig, generate
+from .v2xsim import V2XSimDataset
 
 
 def bench_synth(frames: int = 20, seed: int = 0) -> dict:
@@ -29,4 +29,5 @@ def bench_synth(frames: int = 20, seed: int = 0) -> dict:
                 a.load_points()
                 reads.append((time.perf_counter() - t) * 1e3)
     return {'median_ms': {'agent_scan': float(np.median(per_scan)), 'read_scan': float(np.median(reads))},
-            'scans': frames * len(scenario.agent_ids), 'points_per_scan': int(np.mean([len(s.points) for s in frame.scans]))}
+            'scans': frames * len(scenario.agent_ids),
+            'points_per_scan': int(np.mean([len(s.points) for s in frame.scans]))}

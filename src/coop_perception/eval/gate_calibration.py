@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from ..data.ground_truth import cooperative_targets
 from ..data.synth import RSU_AGENT
-from ..eval.ap import APAccumulator
-from .cache import FeatureCache
-from .codec import message_uncertainty
-from .train import cooperative_targets
-from .trust import ThresholdTrust
+from ..fusion.cache import FeatureCache
+from ..fusion.codec import message_uncertainty
+from ..fusion.trust import ThresholdTrust
+from .ap import APAccumulator
 
 CALIBRATION_IOU = 0.5
 

@@ -1,0 +1,101 @@
+"""Commands of the data layer: ``synth``, ``info``, ``to-bag``, ``bench data``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from coop_perception.commands import Commands, add_json, positive, write_json
+from coop_perception.errors import UserError
+
+from .bag import STORAGES
+from .synth import PRESETS
+from .v2xsim import DEFAULT_VERSION
+
+
+def add_dataset_args(p: argparse.ArgumentParser, role: str) -> None:
+    """``--data`` (a V2X-Sim-format dataset root, e.g. ``role`` 'the test preset') and ``--version``."""
+    p.add_argument('--data', required=True, help=f'dataset root ({role})')
+    p.add_argument('--version', default=DEFAULT_VERSION, help=f'metadata folder name (default: {DEFAULT_VERSION})')
+
+
+def add_cli(commands: Commands) -> None:
+    p = commands.add('synth', cmd_synth, 'generate synthetic multi-agent V2X scenes (V2X-Sim format)')
+    p.add_argument('--out', required=True, help='dataset root to write')
+    p.add_argument('--preset', choices=sorted(PRESETS), help='named split with its own seed and size')
+    p.add_argument('--scenes', type=positive(int), help='number of scenes')
+    p.add_argument('--frames', type=positive(int), help='frames per scene')
+    p.add_argument('--agents', type=positive(int), default=5,
+                   help='agents incl. the road-side unit (agent 0); default 5')
+    p.add_argument('--seed', type=int, help='random seed (default: the preset\'s, else 0)')
+    p.add_argument('--rate', type=positive(float), default=10.0, help='LiDAR rate in Hz')
+    p.add_argument('--version', default=DEFAULT_VERSION, help='metadata folder name')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing dataset')
+    p.add_argument('--quiet', action='store_true', help='no progress bar')
+
+    p = commands.add('info', cmd_info, 'summarise a V2X-Sim-format dataset')
+    p.add_argument('data', help='dataset root')
+    p.add_argument('--version', default=DEFAULT_VERSION)
+    add_json(p, 'the summary')
+
+    p = commands.add('to-bag', cmd_to_bag, 'record a scene of a V2X-Sim-format dataset as a rosbag2 bag')
+    p.add_argument('data', help='dataset root (real V2X-Sim or `coop-perception synth` output)')
+    p.add_argument('--scene', default='0', help='scene name or index (default: 0)')
+    p.add_argument('--out', required=True, help='bag directory to create')
+    p.add_argument('--storage', choices=sorted(STORAGES), default='mcap', help='default: mcap')
+    p.add_argument('--version', default=DEFAULT_VERSION, help=f'metadata folder name (default: {DEFAULT_VERSION})')
+
+    p = commands.add('data', cmd_bench_data, 'synthetic scan generation and scan reading', group='bench')
+    p.add_argument('--frames', type=positive(int), default=20)
+    p.add_argument('--seed', type=int, default=0)
+    add_json(p, 'the numbers')
+
+
+def cmd_synth(args) -> int:
+    from .synth import ScenarioConfig, generate
+
+    preset = PRESETS[args.preset] if args.preset else {}
+    scenes = args.scenes or preset.get('scenes', 1)
+    cfg = ScenarioConfig(seed=args.seed if args.seed is not None else preset.get('seed', 0),
+                         vehicles=args.agents - 1,
+                         frames=args.frames or preset.get('frames', 40),
+                         rate_hz=args.rate)
+    out = Path(args.out)
+    if (out / args.version).exists() and not args.overwrite:
+        raise UserError(out / args.version, 'already exists (use --overwrite to replace it)')
+    n = generate(out, scenes, cfg, args.version, progress=not args.quiet)
+    print(f'wrote {scenes} scene(s) x {cfg.frames} frames, {n} LiDAR scans to {out}')
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .stats import format_summary, summarize
+    from .v2xsim import V2XSimDataset
+
+    summary = summarize(V2XSimDataset(args.data, args.version))
+    print(format_summary(summary))
+    write_json(args, summary)
+    return 0
+
+
+def cmd_to_bag(args) -> int:
+    from .bag import write_scene_bag
+    from .v2xsim import V2XSimDataset
+
+    summary = write_scene_bag(V2XSimDataset(args.data, version=args.version), args.scene, args.out,
+                              storage=args.storage, progress=True)
+    total = sum(summary['messages'].values())
+    print(f'{args.out}: scene {summary["scene"]}, {summary["frames"]} frames, agents '
+          f'{summary["agents"]}, {total} messages ({args.storage})')
+    return 0
+
+
+def cmd_bench_data(args) -> int:
+    from .bench import bench_synth
+
+    result = bench_synth(frames=args.frames, seed=args.seed)
+    print(f"{'stage':<28}{'median ms':>10}")
+    print(f"{'ray cast + annotation/scan':<28}{result['median_ms']['agent_scan']:>10.1f}")
+    print(f"{'read one scan':<28}{result['median_ms']['read_scan']:>10.2f}")
+    print(f"({result['scans']} agent-scans, {result['points_per_scan']} points per scan, seed {args.seed})")
+    write_json(args, result)
+    return 0

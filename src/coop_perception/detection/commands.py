@@ -1,0 +1,78 @@
+"""Commands of the detector: ``train detector``, ``bench detector``; and the detector that any
+command loads from its ``--config`` / ``--weights`` options."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from coop_perception.commands import (
+    Commands,
+    add_detector_args,
+    add_json,
+    add_run_folder_args,
+    positive,
+    print_stage_table,
+    write_json,
+)
+from coop_perception.data.commands import add_dataset_args
+from coop_perception.errors import UserError
+
+
+def add_cli(commands: Commands) -> None:
+    p = commands.add('detector', cmd_train_detector, 'train the LiDAR detector on every agent view (resumable)',
+                     group='train')
+    add_dataset_args(p, 'the train preset')
+    add_run_folder_args(p, 'override train.iterations')
+    add_detector_args(p, weights=False)
+
+    p = commands.add('detector', cmd_bench_detector, 'per-stage detector latency on synthetic scans', group='bench')
+    add_detector_args(p)
+    p.add_argument('--scans', type=positive(int), default=60, help='scans to time (median over them)')
+    p.add_argument('--seed', type=int, default=0)
+    add_json(p, 'the numbers')
+
+
+def detector_from_args(args):
+    """The detector of ``--weights`` and ``--config``, its torch threads applied."""
+    from .checkpoint import load_detector
+    from .model import apply_threads
+
+    if not Path(args.weights).exists():
+        raise UserError(args.weights, 'detector checkpoint not found (train one with `train detector`)')
+    model = load_detector(args.weights, args.config)
+    apply_threads(model.cfg)
+    return model
+
+
+def cmd_train_detector(args) -> int:
+    from coop_perception.data.v2xsim import V2XSimDataset
+
+    from .config import load_config, with_overrides
+    from .dataset import AgentViewExamples
+    from .model import apply_threads
+    from .train import train
+
+    cfg = load_config(args.config)
+    if args.iterations:
+        cfg = with_overrides(cfg, train={'iterations': args.iterations})
+    apply_threads(cfg)
+    examples = AgentViewExamples(V2XSimDataset(args.data, args.version))
+    print(f'training on {len(examples)} agent views from {args.data} -> {args.out}')
+    summary = train(cfg, examples, args.out, resume=not args.restart)
+    print(f'wrote {summary.weights} after {summary.iterations} iterations; losses {summary.final_losses}')
+    return 0
+
+
+def cmd_bench_detector(args) -> int:
+    from coop_perception.data.synth import Scenario, ScenarioConfig
+
+    from .bench import STAGES, bench_detector
+
+    model = detector_from_args(args)
+    scenario = Scenario(ScenarioConfig(seed=args.seed, frames=args.scans // 5 + 1))
+    scans = [s.points[:, :4] for f in scenario.frames() for s in f.scans][:args.scans]
+    result = bench_detector(model, scans)
+    print_stage_table(result, STAGES)
+    print(f"({result['scans']} synthetic 32-beam scans, seed {args.seed}, "
+          f"{model.cfg.runtime.threads or 'all'} thread(s))")
+    write_json(args, result)
+    return 0

@@ -1,0 +1,186 @@
+"""Commands of the evaluation: ``eval detector``, ``eval fusion``, ``bench fusion``,
+``calibrate trust`` and ``plot``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from coop_perception.commands import (
+    MODELS,
+    Commands,
+    add_cache_arg,
+    add_detector_args,
+    add_fusion_model_args,
+    add_json,
+    positive,
+    print_stage_table,
+    write_json,
+)
+from coop_perception.data.channel import MEAN_LATENCY_MODELS
+from coop_perception.data.commands import add_dataset_args
+from coop_perception.data.v2xsim import DEFAULT_VERSION
+from coop_perception.errors import UserError
+from coop_perception.fusion.codec import FeatureMessage
+from coop_perception.fusion.methods import METHODS
+
+FEATURE_METHODS = tuple(name for name, m in METHODS.items() if m.payload is FeatureMessage)
+
+
+def add_cli(commands: Commands) -> None:
+    p = commands.add('detector', cmd_eval_detector, 'single-agent AP and uncertainty quality', group='eval')
+    add_dataset_args(p, 'the test preset')
+    p.add_argument('--range', type=positive(float), default=50.0, help='evaluate boxes within this of the sensor, m')
+    p.add_argument('--agents', help='comma-separated agent ids (default: all, RSU included)')
+    add_json(p)
+    add_detector_args(p)
+
+    p = commands.add('fusion', cmd_eval_fusion, 'AP of every fusion method under communication delay', group='eval')
+    add_dataset_args(p, 'the test preset')
+    add_cache_arg(p)
+    p.add_argument('--delays', default='0,100,200,300,500', help='mean latencies to sweep, ms')
+    p.add_argument('--methods', default='ego,late,early,max,trust',
+                   help=f'comma-separated fusion methods, of: {", ".join(METHODS)}')
+    p.add_argument('--channel', default='uniform', choices=MEAN_LATENCY_MODELS, help='latency model')
+    p.add_argument('--seed', type=int, default=0, help='channel seed')
+    p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
+    p.add_argument('--range', type=positive(float), default=50.0, help='evaluate within this of the ego, m')
+    add_fusion_model_args(p)
+    add_json(p)
+    add_detector_args(p)
+
+    p = commands.add('fusion', cmd_bench_fusion, 'per-stage latency of fusing one ego frame with its collaborators',
+                     group='bench')
+    add_dataset_args(p, 'the test preset')
+    add_cache_arg(p)
+    p.add_argument('--method', default='trust', choices=FEATURE_METHODS, help='a method fusing feature messages')
+    p.add_argument('--ego', type=int, default=1, help='ego agent')
+    p.add_argument('--frames', type=positive(int), default=60, help='ego frames to time (median over them)')
+    add_fusion_model_args(p)
+    add_json(p, 'the numbers')
+    add_detector_args(p)
+
+    p = commands.add('trust', cmd_calibrate_trust, 'thresholds of the trust gate from validation true positives',
+                     group='calibrate')
+    add_dataset_args(p, 'the val preset')
+    add_cache_arg(p)
+    p.add_argument('--quantile', type=float, default=0.95, help='quantile of true-positive uncertainty')
+    p.add_argument('--out', default=str(MODELS / 'trust_gate.yaml'), help='gate YAML to write')
+    add_detector_args(p)
+
+    p = commands.add('plot', cmd_plot, "bird's-eye view of one frame: points by agent, boxes, poses")
+    p.add_argument('data', help='dataset root')
+    p.add_argument('--scene', type=int, default=0, help='scene index')
+    p.add_argument('--frame', type=int, default=0, help='frame index within the scene')
+    p.add_argument('--out', required=True, help='PNG to write')
+    p.add_argument('--extent', type=positive(float), default=80.0, help='half width of the view, m')
+    p.add_argument('--version', default=DEFAULT_VERSION)
+
+
+def _comma_list(option: str, text: str, kind, what: str) -> list:
+    try:
+        return [kind(v) for v in text.split(',')]
+    except ValueError:
+        raise UserError(option, f'expected comma-separated {what}, got {text!r}') from None
+
+
+def cmd_eval_detector(args) -> int:
+    from coop_perception.data.v2xsim import V2XSimDataset
+    from coop_perception.detection.commands import detector_from_args
+    from coop_perception.detection.dataset import AgentViewExamples
+
+    from .ap import format_ap_table
+    from .detector_eval import evaluate_detector
+
+    model = detector_from_args(args)
+    agents = _comma_list('--agents', args.agents, int, 'agent ids') if args.agents else None
+    examples = AgentViewExamples(V2XSimDataset(args.data, args.version), agents=agents)
+    result = evaluate_detector(model, examples, max_range=args.range)
+    print(format_ap_table(result))
+    q = result['uncertainty']
+    print(f"uncertainty AUROC (false vs true positives at IoU {q['iou']}, "
+          f"{q['true_positives']} TP / {q['false_positives']} FP):")
+    for name, value in q['auroc'].items():
+        print(f'  {name:<8} {value:.3f}' if value is not None else f'  {name:<8} n/a')
+    print(f"  score    {q['score_auroc']:.3f}  (reference: the detection score itself)"
+          if q['score_auroc'] is not None else '')
+    for name, rho in q['error_spearman'].items():
+        print(f'  Spearman({name}, squared centre error on TPs) = {rho:.3f}' if rho is not None else '')
+    print(f"median latency {result['latency_ms']['median']:.1f} ms over {result['frames']} scans")
+    write_json(args, result)
+    return 0
+
+
+def cmd_eval_fusion(args) -> int:
+    from coop_perception.data.v2xsim import V2XSimDataset
+    from coop_perception.detection.commands import detector_from_args
+    from coop_perception.fusion.commands import feature_cache_from_args, fusion_models_from_args
+
+    from .fusion_eval import evaluate_fusion, format_results
+
+    methods = args.methods.split(',')
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise UserError('--methods', f'unknown method(s) {", ".join(sorted(unknown))}; '
+                                     f'choose from {", ".join(METHODS)}')
+    delays = _comma_list('--delays', args.delays, float, 'milliseconds')
+    egos = _comma_list('--egos', args.egos, int, 'agent ids') if args.egos else None
+    model = detector_from_args(args)
+    fusion, gate = fusion_models_from_args(args, model, methods)
+    ds = V2XSimDataset(args.data, args.version)
+    cache = feature_cache_from_args(args, model, ds)
+    result = evaluate_fusion(ds, model, cache, fusion, methods, delays, channel_model=args.channel,
+                             seed=args.seed, max_range=args.range, egos=egos, gate=gate)
+    print(format_results(result))
+    write_json(args, result)
+    return 0
+
+
+def cmd_bench_fusion(args) -> int:
+    from coop_perception.data.v2xsim import V2XSimDataset
+    from coop_perception.detection.commands import detector_from_args
+    from coop_perception.fusion.commands import feature_cache_from_args, fusion_models_from_args
+
+    from .bench_fusion import STAGES, bench_fusion
+
+    model = detector_from_args(args)
+    fusion, gate = fusion_models_from_args(args, model, [args.method])
+    ds = V2XSimDataset(args.data, args.version)
+    cache = feature_cache_from_args(args, model, ds)
+    result = bench_fusion(ds, model, cache, fusion, method=args.method, ego=args.ego, frames=args.frames, gate=gate)
+    print_stage_table(result, STAGES)
+    print(f"(method {args.method}, ego {args.ego} + {result['collaborators']:.1f} collaborators on average, "
+          f"{result['frames']} frames of {args.data}, {model.cfg.runtime.threads or 'all'} thread(s); "
+          'the detectors are not timed)')
+    write_json(args, result)
+    return 0
+
+
+def cmd_calibrate_trust(args) -> int:
+    import yaml
+
+    from coop_perception.data.v2xsim import V2XSimDataset
+    from coop_perception.detection.commands import detector_from_args
+    from coop_perception.fusion.commands import feature_cache_from_args
+
+    from .gate_calibration import calibrate_gate
+
+    model = detector_from_args(args)
+    ds = V2XSimDataset(args.data, args.version)
+    gate, summary = calibrate_gate(ds, feature_cache_from_args(args, model, ds), model.cfg.classes,
+                                   quantile=args.quantile)
+    Path(args.out).write_text(
+        f'# Trust gate calibrated on {args.data} (quantile {args.quantile} of true-positive uncertainty).\n'
+        + yaml.safe_dump(gate.to_dict(), sort_keys=False))
+    print(yaml.safe_dump({'gate': gate.to_dict(), 'calibration': summary}, sort_keys=False))
+    print(f'wrote {args.out}')
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from coop_perception.data.v2xsim import V2XSimDataset
+
+    from .bev_plot import plot_sample
+
+    ds = V2XSimDataset(args.data, args.version)
+    plot_sample(ds.sample(args.scene, args.frame), args.out, extent=args.extent)
+    print(f'wrote {args.out}')
+    return 0
