@@ -3,14 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from coop_perception.data.channel import (
-    BandwidthLatency,
-    BernoulliFramesLatency,
-    Channel,
-    Delivery,
-    channel_for_mean_latency,
-    make_channel,
-)
+from coop_perception.data.channel import (BandwidthLatency, BernoulliFramesLatency, Channel, Delivery,
+                                          channel_for_mean_latency, make_channel)
 
 N = 4000
 

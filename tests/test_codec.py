@@ -4,18 +4,9 @@ import pytest
 from coop_perception.bev_grid import BevGrid
 from coop_perception.data.pointcloud import FLOAT64, INT8, Field, dtype_to_fields
 from coop_perception.detection.decode import Detections
-from coop_perception.fusion.codec import (
-    MESSAGE_UNCERTAINTY_FIELDS,
-    FeatureMessageError,
-    cell_bytes,
-    decode,
-    dequantise,
-    encode,
-    make_message,
-    message_dtype,
-    message_uncertainty,
-    quantise,
-)
+from coop_perception.fusion.codec import (MESSAGE_UNCERTAINTY_FIELDS, FeatureMessageError, cell_bytes, decode,
+                                          dequantise, encode, make_message, message_dtype, message_uncertainty,
+                                          quantise)
 from coop_perception.fusion.sharing import select_occupied_cells, select_roi_cells
 from coop_perception.geometry import points_in_boxes
 

@@ -33,15 +33,8 @@ from typing import Iterator, Sequence
 
 import apsw
 import numpy as np
-from rosbags.interfaces import (
-    MessageDefinitionFormat,
-    Qos,
-    QosDurability,
-    QosHistory,
-    QosLiveliness,
-    QosReliability,
-    QosTime,
-)
+from rosbags.interfaces import (MessageDefinitionFormat, Qos, QosDurability, QosHistory, QosLiveliness, QosReliability,
+                                QosTime)
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.rosbag2.errors import ReaderError, WriterError
 from rosbags.serde import SerdeError

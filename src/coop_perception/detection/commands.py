@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coop_perception.commands import (
-    Commands,
-    add_detector_args,
-    add_json,
-    add_run_folder_args,
-    positive,
-    print_stage_table,
-    write_json,
-)
+from coop_perception.commands import (Commands, add_detector_args, add_json, add_run_folder_args, positive,
+                                      print_stage_table, write_json)
 from coop_perception.data.commands import add_dataset_args
 from coop_perception.errors import UserError
 

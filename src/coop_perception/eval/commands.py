@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coop_perception.commands import (
-    MODELS,
-    Commands,
-    add_cache_arg,
-    add_detector_args,
-    add_fusion_model_args,
-    add_json,
-    positive,
-    print_stage_table,
-    write_json,
-)
+from coop_perception.commands import (MODELS, Commands, add_cache_arg, add_detector_args, add_fusion_model_args,
+                                      add_json, positive, print_stage_table, write_json)
 from coop_perception.data.channel import MEAN_LATENCY_MODELS
 from coop_perception.data.commands import add_dataset_args
 from coop_perception.data.v2xsim import DEFAULT_VERSION

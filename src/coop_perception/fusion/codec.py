@@ -40,16 +40,8 @@ from typing import TYPE_CHECKING, Hashable, Sequence
 
 import numpy as np
 
-from coop_perception.data.pointcloud import (
-    FLOAT32,
-    INT8,
-    INT16,
-    Field,
-    PointCloudError,
-    array_to_buffer,
-    buffer_to_array,
-    check_layout,
-)
+from coop_perception.data.pointcloud import (FLOAT32, INT8, INT16, Field, PointCloudError, array_to_buffer,
+                                             buffer_to_array, check_layout)
 
 if TYPE_CHECKING:  # only for annotations: decoding needs no torch
     from coop_perception.bev_grid import BevGrid

@@ -30,20 +30,8 @@ from coop_perception.fusion.pipeline import Sender, collaborator_message
 from coop_perception.fusion.pose_buffer import PoseBuffer, PoseLookupError
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
-from coop_perception.ros.node import (
-    LATEST_QOS,
-    ODOM_QOS,
-    RELIABLE_QOS,
-    SCAN_QOS,
-    InputGuard,
-    Param,
-    Window,
-    agent_id,
-    ahead_of_clock_ns,
-    declare_parameters,
-    load_detector,
-    status_publisher,
-)
+from coop_perception.ros.node import (LATEST_QOS, ODOM_QOS, RELIABLE_QOS, SCAN_QOS, InputGuard, Param, Window, agent_id,
+                                      ahead_of_clock_ns, declare_parameters, load_detector, status_publisher)
 from coop_perception.ros.node import main as node_main
 
 NODE_NAME = 'lidar_detector'

@@ -39,21 +39,9 @@ from coop_perception.fusion.pipeline import CooperativeConfig, CooperativeDetect
 from coop_perception.fusion.pose_buffer import PoseBufferConfig
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
-from coop_perception.ros.node import (
-    LATEST_QOS,
-    ODOM_QOS,
-    RELIABLE_QOS,
-    InputGuard,
-    Param,
-    Window,
-    agent_id,
-    ahead_of_clock_ns,
-    declare_parameters,
-    load_detector,
-    model_file,
-    ros_now_ns,
-    status_publisher,
-)
+from coop_perception.ros.node import (LATEST_QOS, ODOM_QOS, RELIABLE_QOS, InputGuard, Param, Window, agent_id,
+                                      ahead_of_clock_ns, declare_parameters, load_detector, model_file, ros_now_ns,
+                                      status_publisher)
 from coop_perception.ros.node import main as node_main
 
 NODE_NAME = 'trust_fusion'

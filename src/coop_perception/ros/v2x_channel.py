@@ -35,17 +35,8 @@ from coop_perception.errors import UserError
 from coop_perception.fusion.pose_buffer import insert_stamped
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
-from coop_perception.ros.node import (
-    ODOM_QOS,
-    RELIABLE_QOS,
-    InputGuard,
-    Param,
-    Window,
-    ahead_of_clock_ns,
-    declare_parameters,
-    ros_now_ns,
-    status_publisher,
-)
+from coop_perception.ros.node import (ODOM_QOS, RELIABLE_QOS, InputGuard, Param, Window, ahead_of_clock_ns,
+                                      declare_parameters, ros_now_ns, status_publisher)
 from coop_perception.ros.node import main as node_main
 
 NODE_NAME = 'v2x_channel'
