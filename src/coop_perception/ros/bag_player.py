@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +226,7 @@ def _run(args, ros_args: list[str] | None) -> int:
     try:
         import rclpy
         from rclpy.executors import ExternalShutdownException
+        from rclpy.signals import SignalHandlerOptions
     except ImportError as err:
         raise UserError('rclpy', f'cannot import ROS 2 Python ({err}); source a ROS 2 install '
                                  'or install the ros-rclpy wheels') from None
@@ -237,7 +240,12 @@ def _run(args, ros_args: list[str] | None) -> int:
         if unplayed:
             raise UserError(bag.path, f'--wait-topics {", ".join(unplayed)} not played '
                                       f'(playing: {", ".join(topics)})')
-        rclpy.init(args=ros_args)
+        # rclpy's own SIGINT handler shuts the context down at once, so the publication in flight
+        # fails (RCLError, exit 1) instead of ending the replay. Python's KeyboardInterrupt comes
+        # between two publications and ends it cleanly; SIGTERM (kill, launchers) does the same.
+        rclpy.init(args=ros_args, signal_handler_options=SignalHandlerOptions.NO)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             node = rclpy.create_node(NODE_NAME)
             log = node.get_logger()
