@@ -40,11 +40,12 @@ def _payload(kind: type, view, agent, points_fn, roi_policy):
     return item, item.wire_bytes
 
 
-def _scene_payloads(cache: FeatureCache, samples, kind: type, roi_policy) -> dict:
+def _scene_payloads(cache: FeatureCache, samples, kind: type, roi_policy, sender_truth=None) -> dict:
     """Every agent scan of one scene as it goes on the air: (frame, agent) -> (capture stamp ns,
     T_world_sensor, pipeline input, bytes). Each agent's sender tracks velocities over all its
     scans in capture order, whichever agent is the ego; computed once per scene and payload kind,
-    then shared by every method, delay and ego that sends it."""
+    then shared by every method, delay and ego that sends it. ``sender_truth(det, sample, agent)``
+    (a diagnosis oracle, eval.delay_diagnosis) may replace what the sender knows by ground truth."""
     scene = samples[0].scene_name
     senders: dict = defaultdict(Sender)
     out = {}
@@ -52,6 +53,8 @@ def _scene_payloads(cache: FeatureCache, samples, kind: type, roi_policy) -> dic
         for k, agent in sorted(smp.agents.items()):
             view = cache.load(scene, f, k)
             det = senders[k].prepare(view.detections, view.T_world_sensor, view.stamp_ns)
+            if sender_truth is not None:
+                det = sender_truth(det, smp, k)
             item, nbytes = _payload(kind, replace(view, detections=det), k,
                                     lambda a=agent: a.load_points()[:, :4], roi_policy)
             out[(f, k)] = (view.stamp_ns, view.T_world_sensor, item, nbytes)
@@ -106,15 +109,17 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
 
 
 def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, payloads: dict,
-             fusion_model, cfg: CooperativeConfig, channel_model: str, seed: int) -> None:
+             fusion_model, cfg: CooperativeConfig, channel_model: str, seed: int, oracle=None) -> None:
     """One ego through one scene: collaborators' payloads go through a fresh seeded channel (none
     for a method without delay), the pipeline fuses each ego frame with what has arrived by its
-    capture time."""
+    capture time. ``oracle`` (eval.delay_diagnosis) may swap each used input and the output for
+    ground truth."""
     scene = samples[0].scene_name
     method = METHODS[cfg.method]
     channel = channel_for_mean_latency(mean_ms if method.delayed else 0.0, channel_model, seed=seed)
     coop = CooperativeDetector(detector, ego, cfg, fusion_model if method.needs_fusion_model else None)
-    pending = []  # (arrival_ns, agent, stamp_ns, pose, item)
+    pending = []  # (arrival_ns, agent, stamp_ns, pose, item, frame)
+    newest = {}   # agent -> its newest arrived pending entry (the input the pipeline uses)
     for f, smp in enumerate(samples):
         if ego not in smp.agents:
             continue
@@ -127,7 +132,7 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
                 tally.sent += 1
                 delivery = channel.send(k, nbytes)
                 if delivery.delivered:
-                    pending.append((delivery.arrival_ns(stamp), k, stamp, pose, item))
+                    pending.append((delivery.arrival_ns(stamp), k, stamp, pose, item, f))
         ego_view = cache.load(scene, f, ego)
         t_e = ego_view.stamp_ns
         coop.add_pose(ego, t_e, ego_view.T_world_sensor)
@@ -135,11 +140,19 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
                                 payloads[(f, ego)][2].points if method.payload is RawPoints else None)
         arrived = [p for p in pending if p[0] <= t_e]
         pending = [p for p in pending if p[0] > t_e]
-        for _, k, stamp, pose, item in arrived:
+        for _, k, stamp, pose, item, _ in arrived:
             coop.add_pose(k, stamp, pose)
             coop.add_input(k, stamp, item)
+        for p in arrived:
+            if p[1] not in newest or p[2] > newest[p[1]][2]:
+                newest[p[1]] = p
+        if oracle is not None:
+            for _, k, stamp, pose, item, f_sent in newest.values():
+                coop.add_input(k, stamp, oracle.predict(k, item, pose, samples[f_sent], smp, ego_view))
         out = coop.detect(t_e)
         boxes, labels, _ = cooperative_targets(smp, ego)
+        if out is not None and oracle is not None:
+            out = oracle.choose(out, boxes, labels)
         if out is not None:
             tally.acc.add_frame(out.boxes, out.scores, out.labels, boxes, labels)
     tally.drops.update(coop.drops)

@@ -1,16 +1,19 @@
 """ROI velocities for motion compensation, estimated by the sender from its own scan sequence.
 
 A single LiDAR sweep does not show how fast an object moves, and the detector's velocity head
-learns little beyond "zero" from one sweep. Each sender therefore associates its detections with
-those of its previous scan (world frame, same class, nearest first within a speed gate) and
-differentiates the centres, smoothing with the matched track's previous velocity (in the spirit of
-CoBEVFlow's ROI motion from the collaborator's own history).
+learns little beyond "zero" from one sweep. Each sender therefore tracks its detections over its
+own scans in the world frame with one constant-velocity Kalman filter per object: detections are
+associated with the tracks' predicted positions (same class, Mahalanobis gate, one-to-one), and
+the filtered velocity is what the receiver's motion compensation uses. Differentiating centres
+from one scan to the next (what this did before) turns 10-20 cm of detector centre noise into
+1-2 m/s of velocity noise at 10 Hz; the filter averages it out over the track.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from ..geometry import invert_pose, rotate_vectors_2d, transform_boxes
 from .pose_buffer import NS_PER_S
@@ -18,10 +21,11 @@ from .pose_buffer import NS_PER_S
 
 @dataclass
 class VelocityTrackerConfig:
-    max_speed: float = 30.0       # m/s: association gate is max_speed x dt (at least min_gate)
-    min_gate: float = 1.0         # m
-    smoothing: float = 0.5        # weight of the previous velocity of a matched track
-    max_gap_s: float = 0.5        # older previous scans are not used (a restart, a lost scan burst)
+    accel_std: float = 2.0        # m/s^2: white-noise acceleration of the constant-velocity model
+    position_std: float = 0.15    # m: noise of a detected box centre
+    init_speed_std: float = 10.0  # m/s: velocity spread of a new track (sets its first gate)
+    gate: float = 3.5             # Mahalanobis distance of a detection from a track's prediction
+    max_gap_s: float = 0.5        # a track not seen for longer is dropped (occlusion, a lost burst)
 
 
 class VelocityTracker:
@@ -32,39 +36,87 @@ class VelocityTracker:
         self.reset()
 
     def reset(self) -> None:
-        self._prev = None  # (stamp_ns, boxes_world (N, 7), labels (N,), velocities_world (N, 2))
+        self._x = np.zeros((0, 4))          # (T, 4) world x, y (m), vx, vy (m/s) at each track's last scan
+        self._P = np.zeros((0, 4, 4))       # (T, 4, 4) their covariances
+        self._labels = np.zeros(0, np.int64)
+        self._seen_ns = np.zeros(0, np.int64)
+        self._hits = np.zeros(0, np.int64)
+        self._newest_ns = None
 
     def update(self, boxes: np.ndarray, labels: np.ndarray, T_world_sensor: np.ndarray,
                stamp_ns: int) -> np.ndarray:
         """boxes (N, 7) and labels (N,) in the sensor frame at stamp_ns -> velocities (N, 2) m/s
-        along the sensor axes (0 for objects not seen in the previous scan)."""
-        world = transform_boxes(T_world_sensor, boxes)
-        vel_world = np.zeros((len(world), 2))
-        prev = self._prev
-        if prev is not None and prev[0] < stamp_ns:
-            dt = (stamp_ns - prev[0]) / NS_PER_S
-            if dt <= self.cfg.max_gap_s and len(world) and len(prev[1]):
-                vel_world = self._associate(world, labels, prev, dt)
-        if prev is None or prev[0] < stamp_ns:
-            self._prev = (int(stamp_ns), world, np.asarray(labels), vel_world)
-        elif prev[0] > stamp_ns:  # time went back (bag loop): start over from this scan
-            self._prev = (int(stamp_ns), world, np.asarray(labels), np.zeros_like(vel_world))
+        along the sensor axes (0 for an object seen for the first time)."""
+        stamp_ns = int(stamp_ns)
+        if self._newest_ns is not None and stamp_ns < self._newest_ns:   # time went back (bag loop)
+            self.reset()
+        self._newest_ns = stamp_ns
+        alive = (stamp_ns - self._seen_ns) / NS_PER_S <= self.cfg.max_gap_s
+        self._keep(alive)
+        labels = np.asarray(labels, np.int64)
+        z = transform_boxes(T_world_sensor, np.asarray(boxes, np.float64).reshape(-1, 7))[:, :2]
+        x, P = self._predict(stamp_ns)
+        track_of = self._associate(z, labels, x, P)
+        vel_world = np.zeros((len(z), 2))
+        hit = track_of >= 0
+        if hit.any():
+            t = track_of[hit]
+            self._x[t], self._P[t] = self._correct(x[t], P[t], z[hit])
+            self._seen_ns[t] = stamp_ns
+            self._hits[t] += 1
+            vel_world[hit] = self._x[t, 2:]
+        self._start(z[~hit], labels[~hit], stamp_ns)
         return rotate_vectors_2d(invert_pose(T_world_sensor), vel_world)
 
-    def _associate(self, world, labels, prev, dt) -> np.ndarray:
-        _, pw, pl, pv = prev
-        gate = max(self.cfg.max_speed * dt, self.cfg.min_gate)
-        d = np.linalg.norm(world[:, None, :2] - pw[None, :, :2], axis=-1)
-        d[np.asarray(labels)[:, None] != pl[None, :]] = np.inf
-        vel = np.zeros((len(world), 2))
-        # greedy nearest pairs first: one previous box serves at most one current box
-        order = np.argsort(d, axis=None)
-        used_now, used_prev = np.zeros(len(world), bool), np.zeros(len(pw), bool)
-        for flat in order[:np.count_nonzero(d <= gate)]:
-            i, j = divmod(int(flat), len(pw))
-            if used_now[i] or used_prev[j]:
-                continue
-            used_now[i] = used_prev[j] = True
-            raw = (world[i, :2] - pw[j, :2]) / dt
-            vel[i] = (1 - self.cfg.smoothing) * raw + self.cfg.smoothing * pv[j] if np.any(pv[j]) else raw
-        return vel
+    def _keep(self, mask: np.ndarray) -> None:
+        self._x, self._P, self._labels = self._x[mask], self._P[mask], self._labels[mask]
+        self._seen_ns, self._hits = self._seen_ns[mask], self._hits[mask]
+
+    def _predict(self, stamp_ns: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every track moved to stamp_ns: states (T, 4) and covariances (T, 4, 4)."""
+        dt = (stamp_ns - self._seen_ns) / NS_PER_S
+        F = np.tile(np.eye(4), (len(dt), 1, 1))
+        F[:, 0, 2] = F[:, 1, 3] = dt
+        q = self.cfg.accel_std ** 2
+        Q = np.zeros((len(dt), 4, 4))
+        for i in range(2):   # per axis: position and velocity driven by the same acceleration
+            Q[:, i, i] = q * dt ** 3 / 3
+            Q[:, i, i + 2] = Q[:, i + 2, i] = q * dt ** 2 / 2
+            Q[:, i + 2, i + 2] = q * dt
+        x = np.einsum('tij,tj->ti', F, self._x)
+        P = F @ self._P @ F.transpose(0, 2, 1) + Q
+        return x, P
+
+    def _innovation_cov(self, P: np.ndarray) -> np.ndarray:
+        return P[:, :2, :2] + self.cfg.position_std ** 2 * np.eye(2)
+
+    def _associate(self, z: np.ndarray, labels: np.ndarray, x: np.ndarray, P: np.ndarray) -> np.ndarray:
+        """(N,) index of the track each detection continues, -1 for none."""
+        out = np.full(len(z), -1, np.int64)
+        if not len(z) or not len(x):
+            return out
+        S_inv = np.linalg.inv(self._innovation_cov(P))
+        d = z[:, None, :] - x[None, :, :2]                              # (N, T, 2)
+        m2 = np.einsum('ntj,tjk,ntk->nt', d, S_inv, d)
+        m2[labels[:, None] != self._labels[None, :]] = np.inf
+        allowed = m2 <= self.cfg.gate ** 2
+        rows, cols = linear_sum_assignment(np.where(allowed, m2, 1e12))
+        ok = allowed[rows, cols]
+        out[rows[ok]] = cols[ok]
+        return out
+
+    def _correct(self, x: np.ndarray, P: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Kalman update of tracks (k, 4), (k, 4, 4) with their detected centres (k, 2)."""
+        K = P[:, :, :2] @ np.linalg.inv(self._innovation_cov(P))      # (k, 4, 2)
+        x = x + np.einsum('kij,kj->ki', K, z - x[:, :2])
+        P = P - K @ P[:, :2, :]
+        return x, P
+
+    def _start(self, z: np.ndarray, labels: np.ndarray, stamp_ns: int) -> None:
+        n = len(z)
+        P0 = np.diag([self.cfg.position_std ** 2] * 2 + [self.cfg.init_speed_std ** 2] * 2)
+        self._x = np.concatenate([self._x, np.column_stack([z, np.zeros((n, 2))])])
+        self._P = np.concatenate([self._P, np.broadcast_to(P0, (n, 4, 4))])
+        self._labels = np.concatenate([self._labels, labels])
+        self._seen_ns = np.concatenate([self._seen_ns, np.full(n, stamp_ns, np.int64)])
+        self._hits = np.concatenate([self._hits, np.ones(n, np.int64)])
