@@ -31,7 +31,8 @@ def test_synth_info_plot(tmp_path):
     assert r.returncode == 2 and 'already exists' in r.stderr
 
 
-@pytest.mark.parametrize('case', ['missing_folder', 'unknown_version', 'truncated', 'dangling', 'bad_frame'])
+@pytest.mark.parametrize('case', ['missing_folder', 'unknown_version', 'truncated', 'dangling', 'bad_frame',
+                                  'ambiguous_timestamps', 'two_versions'])
 def test_user_errors_are_one_line(tiny_dataset, tmp_path, case):
     import shutil
     root = tmp_path / 'ds'
@@ -52,8 +53,18 @@ def test_user_errors_are_one_line(tiny_dataset, tmp_path, case):
         p.write_text(json.dumps(rows))
     elif case == 'bad_frame':
         args = ['plot', root, '--out', tmp_path / 'x.png', '--frame', 99]
+    elif case == 'ambiguous_timestamps':  # 500 apart: neither microseconds nor frame counters
+        p = root / 'v2.0-mini' / 'sample.json'
+        rows = json.loads(p.read_text())
+        for i, row in enumerate(rows):
+            row['timestamp'] = 500 * i
+        p.write_text(json.dumps(rows))
+    elif case == 'two_versions':
+        shutil.copytree(root / 'v2.0-mini', root / 'v2.0')
     r = run(*args)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), r.stderr
     assert 'Traceback' not in r.stderr
+    option = {'ambiguous_timestamps': '--frame-period', 'two_versions': '--version'}.get(case)
+    assert option is None or option in lines[0], lines[0]

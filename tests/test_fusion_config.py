@@ -79,7 +79,7 @@ def test_train_fusion_cli_trains_with_the_config_and_overrides_iterations(tmp_pa
     # everything but the settings is stubbed: no detector, data or training
     monkeypatch.setattr(detection_commands, 'detector_from_args', lambda args: 'detector')
     monkeypatch.setattr(fusion_commands, 'feature_cache_from_args', lambda args, model, ds: 'cache')
-    monkeypatch.setattr('coop_perception.data.v2xsim.V2XSimDataset', lambda *a: 'dataset')
+    monkeypatch.setattr('coop_perception.data.v2xsim.V2XSimDataset', lambda *a, **kw: 'dataset')
     monkeypatch.setattr(fusion_train, 'FusionExamples', lambda ds, cache: [])
     monkeypatch.setattr(fusion_train, 'train_fusion', train_fusion)
     custom = _write(tmp_path, 'seed: 0', 'seed: 5')

@@ -18,19 +18,37 @@ LABELS = np.array([0, 0, 2])
 
 def test_tracked_velocities_in_the_sensor_frame_of_a_moving_turning_sensor():
     tracker = VelocityTracker()
-    for step in range(4):
+    for step in range(8):
         t = 0.1 * step
         sensor = make_pose([8.0 * t, -6.0, 1.8], yaw=0.3 + 0.2 * t)   # the sender drives and turns
         local = transform_boxes(invert_pose(sensor), boxes_world(t))
         order = np.array([2, 0, 1]) if step % 2 else np.arange(3)     # detection order does not matter
         vel = tracker.update(local[order], LABELS[order], sensor, int(t * 1000 * MS))
         if step == 0:
-            assert np.all(vel == 0)                                   # nothing to differentiate yet
-    yaw = 0.3 + 0.2 * 0.3
+            assert np.all(vel == 0)                                   # nothing to estimate from yet
+    yaw = 0.3 + 0.2 * 0.7
     expect_world = np.array([[10.0, 0.0], [0.0, 0.0], [0.0, 1.5]])[order]
     c, s = np.cos(-yaw), np.sin(-yaw)
     expect = expect_world @ np.array([[c, s], [-s, c]])
-    assert np.allclose(vel, expect, atol=1e-6)
+    assert np.allclose(vel, expect, atol=0.05)
+
+
+def test_the_filter_averages_out_centre_noise():
+    """Detected centres with 15 cm noise: frame-to-frame differences are off by ~2 m/s, the
+    filtered velocity of a track a second old by a fraction of that."""
+    rng = np.random.default_rng(0)
+    tracker, errors, raw = VelocityTracker(), [], []
+    previous = None
+    for step in range(30):
+        t = 0.1 * step
+        boxes = boxes_world(t)
+        boxes[:, :2] += rng.normal(0, 0.15, (3, 2))
+        vel = tracker.update(boxes, LABELS, np.eye(4), int(t * 1000 * MS))
+        if step >= 10:
+            errors.append(np.linalg.norm(vel[0] - [10.0, 0.0]))
+            raw.append(np.linalg.norm((boxes[0, :2] - previous[0, :2]) / 0.1 - [10.0, 0.0]))
+        previous = boxes
+    assert np.median(raw) > 1.5 and np.median(errors) < np.median(raw) / 3
 
 
 def test_class_gate_speed_gate_and_time_going_back():
@@ -40,9 +58,9 @@ def test_class_gate_speed_gate_and_time_going_back():
     swapped = LABELS.copy()
     swapped[2] = 3                                                    # a cyclist now: no match
     vel = tracker.update(boxes_world(0.1), swapped, I, 100 * MS)
-    assert np.allclose(vel[0], [10, 0]) and np.all(vel[2] == 0)
+    assert np.allclose(vel[0], [10, 0], atol=0.5) and np.all(vel[2] == 0)
     far = boxes_world(0.2)
     far[0, 0] += 20.0                                                 # 200 m/s would be needed
     assert np.all(tracker.update(far, LABELS, I, 200 * MS)[0] == 0)
     assert np.all(tracker.update(boxes_world(0.0), LABELS, I, 0) == 0)   # bag loop: start over
-    assert np.allclose(tracker.update(boxes_world(0.1), LABELS, I, 100 * MS)[0], [10, 0])
+    assert np.allclose(tracker.update(boxes_world(0.1), LABELS, I, 100 * MS)[0], [10, 0], atol=0.5)

@@ -8,14 +8,30 @@ from coop_perception.commands import Commands, add_json, positive, write_json
 from coop_perception.errors import UserError
 
 from .bag import STORAGES
+from .mimic import MIMICS
 from .synth import PRESETS
-from .v2xsim import DEFAULT_VERSION
+from .v2xsim import DEFAULT_VERSION, OWN_LAYOUT, VERSIONS
 
 
 def add_dataset_args(p: argparse.ArgumentParser, role: str) -> None:
-    """``--data`` (a V2X-Sim-format dataset root, e.g. ``role`` 'the test preset') and ``--version``."""
+    """``--data`` (a V2X-Sim-format dataset root, e.g. ``role`` 'the test preset') and the options
+    of `add_reading_args`."""
     p.add_argument('--data', required=True, help=f'dataset root ({role})')
-    p.add_argument('--version', default=DEFAULT_VERSION, help=f'metadata folder name (default: {DEFAULT_VERSION})')
+    add_reading_args(p)
+
+
+def add_reading_args(p: argparse.ArgumentParser) -> None:
+    """How to read the dataset of ``args.data``: ``--version``, ``--frame-period``."""
+    p.add_argument('--version', help=f'metadata folder name (default: whichever of {" and ".join(VERSIONS)} exists)')
+    p.add_argument('--frame-period', type=positive(float), metavar='SECONDS',
+                   help='seconds per frame, for datasets whose timestamps count frames (real V2X-Sim)')
+
+
+def dataset_from_args(args):
+    """The `V2XSimDataset` of ``args.data`` read as `add_reading_args` says."""
+    from .v2xsim import V2XSimDataset
+
+    return V2XSimDataset(args.data, args.version, frame_period_s=args.frame_period)
 
 
 def add_cli(commands: Commands) -> None:
@@ -28,13 +44,18 @@ def add_cli(commands: Commands) -> None:
                    help='agents incl. the road-side unit (agent 0); default 5')
     p.add_argument('--seed', type=int, help='random seed (default: the preset\'s, else 0)')
     p.add_argument('--rate', type=positive(float), default=10.0, help='LiDAR rate in Hz')
-    p.add_argument('--version', default=DEFAULT_VERSION, help='metadata folder name')
+    p.add_argument('--synchronous', action='store_true',
+                   help='every agent captures at the frame time (default: each at its own phase)')
+    p.add_argument('--mimic', choices=sorted(MIMICS),
+                   help='write the scenes as that producer lays them out (v2xsim-real: the real V2X-Sim 2.0 '
+                        'download; implies --synchronous and --version v2.0)')
+    p.add_argument('--version', help=f'metadata folder name (default: {DEFAULT_VERSION}, with --mimic its own)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing dataset')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
 
-    p = commands.add('info', cmd_info, 'summarise a V2X-Sim-format dataset')
+    p = commands.add('info', cmd_info, 'summarise a V2X-Sim-format dataset and the conventions it follows')
     p.add_argument('data', help='dataset root')
-    p.add_argument('--version', default=DEFAULT_VERSION)
+    add_reading_args(p)
     add_json(p, 'the summary')
 
     p = commands.add('to-bag', cmd_to_bag, 'record a scene of a V2X-Sim-format dataset as a rosbag2 bag')
@@ -42,7 +63,7 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--scene', default='0', help='scene name or index (default: 0)')
     p.add_argument('--out', required=True, help='bag directory to create')
     p.add_argument('--storage', choices=sorted(STORAGES), default='mcap', help='default: mcap')
-    p.add_argument('--version', default=DEFAULT_VERSION, help=f'metadata folder name (default: {DEFAULT_VERSION})')
+    add_reading_args(p)
 
     p = commands.add('data', cmd_bench_data, 'synthetic scan generation and scan reading', group='bench')
     p.add_argument('--frames', type=positive(int), default=20)
@@ -53,35 +74,37 @@ def add_cli(commands: Commands) -> None:
 def cmd_synth(args) -> int:
     from .synth import ScenarioConfig, generate
 
+    layout = MIMICS[args.mimic] if args.mimic else OWN_LAYOUT
+    version = args.version or layout.version
     preset = PRESETS[args.preset] if args.preset else {}
     scenes = args.scenes or preset.get('scenes', 1)
     cfg = ScenarioConfig(seed=args.seed if args.seed is not None else preset.get('seed', 0),
                          vehicles=args.agents - 1,
                          frames=args.frames or preset.get('frames', 40),
-                         rate_hz=args.rate)
+                         rate_hz=args.rate, synchronous=args.synchronous or layout.frame_counters)
     out = Path(args.out)
-    if (out / args.version).exists() and not args.overwrite:
-        raise UserError(out / args.version, 'already exists (use --overwrite to replace it)')
-    n = generate(out, scenes, cfg, args.version, progress=not args.quiet)
-    print(f'wrote {scenes} scene(s) x {cfg.frames} frames, {n} LiDAR scans to {out}')
+    if (out / version).exists() and not args.overwrite:
+        raise UserError(out / version, 'already exists (use --overwrite to replace it)')
+    n = generate(out, scenes, cfg, version, progress=not args.quiet, layout=layout)
+    print(f'wrote {scenes} scene(s) x {cfg.frames} frames, {n} LiDAR scans to {out}'
+          + (f' as {args.mimic} (read it with --frame-period {1 / cfg.rate_hz:g})' if layout.frame_counters else ''))
     return 0
 
 
 def cmd_info(args) -> int:
     from .stats import format_summary, summarize
-    from .v2xsim import V2XSimDataset
 
-    summary = summarize(V2XSimDataset(args.data, args.version))
-    print(format_summary(summary))
+    ds = dataset_from_args(args)
+    summary = summarize(ds)
+    print(format_summary(summary, ds.conventions.lines()))
     write_json(args, summary)
     return 0
 
 
 def cmd_to_bag(args) -> int:
     from .bag import write_scene_bag
-    from .v2xsim import V2XSimDataset
 
-    summary = write_scene_bag(V2XSimDataset(args.data, version=args.version), args.scene, args.out,
+    summary = write_scene_bag(dataset_from_args(args), args.scene, args.out,
                               storage=args.storage, progress=True)
     total = sum(summary['messages'].values())
     print(f'{args.out}: scene {summary["scene"]}, {summary["frames"]} frames, agents '

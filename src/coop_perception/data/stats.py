@@ -29,7 +29,7 @@ def summarize(ds: V2XSimDataset) -> dict:
         classes.update(sample.gt.categories)
         agents_seen.update(sample.agents)
         for a in sample.agents.values():
-            points.append(a.expected_points or a.path.stat().st_size // 20)
+            points.append(a.num_points())
         counts = sample.gt.agent_points
         if not counts:
             continue
@@ -54,14 +54,17 @@ def summarize(ds: V2XSimDataset) -> dict:
         'points_per_scan': {'mean': float(pts.mean()), 'min': int(pts.min()), 'max': int(pts.max())},
         'objects_near_ego': near,
         'occluded_visible_to_collaborator': occluded / near if near else 0.0,
+        'conventions': ds.conventions.to_dict(),
     }
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: dict, conventions: list[str]) -> str:
+    """The summary as text; `conventions`: `Conventions.lines()` of the dataset."""
     lines = [f"scenes: {s['scenes']}   frames: {s['frames']}   agents: {s['agents']}",
              'classes: ' + ', '.join(f'{k}={v}' for k, v in s['classes'].items()),
              'points per scan: mean {mean:.0f}, min {min}, max {max}'.format(**s['points_per_scan']),
              f"objects within {OCCLUSION_RADIUS:g} m of an ego vehicle: {s['objects_near_ego']}",
              f"  of which occluded for the ego but seen (>= {COLLABORATOR_MIN_POINTS} points) by a "
-             f"collaborator: {100 * s['occluded_visible_to_collaborator']:.1f}%"]
+             f"collaborator: {100 * s['occluded_visible_to_collaborator']:.1f}%",
+             'conventions (detected when opened):'] + ['  ' + line for line in conventions]
     return '\n'.join(lines)

@@ -28,6 +28,7 @@ class ScenarioConfig:
     vehicles: int = 4                 # connected vehicles (agents 1..N); agent 0 is the RSU
     frames: int = 40
     rate_hz: float = 10.0
+    synchronous: bool = False         # every agent captures at the frame time (CARLA's synchronous mode)
     rsu_height: float = 5.5           # m, LiDAR above the ground at the corner
     roof_clearance: float = 0.25      # m, vehicle LiDAR above the roof
     agent_radius: float = 60.0        # m, connected vehicles start within this of the centre
@@ -96,6 +97,8 @@ class Scenario:
         self.agent_ids = [RSU_AGENT] + list(range(1, len(self.vehicle_agents) + 1))
         period = 1.0 / cfg.rate_hz
         self.phase = {k: (0.0 if k == 1 else float(self.rng.uniform(0, period))) for k in self.agent_ids}
+        if cfg.synchronous:  # after the draws, so the seed gives the same town and traffic either way
+            self.phase = dict.fromkeys(self.agent_ids, 0.0)
         self.lidar = LidarSimulator(cfg.lidar)
         lay = cfg.layout
         corner = np.array([lay.half_width('N') + 1.5, lay.half_width('E') + 1.5])
@@ -214,19 +217,22 @@ PRESETS = {
 }
 
 
-def generate(out_dir, scenes: int, cfg: ScenarioConfig, version: str, progress: bool = True) -> int:
-    """Generate `scenes` scenes into a V2X-Sim-format dataset at out_dir; returns scans written."""
+def generate(out_dir, scenes: int, cfg: ScenarioConfig, version: str, progress: bool = True,
+             layout=None) -> int:
+    """Generate `scenes` scenes into a V2X-Sim-format dataset at out_dir; returns scans written.
+    layout: a `v2xsim.Layout` (default: our own format)."""
     from tqdm import tqdm
 
-    from .v2xsim import V2XSimWriter
+    from .v2xsim import OWN_LAYOUT, V2XSimWriter
 
-    writer = V2XSimWriter(out_dir, version, dataset=f'synth-seed{cfg.seed}')
+    layout = layout or OWN_LAYOUT
+    writer = V2XSimWriter(out_dir, version, dataset=f'synth-seed{cfg.seed}', layout=layout)
     written = 0
     with tqdm(total=scenes * cfg.frames, unit='frame', disable=not progress, desc='synth') as bar:
         for n in range(scenes):
             scenario = Scenario(cfg, n)
-            writer.begin_scene(f'scene_{n}', f'synthetic town, seed {cfg.seed}, '
-                                             f'{len(scenario.agent_ids)} agents, {cfg.rate_hz:g} Hz')
+            writer.begin_scene(f'scene_{layout.first_scene + n}',
+                               f'synthetic town, seed {cfg.seed}, {len(scenario.agent_ids)} agents, {cfg.rate_hz:g} Hz')
             for frame in scenario.frames():
                 writer.add_frame(frame)
                 written += len(frame.scans)

@@ -5,26 +5,37 @@ Layout under the dataset root::
     {version}/scene.json, sample.json, sample_data.json, ego_pose.json, ...   (nuScenes tables)
     sweeps/LIDAR_TOP_id_{k}/scene_{n}_{frame:06d}.pcd.bin                   (float32 N x 5)
 
-Timestamps are microseconds, quaternions ``[w, x, y, z]``, annotation ``size`` is ``[w, l, h]``
-and ``translation`` the box centre in the global frame. The reader serves real V2X-Sim data and
-our synthetic scenes alike and copes with the real data's quirks (semantic-LiDAR channels,
-agents missing from samples, 4-column files, no lidarseg.json).
+Our writer stores timestamps in microseconds, quaternions ``[w, x, y, z]``, annotation ``size`` as
+``[w, l, h]`` and ``translation`` as the box centre in the global frame. The reader serves our
+scenes and the real V2X-Sim download alike: what differs between them (timestamp unit, category
+vocabulary, ``sample_data.width``, per-agent point counts, 4- or 5-column sweeps) is detected when
+a dataset is opened (`conventions`), and its API always gives microseconds. It also copes with
+semantic-LiDAR channels, agents missing from samples and an absent lidarseg.json.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import UserError
 from ..geometry import make_pose, matrix_to_quat_wxyz, points_in_boxes, quat_wxyz_to_yaw, yaw_to_quat_wxyz
-from .labels import category_to_label
+from .conventions import Conventions, TimeBase, check_pose_chain, detect_time_base, pose_verdict
+from .labels import category_coverage, category_to_label
+from .pcd_bin import read_pcd_bin, sweep_shape
+from .visibility import CountCache
 
-DEFAULT_VERSION = 'v2.0-mini'
+log = logging.getLogger(__name__)
+
+DEFAULT_VERSION = 'v2.0-mini'          # what our writer produces unless told otherwise
+VERSIONS = ('v2.0', 'v2.0-mini')       # metadata folders of the full release and the mini one
 TABLES = ('log', 'map', 'scene', 'sample', 'sample_data', 'ego_pose', 'calibrated_sensor', 'sensor',
           'sample_annotation', 'instance', 'category', 'attribute', 'visibility')
 LIDAR_CHANNEL = re.compile(r'^LIDAR_TOP_id_(\d+)$')
@@ -41,13 +52,31 @@ def _token(*parts) -> str:
 
 
 # ============================================================================ writer
+@dataclass(frozen=True)
+class Layout:
+    """What the writer puts in the tables: our own format (the defaults) or another producer's
+    conventions (`mimic.MIMICS`)."""
+    version: str = DEFAULT_VERSION     # metadata folder it is usually written to
+    frame_counters: bool = False       # timestamps are frame indices (needs synchronous capture)
+    category_name: Callable[[str, int], str] | None = None  # (our category, instance id) -> name written
+    width_is_point_count: bool = True  # else sample_data.width = 0, as nuScenes LiDAR rows
+    agent_points: bool = True          # annotations carry agent_lidar_pts
+    velocity: bool = True              # annotations carry velocity
+    first_scene: int = 0               # scenes are named scene_{first_scene + n}
+
+
+OWN_LAYOUT = Layout()
+
+
 class V2XSimWriter:
     """Write scenes frame by frame; tables are written by close()."""
 
-    def __init__(self, root, version: str = DEFAULT_VERSION, dataset: str = 'synthetic'):
+    def __init__(self, root, version: str = DEFAULT_VERSION, dataset: str = 'synthetic',
+                 layout: Layout = OWN_LAYOUT):
         self.root = Path(root)
         self.version = version
         self.dataset = dataset
+        self.layout = layout
         self.tables: dict[str, list[dict]] = {t: [] for t in TABLES}
         self._sensors: dict[int, str] = {}
         self._categories: dict[str, str] = {}
@@ -90,12 +119,21 @@ class V2XSimWriter:
         self._prev_ann: dict[int, str] = {}
         self._instances: dict[int, dict] = {}
 
+    def _stamp(self, frame, timestamp_us: int) -> int:
+        if not self.layout.frame_counters:
+            return int(timestamp_us)
+        if timestamp_us != frame.timestamp_us:
+            raise ValueError('frame-counter timestamps need every agent to capture at the frame time '
+                             '(ScenarioConfig.synchronous)')
+        return int(frame.index)
+
     def add_frame(self, frame) -> None:
         """frame: a `synth.Frame` (or anything with the same fields)."""
+        lay = self.layout
         sc = self._scene
         name = sc['name']
         sample = _token(self.dataset, name, 'sample', frame.index)
-        self.tables['sample'].append({'token': sample, 'timestamp': int(frame.timestamp_us),
+        self.tables['sample'].append({'token': sample, 'timestamp': self._stamp(frame, frame.timestamp_us),
                                       'prev': self._prev_sample, 'next': '', 'scene_token': sc['token']})
         if self._prev_sample:
             self.tables['sample'][-2]['next'] = sample
@@ -116,7 +154,7 @@ class V2XSimWriter:
             ep = _token(self.dataset, name, 'ep', frame.index, k)
             cs = _token(self.dataset, name, 'cs', k)
             self.tables['ego_pose'].append({
-                'token': ep, 'timestamp': int(scan.timestamp_us),
+                'token': ep, 'timestamp': self._stamp(frame, scan.timestamp_us),
                 'rotation': matrix_to_quat_wxyz(scan.T_world_ego[:3, :3]).tolist(),
                 'translation': scan.T_world_ego[:3, 3].tolist()})
             if k not in self._prev_sd:  # the mount is fixed within a scene
@@ -128,9 +166,10 @@ class V2XSimWriter:
             prev = self._prev_sd.get(k, '')
             self.tables['sample_data'].append({
                 'token': sd, 'sample_token': sample, 'ego_pose_token': ep,
-                'calibrated_sensor_token': cs, 'timestamp': int(scan.timestamp_us),
+                'calibrated_sensor_token': cs, 'timestamp': self._stamp(frame, scan.timestamp_us),
                 'fileformat': 'pcd', 'is_key_frame': True, 'height': 0,
-                'width': int(len(scan.points)), 'filename': rel, 'prev': prev, 'next': ''})
+                'width': int(len(scan.points)) if lay.width_is_point_count else 0,
+                'filename': rel, 'prev': prev, 'next': ''})
             if prev:
                 self._sd_index[prev]['next'] = sd
             self._sd_index[sd] = self.tables['sample_data'][-1]
@@ -141,8 +180,10 @@ class V2XSimWriter:
             ann = _token(self.dataset, name, 'ann', frame.index, iid)
             inst = self._instances.get(iid)
             if inst is None:
+                category = frame.categories[i] if lay.category_name is None else lay.category_name(
+                    frame.categories[i], iid)
                 inst = {'token': _token(self.dataset, name, 'inst', iid),
-                        'category_token': self._named('category', self._categories, frame.categories[i]),
+                        'category_token': self._named('category', self._categories, category),
                         'nbr_annotations': 0, 'first_annotation_token': ann, 'last_annotation_token': ann}
                 self._instances[iid] = inst
                 self.tables['instance'].append(inst)
@@ -155,8 +196,11 @@ class V2XSimWriter:
                    'attribute_tokens': [self._named('attribute', self._attributes, frame.attributes[i])],
                    'translation': [x, y, z], 'size': [w, l, h],
                    'rotation': yaw_to_quat_wxyz(yaw).tolist(), 'prev': prev, 'next': '',
-                   'num_lidar_pts': total, 'num_radar_pts': 0,
-                   'velocity': frame.velocities[i].tolist(), 'agent_lidar_pts': per_agent}
+                   'num_lidar_pts': total, 'num_radar_pts': 0}
+            if lay.velocity:
+                rec['velocity'] = frame.velocities[i].tolist()
+            if lay.agent_points:
+                rec['agent_lidar_pts'] = per_agent
             if prev:
                 self._ann_index[prev]['next'] = ann
             self._ann_index[ann] = rec
@@ -198,8 +242,9 @@ class AgentFrame:
     T_world_ego: np.ndarray           # (4, 4)
     T_ego_sensor: np.ndarray          # (4, 4)
     path: Path
-    expected_points: int              # 0 when the file does not say (real V2X-Sim)
+    expected_points: int              # 0 when the dataset does not state it reliably (real V2X-Sim)
     sample_data_token: str
+    row_length_hint: int | None = None  # the dataset's values per point, for files too small to tell
 
     @property
     def T_world_sensor(self) -> np.ndarray:
@@ -207,32 +252,15 @@ class AgentFrame:
 
     def load_points(self) -> np.ndarray:
         """(N, 5) float32 [x, y, z, intensity, ring] in the sensor frame (ring = -1 if unknown)."""
-        return read_pcd_bin(self.path, self.expected_points)
+        return read_pcd_bin(self.path, self.expected_points, self.row_length_hint)
 
     @property
     def points(self) -> np.ndarray:
         """(N, 4) float32 [x, y, z, intensity] in the sensor frame."""
         return self.load_points()[:, :4]
 
-
-def read_pcd_bin(path: Path, expected_points: int = 0) -> np.ndarray:
-    """Read a nuScenes/V2X-Sim .pcd.bin: float32 rows of 5 (or 4) values -> (N, 5)."""
-    try:
-        raw = np.fromfile(path, dtype=np.float32)
-    except FileNotFoundError:
-        raise UserError(path, 'LiDAR file is missing') from None
-    if path.stat().st_size % 4:
-        raise UserError(path, f'truncated: {path.stat().st_size} bytes is not a whole number of float32')
-    if expected_points:
-        if raw.size != 5 * expected_points:
-            raise UserError(path, f'truncated: {raw.size} floats, expected {expected_points} points x 5')
-        return raw.reshape(-1, 5)
-    if raw.size % 5 == 0:
-        return raw.reshape(-1, 5)
-    if raw.size % 4 == 0:  # some V2X-Sim sweeps carry x, y, z, intensity only
-        pts = raw.reshape(-1, 4)
-        return np.concatenate([pts, np.full((len(pts), 1), -1, np.float32)], 1)
-    raise UserError(path, f'truncated: {raw.size} floats is neither N x 5 nor N x 4')
+    def num_points(self) -> int:
+        return self.expected_points or len(self.load_points())
 
 
 @dataclass
@@ -282,23 +310,69 @@ def _flatten_z(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-class V2XSimDataset:
-    """Index over a V2X-Sim-format dataset. Raises UserError for missing or inconsistent files."""
+def metadata_folder(root: Path, version: str | None) -> Path:
+    """``root/version``; without a version, whichever of VERSIONS holds a scene table."""
+    if version:
+        meta = root / version
+        if meta.is_dir():
+            return meta
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / 'scene.json').exists())
+    listed = f' (found: {", ".join(found)})' if found else ''
+    if version:
+        raise UserError(meta, 'metadata folder not found' + listed)
+    release = [v for v in VERSIONS if v in found]
+    if len(release) == 1:
+        return root / release[0]
+    if release:
+        raise UserError(root, f'holds both {" and ".join(release)}: choose one with --version')
+    raise UserError(root, f'no metadata folder {" or ".join(VERSIONS)}{listed}: name it with --version')
 
-    def __init__(self, root, version: str = DEFAULT_VERSION):
+
+class V2XSimDataset:
+    """Index over a V2X-Sim-format dataset, our own or the real download.
+
+    version: the metadata folder (None: whichever of v2.0 and v2.0-mini exists). frame_period_s:
+    seconds per frame, needed when the timestamps count frames. On opening, the conventions the
+    data follows are detected (`conventions`, logged once). Raises UserError for missing or
+    inconsistent files and for conventions the data cannot settle."""
+
+    PROBE_SAMPLES = 3                 # samples the sweep and pose checks look at, at most
+    PROBE_BOXES = 24                  # near boxes after which the pose check has seen enough
+
+    def __init__(self, root, version: str | None = None, frame_period_s: float | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(self.root, 'dataset folder does not exist')
-        meta = self.root / version
-        if not meta.is_dir():
-            found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / 'scene.json').exists())
-            raise UserError(meta, 'metadata folder not found' + (f' (found: {", ".join(found)})' if found else ''))
-        self.meta = meta
+        self.meta = metadata_folder(self.root, version)
         t = {name: self._load(name) for name in ('scene', 'sample', 'sample_data', 'ego_pose',
                                                   'calibrated_sensor', 'sensor', 'sample_annotation',
                                                   'instance', 'category')}
         self._t = t
         self._index()
+        self.time: TimeBase = detect_time_base(
+            {sc.name: [t['sample'][tok]['timestamp'] for tok in sc.sample_tokens] for sc in self.scenes},
+            np.array([sd['timestamp'] - t['sample'][tok]['timestamp']
+                      for tok, per in self._lidar_sd.items() for sd in per.values()]),
+            frame_period_s, self.meta / 'sample.json')
+        probe = [(s, self.num_frames(s) // 2) for s in range(len(self.scenes)) if self.num_frames(s)]
+        probe = probe[:self.PROBE_SAMPLES]
+        row_lengths, self._width_is_count = self._check_sweeps(probe[:1])
+        self._row_hint = max(row_lengths, key=row_lengths.get) if row_lengths else None
+        counted = not all('agent_lidar_pts' in a for a in t['sample_annotation'].values())
+        self._counts = CountCache(self.root, self.meta.name) if counted else None
+        pose = check_pose_chain((self.sample(s, f) for s, f in probe), enough=self.PROBE_BOXES)
+        pose['verdict'] = pose_verdict(pose, self.meta)
+        used = {t['category'][i['category_token']]['name'] for i in t['instance'].values()}
+        folder = self._counts.folder if self._counts else None
+        self.conventions = Conventions(
+            version=self.meta.name, version_given=bool(version), time=self.time,
+            scene_order=[sc.name for sc in self.scenes], categories=category_coverage(used),
+            row_lengths=dict(row_lengths), width_is_point_count=self._width_is_count,
+            visibility='counted' if counted else 'annotations', count_cache=str(folder) if folder else None,
+            pose=pose)
+        notes = self.conventions.differences()
+        if notes:
+            log.warning('%s: conventions detected: %s', self.meta, '; '.join(notes))
 
     def _load(self, name: str) -> dict[str, dict]:
         path = self.meta / f'{name}.json'
@@ -320,9 +394,10 @@ class V2XSimDataset:
 
     def _index(self):
         t = self._t
-        # Scenes ordered by name and samples by their prev/next chain.
+        # Scenes in table order (as the devkit and the V2X-Sim splits use them; a name sort would
+        # put scene_10 before scene_2), samples by their prev/next chain.
         self.scenes: list[SceneInfo] = []
-        for sc in sorted(t['scene'].values(), key=lambda s: s['name']):
+        for sc in t['scene'].values():
             tokens, tok = [], sc['first_sample_token']
             while tok:
                 s = self._ref('sample', tok, sc['token'], 'scene' if not tokens else 'sample')
@@ -346,6 +421,18 @@ class V2XSimDataset:
             self._ref('category', inst['category_token'], inst['token'], 'instance')
             self._anns.setdefault(ann['sample_token'], []).append(ann)
 
+    def _check_sweeps(self, probe) -> tuple[Counter, bool]:
+        """Values per point of the probe samples' sweeps (-> files) and whether sample_data.width
+        is their point count (nuScenes LiDAR rows say 0)."""
+        lengths: Counter = Counter()
+        width_is_count = True
+        for s, f in probe:
+            for sd in self._lidar_sd.get(self.scenes[s].sample_tokens[f], {}).values():
+                points, columns = sweep_shape(self.root / sd['filename'])
+                lengths[columns] += 1
+                width_is_count &= int(sd.get('width') or 0) == points
+        return lengths, width_is_count and bool(lengths)
+
     # -- access
     def num_frames(self, scene_index: int) -> int:
         return len(self.scenes[scene_index].sample_tokens)
@@ -361,10 +448,12 @@ class V2XSimDataset:
             raise UserError(self.meta, f'frame {frame_index} out of range for {scene.name} '
                                        f'(0..{len(scene.sample_tokens) - 1})')
         token = scene.sample_tokens[frame_index]
-        sample = self._t['sample'][token]
         agents = {k: self._agent_frame(k, sd) for k, sd in sorted(self._lidar_sd.get(token, {}).items())}
-        return Sample(scene.name, scene_index, frame_index, token, int(sample['timestamp']), agents,
-                      self._ground_truth(token))
+        sample = Sample(scene.name, scene_index, frame_index, token, self._sample_us(token), agents,
+                        self._ground_truth(token))
+        if self._counts is not None:
+            sample.gt.agent_points = self._counts.counts(sample)
+        return sample
 
     def samples(self, scene_index: int | None = None):
         scenes = range(len(self.scenes)) if scene_index is None else [scene_index]
@@ -372,17 +461,22 @@ class V2XSimDataset:
             for f in range(self.num_frames(s)):
                 yield self.sample(s, f)
 
+    def _sample_us(self, token: str) -> int:
+        return self.time.to_us(self._t['sample'][token]['timestamp'])
+
     def _agent_frame(self, agent: int, sd: dict) -> AgentFrame:
         ep = self._t['ego_pose'][sd['ego_pose_token']]
         cs = self._t['calibrated_sensor'][sd['calibrated_sensor_token']]
         return AgentFrame(
-            agent_id=agent, channel=channel_name(agent), timestamp_us=int(sd['timestamp']),
+            agent_id=agent, channel=channel_name(agent), timestamp_us=self.time.to_us(sd['timestamp']),
             T_world_ego=make_pose(ep['translation'], quat_wxyz=ep['rotation']),
             T_ego_sensor=make_pose(cs['translation'], quat_wxyz=cs['rotation']),
-            path=self.root / sd['filename'], expected_points=int(sd.get('width') or 0),
-            sample_data_token=sd['token'])
+            path=self.root / sd['filename'],
+            expected_points=int(sd.get('width') or 0) if self._width_is_count else 0,
+            sample_data_token=sd['token'], row_length_hint=self._row_hint)
 
     def _ground_truth(self, sample_token: str) -> GroundTruth:
+        """Without per-agent counts when the dataset does not store them (`sample` adds them)."""
         anns = self._anns.get(sample_token, [])
         M = len(anns)
         boxes = np.zeros((M, 7))
@@ -398,7 +492,7 @@ class V2XSimDataset:
             for k, n in a.get('agent_lidar_pts', {}).items():
                 agent_points.setdefault(int(k), np.zeros(M, np.int64))[i] = n
         labels = np.array([category_to_label(c) for c in cats], dtype=np.int64)
-        return GroundTruth(boxes, vel, labels, cats, insts, agent_points)
+        return GroundTruth(boxes, vel, labels, cats, insts, agent_points if self._counts is None else {})
 
     def _finite_difference_velocity(self, ann: dict) -> np.ndarray:
         """Velocity from neighbouring annotations (as the nuScenes devkit does), else zero."""
@@ -407,9 +501,7 @@ class V2XSimDataset:
         last = anns.get(ann['next']) or ann
         if first is last:
             return np.zeros(2)
-        dt = (self._t['sample'][last['sample_token']]['timestamp']
-              - self._t['sample'][first['sample_token']]['timestamp']) * 1e-6
+        dt = (self._sample_us(last['sample_token']) - self._sample_us(first['sample_token'])) * 1e-6
         if dt <= 0:
             return np.zeros(2)
         return (np.array(last['translation'][:2]) - np.array(first['translation'][:2])) / dt
-

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from coop_perception.commands import (Commands, add_detector_args, add_json, add_run_folder_args, positive,
                                       print_stage_table, write_json)
-from coop_perception.data.commands import add_dataset_args
+from coop_perception.data.commands import add_dataset_args, dataset_from_args
 from coop_perception.errors import UserError
 
 
@@ -37,8 +37,6 @@ def detector_from_args(args):
 
 
 def cmd_train_detector(args) -> int:
-    from coop_perception.data.v2xsim import V2XSimDataset
-
     from .config import load_config, with_overrides
     from .dataset import AgentViewExamples
     from .model import apply_threads
@@ -48,7 +46,7 @@ def cmd_train_detector(args) -> int:
     if args.iterations:
         cfg = with_overrides(cfg, train={'iterations': args.iterations})
     apply_threads(cfg)
-    examples = AgentViewExamples(V2XSimDataset(args.data, args.version))
+    examples = AgentViewExamples(dataset_from_args(args))
     print(f'training on {len(examples)} agent views from {args.data} -> {args.out}')
     summary = train(cfg, examples, args.out, resume=not args.restart)
     print(f'wrote {summary.weights} after {summary.iterations} iterations; losses {summary.final_losses}')

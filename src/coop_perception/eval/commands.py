@@ -7,8 +7,7 @@ from pathlib import Path
 from coop_perception.commands import (MODELS, Commands, add_cache_arg, add_detector_args, add_fusion_model_args,
                                       add_json, positive, print_stage_table, write_json)
 from coop_perception.data.channel import MEAN_LATENCY_MODELS
-from coop_perception.data.commands import add_dataset_args
-from coop_perception.data.v2xsim import DEFAULT_VERSION
+from coop_perception.data.commands import add_dataset_args, add_reading_args, dataset_from_args
 from coop_perception.errors import UserError
 from coop_perception.fusion.codec import FeatureMessage
 from coop_perception.fusion.methods import METHODS
@@ -30,6 +29,19 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--delays', default='0,100,200,300,500', help='mean latencies to sweep, ms')
     p.add_argument('--methods', default='ego,late,early,max,trust',
                    help=f'comma-separated fusion methods, of: {", ".join(METHODS)}')
+    p.add_argument('--channel', default='uniform', choices=MEAN_LATENCY_MODELS, help='latency model')
+    p.add_argument('--seed', type=int, default=0, help='channel seed')
+    p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
+    p.add_argument('--range', type=positive(float), default=50.0, help='evaluate within this of the ego, m')
+    add_fusion_model_args(p)
+    add_json(p)
+    add_detector_args(p)
+
+    p = commands.add('delay-oracles', cmd_delay_oracles, 'where AP goes under delay: ground truth swapped in, one '
+                     'part at a time (a diagnosis)', group='eval')
+    add_dataset_args(p, 'the val preset: a diagnosis, not a result')
+    add_cache_arg(p)
+    p.add_argument('--delay', type=positive(float), default=300.0, help='mean latency, ms (default 300)')
     p.add_argument('--channel', default='uniform', choices=MEAN_LATENCY_MODELS, help='latency model')
     p.add_argument('--seed', type=int, default=0, help='channel seed')
     p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
@@ -63,7 +75,7 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--frame', type=int, default=0, help='frame index within the scene')
     p.add_argument('--out', required=True, help='PNG to write')
     p.add_argument('--extent', type=positive(float), default=80.0, help='half width of the view, m')
-    p.add_argument('--version', default=DEFAULT_VERSION)
+    add_reading_args(p)
 
 
 def _comma_list(option: str, text: str, kind, what: str) -> list:
@@ -74,7 +86,6 @@ def _comma_list(option: str, text: str, kind, what: str) -> list:
 
 
 def cmd_eval_detector(args) -> int:
-    from coop_perception.data.v2xsim import V2XSimDataset
     from coop_perception.detection.commands import detector_from_args
     from coop_perception.detection.dataset import AgentViewExamples
 
@@ -83,7 +94,7 @@ def cmd_eval_detector(args) -> int:
 
     model = detector_from_args(args)
     agents = _comma_list('--agents', args.agents, int, 'agent ids') if args.agents else None
-    examples = AgentViewExamples(V2XSimDataset(args.data, args.version), agents=agents)
+    examples = AgentViewExamples(dataset_from_args(args), agents=agents)
     result = evaluate_detector(model, examples, max_range=args.range)
     print(format_ap_table(result))
     q = result['uncertainty']
@@ -101,7 +112,6 @@ def cmd_eval_detector(args) -> int:
 
 
 def cmd_eval_fusion(args) -> int:
-    from coop_perception.data.v2xsim import V2XSimDataset
     from coop_perception.detection.commands import detector_from_args
     from coop_perception.fusion.commands import feature_cache_from_args, fusion_models_from_args
 
@@ -116,7 +126,7 @@ def cmd_eval_fusion(args) -> int:
     egos = _comma_list('--egos', args.egos, int, 'agent ids') if args.egos else None
     model = detector_from_args(args)
     fusion, gate = fusion_models_from_args(args, model, methods)
-    ds = V2XSimDataset(args.data, args.version)
+    ds = dataset_from_args(args)
     cache = feature_cache_from_args(args, model, ds)
     result = evaluate_fusion(ds, model, cache, fusion, methods, delays, channel_model=args.channel,
                              seed=args.seed, max_range=args.range, egos=egos, gate=gate)
@@ -125,8 +135,25 @@ def cmd_eval_fusion(args) -> int:
     return 0
 
 
+def cmd_delay_oracles(args) -> int:
+    from coop_perception.detection.commands import detector_from_args
+    from coop_perception.fusion.commands import feature_cache_from_args, fusion_models_from_args
+
+    from .delay_diagnosis import ROWS, diagnose_delay, format_diagnosis
+
+    egos = _comma_list('--egos', args.egos, int, 'agent ids') if args.egos else None
+    model = detector_from_args(args)
+    fusion, _ = fusion_models_from_args(args, model, sorted({name for name, _, _ in ROWS}))
+    ds = dataset_from_args(args)
+    cache = feature_cache_from_args(args, model, ds)
+    result = diagnose_delay(ds, model, cache, fusion, args.delay, channel_model=args.channel, seed=args.seed,
+                            max_range=args.range, egos=egos)
+    print(format_diagnosis(result))
+    write_json(args, result)
+    return 0
+
+
 def cmd_bench_fusion(args) -> int:
-    from coop_perception.data.v2xsim import V2XSimDataset
     from coop_perception.detection.commands import detector_from_args
     from coop_perception.fusion.commands import feature_cache_from_args, fusion_models_from_args
 
@@ -134,7 +161,7 @@ def cmd_bench_fusion(args) -> int:
 
     model = detector_from_args(args)
     fusion, gate = fusion_models_from_args(args, model, [args.method])
-    ds = V2XSimDataset(args.data, args.version)
+    ds = dataset_from_args(args)
     cache = feature_cache_from_args(args, model, ds)
     result = bench_fusion(ds, model, cache, fusion, method=args.method, ego=args.ego, frames=args.frames, gate=gate)
     print_stage_table(result, STAGES)
@@ -148,14 +175,13 @@ def cmd_bench_fusion(args) -> int:
 def cmd_calibrate_trust(args) -> int:
     import yaml
 
-    from coop_perception.data.v2xsim import V2XSimDataset
     from coop_perception.detection.commands import detector_from_args
     from coop_perception.fusion.commands import feature_cache_from_args
 
     from .gate_calibration import calibrate_gate
 
     model = detector_from_args(args)
-    ds = V2XSimDataset(args.data, args.version)
+    ds = dataset_from_args(args)
     gate, summary = calibrate_gate(ds, feature_cache_from_args(args, model, ds), model.cfg.classes,
                                    quantile=args.quantile)
     Path(args.out).write_text(
@@ -167,11 +193,9 @@ def cmd_calibrate_trust(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from coop_perception.data.v2xsim import V2XSimDataset
-
     from .bev_plot import plot_sample
 
-    ds = V2XSimDataset(args.data, args.version)
+    ds = dataset_from_args(args)
     plot_sample(ds.sample(args.scene, args.frame), args.out, extent=args.extent)
     print(f'wrote {args.out}')
     return 0

@@ -43,7 +43,7 @@ def fusion_models_from_args(args, detector, methods: list[str]) -> tuple:
 def cmd_train_fusion(args) -> int:
     from dataclasses import replace
 
-    from coop_perception.data.v2xsim import V2XSimDataset
+    from coop_perception.data.commands import dataset_from_args
     from coop_perception.detection.commands import detector_from_args
 
     from .train import FusionExamples, load_fusion_config, train_fusion
@@ -52,7 +52,7 @@ def cmd_train_fusion(args) -> int:
     if args.iterations:
         cfg = replace(cfg, iterations=args.iterations)
     model = detector_from_args(args)
-    ds = V2XSimDataset(args.data, args.version)
+    ds = dataset_from_args(args)
     examples = FusionExamples(ds, feature_cache_from_args(args, model, ds))
     print(f'training fusion on {len(examples)} ego frames -> {args.out}')
     path = train_fusion(model, examples, args.out, cfg, resume=not args.restart)
