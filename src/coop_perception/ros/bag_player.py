@@ -141,8 +141,10 @@ class BagPlayer:
         if self.clock_pub is not None:
             self.clock_pub.publish(self._make_clock(self.factory, t_ns))
 
-    def _wait_until(self, target: float, wall0: float) -> None:
-        """Sleep until monotonic time ``target``, ticking /clock on the way."""
+    def _wait_until(self, target: float, wall0: float, target_ns: int) -> None:
+        """Sleep until monotonic time ``target`` (recorded time ``target_ns``), ticking /clock on
+        the way; a tick never passes ``target_ns``, so /clock stays monotonic when a sleep
+        overruns."""
         while True:
             now = time.monotonic()
             if now >= target:
@@ -151,7 +153,7 @@ class BagPlayer:
                 time.sleep(target - now)
                 continue
             time.sleep(self.clock_period)
-            self._clock(self.start_ns + int((time.monotonic() - wall0) * self.rate * 1e9))
+            self._clock(min(target_ns, self.start_ns + int((time.monotonic() - wall0) * self.rate * 1e9)))
 
     def play_once(self) -> None:
         wall0 = time.monotonic()
@@ -170,7 +172,7 @@ class BagPlayer:
                 for t, r in held.items():
                     self._publish(t, r)
             target = wall0 + (t_ns - self.start_ns) * 1e-9 / self.rate
-            self._wait_until(target, wall0)
+            self._wait_until(target, wall0, t_ns)
             self.stats.lateness_s.append(time.monotonic() - target)
             self._clock(t_ns)
             self._publish(topic, raw)
@@ -243,9 +245,11 @@ def _run(args, ros_args: list[str] | None) -> int:
         # rclpy's own SIGINT handler shuts the context down at once, so the publication in flight
         # fails (RCLError, exit 1) instead of ending the replay. Python's KeyboardInterrupt comes
         # between two publications and ends it cleanly; SIGTERM (kill, launchers) does the same.
+        # Both are set explicitly: a shell starts background jobs with SIGINT ignored.
         rclpy.init(args=ros_args, signal_handler_options=SignalHandlerOptions.NO)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.default_int_handler)
         try:
             node = rclpy.create_node(NODE_NAME)
             log = node.get_logger()
