@@ -17,14 +17,14 @@ MODELS = Path(__file__).parents[1] / 'models'
 
 
 def test_table_rows_are_consistent():
-    assert list(METHODS) == ['ego', 'late', 'early', 'max', 'trust', 'gate']
+    assert list(METHODS) == ['ego', 'late', 'early', 'max', 'trust', 'gate', 'trust_flat']
     for name, m in METHODS.items():
         assert m.name == name and m.summary
         assert m.payload in (None, FeatureMessage, BoxList, RawPoints)
         if m.payload is not FeatureMessage:   # trust and fusion networks weigh feature cells
             assert m.trust is None and not m.fusion_network and not m.roi_boxes
     assert [m for m in METHODS.values() if not m.delayed] == [METHODS['early']]
-    assert ROS_METHODS == ('ego', 'max', 'trust', 'gate')
+    assert ROS_METHODS == ('ego', 'max', 'trust', 'gate', 'trust_flat')
     assert METHODS['trust'].needs_fusion_model and not METHODS['trust'].needs_gate
     assert METHODS['gate'].needs_fusion_model and METHODS['gate'].needs_gate
     assert not any(METHODS[m].needs_fusion_model for m in ('ego', 'late', 'early', 'max'))
@@ -57,4 +57,5 @@ def test_payloads_count_their_bytes():
 
 def test_cli_names_the_methods_it_knows(capsys):
     assert cli_main(['eval', 'fusion', '--data', 'nowhere', '--methods', 'ego,magic']) == 2
-    assert 'unknown method(s) magic; choose from ego, late, early, max, trust, gate' in capsys.readouterr().err
+    assert 'unknown method(s) magic; choose from ego, late, early, max, trust, gate, trust_flat' in \
+        capsys.readouterr().err

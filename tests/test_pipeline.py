@@ -63,14 +63,14 @@ GATE = {'min_score': 0.0, 'thresholds': {'reg_aleatoric': 1e6}, 'half_life_s': 0
 
 @pytest.mark.parametrize('method', list(METHODS))
 def test_every_method_produces_ego_frame_detections(detector, method):
-    fusion = FusionModel(CFG.model.feature_channels) if method in ('trust', 'gate') else None
+    fusion = FusionModel(CFG.model.feature_channels) if METHODS[method].needs_fusion_model else None
     coop = setup(detector, method, fusion, collaborator_stamps=(0, 60))
     out = coop.detect(100 * MS)
     assert out is not None and out.stamp_ns == 100 * MS
     assert out.boxes.shape[1] == 7 and len(out.boxes) == len(out.scores) == len(out.trust) == len(out.sources)
     if method != 'ego':
         assert out.ages_s == {2: pytest.approx(0.04)}   # the newest input not newer than the ego frame
-    if method in ('max', 'gate'):
+    if method in ('max', 'gate', 'trust_flat'):
         assert out.trust.max() > 0                      # collaborator cells contribute (2^-0.08 for the gate)
     assert not coop.drops
 
@@ -158,3 +158,15 @@ def test_an_ego_map_without_boxes_fuses_like_the_ego_detections(detector, method
         outs.append(coop.detect(100 * MS))
     assert len(outs[0].boxes) > 0
     assert np.allclose(outs[0].boxes, outs[1].boxes) and np.allclose(outs[0].scores, outs[1].scores)
+
+
+def test_precise_box_choice_takes_the_geometry_of_the_least_uncertain_box():
+    from coop_perception.fusion.pipeline import _cluster_nms
+    car = [10.0, 0.0, -1.0, 4.5, 1.9, 1.6, 0.0]
+    boxes = np.array([car, [10.3, 0.1, -1.0, 4.5, 1.9, 1.6, 0.05], [30.0, 0.0, -1.0, 4.5, 1.9, 1.6, 0.0]])
+    scores, labels = np.array([0.9, 0.6, 0.5]), np.zeros(3, np.int64)
+    keep, geometry = _cluster_nms(boxes, scores, labels, np.array([0.5, 0.1, np.nan]), 0.2)
+    assert list(keep) == [0, 2]                     # the highest score leads its cluster
+    assert geometry[0] == 1 and geometry[2] == 2    # ... with the geometry of the better-placed box
+    keep, geometry = _cluster_nms(boxes, scores, labels, np.full(3, np.nan), 0.2)
+    assert list(keep) == [0, 2] and list(geometry) == [0, 1, 2]   # no variances: plain NMS

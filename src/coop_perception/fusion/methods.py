@@ -59,6 +59,8 @@ METHODS: dict[str, FusionMethod] = {m.name: m for m in (
                  'learned uncertainty trust per ROI cell, multi-scale fusion, trust-weighted ROI boxes'),
     FusionMethod('gate', FeatureMessage, GATE, True, True, True, True,
                  "'trust' with the calibrated threshold gate in place of the learned trust"),
+    FusionMethod('trust_flat', FeatureMessage, None, True, True, True, True,
+                 "'trust' with every trust fixed at 1 (the ablation that shows what the trust adds)"),
 )}
 ROS_METHODS = tuple(name for name, m in METHODS.items() if m.runs_in_ros)
 

@@ -20,8 +20,8 @@ import torch
 
 from ..bev_grid import BevGrid
 from ..data.objects import make_objects
-from ..detection.decode import Detections, rotated_nms
-from ..geometry import invert_pose, transform_points
+from ..detection.decode import Detections, corner_variance, rotated_nms
+from ..geometry import bev_iou, invert_pose, transform_points
 from .align import warp_boxes, warp_to_ego
 from .codec import FeatureMessage, make_message
 from .methods import GATE, LEARNED, method_named
@@ -31,9 +31,10 @@ from .payloads import BoxList, RawPoints
 from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .roi_boxes import decode_roi_boxes
 from .sharing import select_roi_cells
-from .trust import ThresholdTrust
+from .trust import ROI_ATTRIBUTES, FlatTrust, ThresholdTrust
 
 log = logging.getLogger(__name__)
+BOX_CHOICES = ('score', 'precise')
 
 
 @dataclass
@@ -50,10 +51,18 @@ class CooperativeConfig:
     # itself as collaborators (or early fusion's points) see it; None keeps them
     own_footprint_m: tuple[float, float] | None = (5.0, 2.4)
     history: int = 20                      # inputs kept per collaborator
+    # boxes of one object from several sources (NMS at late_nms_iou): 'score' keeps the
+    # highest-scoring box; 'precise' keeps its score but takes the geometry of the box whose
+    # predicted corner variance (aleatoric, grown with the input's age) is smallest, where the
+    # sources report one (the fused map's and the ROI boxes; late fusion's box lists do not)
+    box_choice: str = 'precise'
+    velocity_std: float = 0.5              # m/s: how fast a moved box's position error grows with age
     gate: dict | None = None               # ThresholdTrust settings of methods that need a gate
 
     def __post_init__(self):
         method_named(self.method)
+        if self.box_choice not in BOX_CHOICES:
+            raise ValueError(f'box_choice must be one of {", ".join(BOX_CHOICES)}, got {self.box_choice!r}')
 
 
 @dataclass
@@ -111,7 +120,8 @@ class CooperativeDetector:
         self.gate = ThresholdTrust.from_dict(self.cfg.gate) if self.cfg.gate else None
         self.fusion = fusion_model.eval() if fusion_model is not None else None
         # the trust modulus of the method's collaborator ROI boxes
-        self.roi_trust = {LEARNED: self.fusion and self.fusion.trust, GATE: self.gate}.get(self.method.trust)
+        self.roi_trust = {LEARNED: self.fusion and self.fusion.trust, GATE: self.gate,
+                          None: FlatTrust()}[self.method.trust]
         self.poses = PoseBuffers(pose_config)
         self.drops: Counter = Counter()
         self._warned: set = set()
@@ -262,9 +272,15 @@ class CooperativeDetector:
         vel = np.concatenate([np.asarray(p.velocities, np.float32).reshape(-1, 2) for p in parts])
         trust = np.concatenate([np.broadcast_to(np.asarray(p.trust, np.float64), k) for p, k in zip(parts, n)])
         sources = np.concatenate([np.broadcast_to(np.asarray(p.sources, np.int64), k) for p, k in zip(parts, n)])
-        keep = [idx[rotated_nms(boxes[idx], scores[idx], self.cfg.late_nms_iou)]
-                for idx in (np.flatnonzero(labels == k) for k in np.unique(labels))]
-        keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+        if self.cfg.box_choice == 'precise':
+            variance = np.concatenate([np.broadcast_to(np.asarray(p.variance, np.float64), k)
+                                       for p, k in zip(parts, n)])
+            keep, geometry = _cluster_nms(boxes, scores, labels, variance, self.cfg.late_nms_iou)
+            boxes, vel = boxes[geometry], vel[geometry]
+        else:
+            keep = [idx[rotated_nms(boxes[idx], scores[idx], self.cfg.late_nms_iou)]
+                    for idx in (np.flatnonzero(labels == k) for k in np.unique(labels))]
+            keep = np.concatenate(keep) if keep else np.zeros(0, np.int64)
         keep = keep[np.argsort(-scores[keep], kind='stable')]
         return FusedDetections(boxes[keep], scores[keep], labels[keep], vel[keep], trust[keep], sources[keep],
                                ego_stamp, ages)
@@ -305,12 +321,15 @@ class CooperativeDetector:
         if not (method.roi_boxes and self.cfg.roi_boxes):
             result = self._wrap(out, fused_trust, sources, ego_stamp, ages)
         else:
-            parts = [_Part(out.boxes, out.scores, out.labels, out.velocities, fused_trust, sources)]
+            parts = [_Part(out.boxes, out.scores, out.labels, out.velocities, fused_trust, sources,
+                           corner_variance(out.uncertainty, out.boxes))]
             for agent, (stamp, item, pose) in chosen.items():
                 if agent in agents[:self.cfg.slots]:
                     rb = decode_roi_boxes(self.detector.head, item, pose, T_ego, ego_stamp, det.sensor_height)
                     t = self.roi_trust.trust(rb.attributes)
-                    parts.append(_Part(rb.boxes, rb.scores * t, rb.labels, rb.velocities, t, 1 << agent))
+                    variance = rb.attributes[:, ROI_ATTRIBUTES.index('reg_aleatoric')] + (
+                        self.cfg.velocity_std * ages[agent]) ** 2
+                    parts.append(_Part(rb.boxes, rb.scores * t, rb.labels, rb.velocities, t, 1 << agent, variance))
             clock.lap('roi_boxes')
             result = self._merge(parts, ego_stamp, ages)
             clock.lap('merge')
@@ -351,3 +370,28 @@ class _Part:
     velocities: np.ndarray
     trust: np.ndarray | float
     sources: np.ndarray | int
+    variance: np.ndarray | float = np.nan   # predicted corner variance (m^2) at the ego stamp; NaN unknown
+
+
+def _cluster_nms(boxes, scores, labels, variance, iou_threshold) -> tuple[np.ndarray, np.ndarray]:
+    """Class-wise greedy NMS (N boxes) -> (kept indices, (N,) index of the box whose geometry each
+    kept box takes: the member of its cluster with the smallest finite variance, else itself)."""
+    geometry = np.arange(len(boxes))
+    keep = []
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        order = idx[np.argsort(-scores[idx], kind='stable')]
+        iou = bev_iou(boxes[order], boxes[order])
+        free = np.ones(len(order), bool)
+        for i in range(len(order)):
+            if not free[i]:
+                continue
+            members = np.flatnonzero(free & (iou[i] > iou_threshold))
+            members = members[members >= i]
+            free[members] = False
+            free[i] = False
+            keep.append(order[i])
+            v = variance[order[members]]
+            if np.isfinite(v).any():
+                geometry[order[i]] = order[members][np.nanargmin(v)]
+    return np.asarray(keep, np.int64), geometry

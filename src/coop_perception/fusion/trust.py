@@ -85,6 +85,13 @@ class ThresholdTrust:
         return cls(**{**d, 'thresholds': {k: float(v) for k, v in d.get('thresholds', {}).items()}})
 
 
+class FlatTrust:
+    """Every ROI fully trusted: the trust modulus of the ``trust_flat`` ablation."""
+
+    def trust(self, attributes: np.ndarray) -> np.ndarray:
+        return np.ones(len(attributes))
+
+
 def decay(age_s: np.ndarray, half_life_s: float) -> np.ndarray:
     """Staleness factor 2^(-age / half_life); negative ages (clock offsets) count as fresh."""
     return np.power(0.5, np.maximum(np.asarray(age_s, np.float64), 0.0) / half_life_s)
