@@ -33,6 +33,7 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--seed', type=int, default=0, help='channel seed')
     p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
     p.add_argument('--range', type=positive(float), default=50.0, help='evaluate within this of the ego, m')
+    p.add_argument('--plot', metavar='FILE.png', help='also draw AP@0.7 against the mean latency for every method')
     add_fusion_model_args(p)
     add_json(p)
     add_detector_args(p)
@@ -67,6 +68,15 @@ def add_cli(commands: Commands) -> None:
     add_cache_arg(p)
     p.add_argument('--quantile', type=float, default=0.95, help='quantile of true-positive uncertainty')
     p.add_argument('--out', default=str(MODELS / 'trust_gate.yaml'), help='gate YAML to write')
+    add_detector_args(p)
+
+    p = commands.add('box-trust', cmd_calibrate_box_trust, "the trust fusion's box trust from validation outcomes "
+                     'under delay; written into the fusion checkpoint', group='calibrate')
+    add_dataset_args(p, 'the val preset')
+    add_cache_arg(p)
+    p.add_argument('--fusion', default=str(MODELS / 'fusion.pt'), help='trust fusion checkpoint to calibrate')
+    p.add_argument('--out', help='checkpoint to write (default: --fusion, in place)')
+    add_json(p, 'the calibration summary')
     add_detector_args(p)
 
     p = commands.add('plot', cmd_plot, "bird's-eye view of one frame: points by agent, boxes, poses")
@@ -132,6 +142,10 @@ def cmd_eval_fusion(args) -> int:
                              seed=args.seed, max_range=args.range, egos=egos, gate=gate)
     print(format_results(result))
     write_json(args, result)
+    if args.plot:
+        from .delay_plot import plot_delay_sweep
+
+        print(f'wrote {plot_delay_sweep(result, args.plot)}')
     return 0
 
 
@@ -189,6 +203,30 @@ def cmd_calibrate_trust(args) -> int:
         + yaml.safe_dump(gate.to_dict(), sort_keys=False))
     print(yaml.safe_dump({'gate': gate.to_dict(), 'calibration': summary}, sort_keys=False))
     print(f'wrote {args.out}')
+    return 0
+
+
+def cmd_calibrate_box_trust(args) -> int:
+    import torch
+
+    from coop_perception.detection.commands import detector_from_args
+    from coop_perception.fusion.commands import feature_cache_from_args
+
+    from .box_trust_calibration import calibrate_box_trust
+
+    if not Path(args.fusion).exists():
+        raise UserError(args.fusion, 'fusion checkpoint not found (train one with `train fusion`)')
+    model = detector_from_args(args)
+    ds = dataset_from_args(args)
+    trust, summary = calibrate_box_trust(ds, model, feature_cache_from_args(args, model, ds))
+    ckpt = torch.load(args.fusion, map_location='cpu', weights_only=False)
+    out = args.out or args.fusion
+    torch.save({**ckpt, 'box_trust': {**trust.to_dict(), 'calibrated_on': str(args.data)}}, out)
+    print(f"{summary['boxes']} ROI boxes ({summary['true_positives']} true positives at IoU {summary['iou']}), "
+          f"messages up to {summary['delay_frames']} frames old; AUROC true vs false positives: box trust "
+          f"{summary['auroc_trust']:.3f}, score alone {summary['auroc_score']:.3f}")
+    print(f'wrote {out}')
+    write_json(args, summary)
     return 0
 
 

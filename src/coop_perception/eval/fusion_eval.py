@@ -160,12 +160,13 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
 
 def format_results(result: dict) -> str:
     rows = result['results']
-    lines = [f"{'method':<8}{'delay ms':>9}{'AP@0.5':>8}{'AP@0.7':>8}{'bytes/agent-frame':>19}",
-             '-' * 52]
+    w = max([len('method'), *(len(r['method']) for r in rows)]) + 1
+    lines = [f"{'method':<{w}}{'delay ms':>9}{'AP@0.5':>8}{'AP@0.7':>8}{'bytes/agent-frame':>19}",
+             '-' * (w + 44)]
     for r in rows:
         ap50 = f"{100 * r['ap50']:.1f}" if r['ap50'] is not None else 'n/a'
         ap70 = f"{100 * r['ap70']:.1f}" if r['ap70'] is not None else 'n/a'
-        lines.append(f"{r['method']:<8}{r['delay_ms']:>9.0f}{ap50:>8}{ap70:>8}{r['bytes_per_agent_frame']:>19.0f}")
+        lines.append(f"{r['method']:<{w}}{r['delay_ms']:>9.0f}{ap50:>8}{ap70:>8}{r['bytes_per_agent_frame']:>19.0f}")
     lines.append(f"({result['headline_class']} AP in %, BEV rotated IoU, within {result['max_range_m']:g} m of the "
                  f"ego; {result['channel']} latency channel, seed {result['seed']})")
     return '\n'.join(lines)

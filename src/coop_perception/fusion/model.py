@@ -22,7 +22,7 @@ from coop_perception.errors import UserError
 from .align import WarpedFeatures
 from .methods import GATE, METHODS, FusionMethod
 from .network import MultiScaleFusion, SparseAgent, max_fusion, reduce_sparse
-from .trust import ROI_ATTRIBUTES, LearnedTrust, ThresholdTrust, roi_attributes
+from .trust import ROI_ATTRIBUTES, BoxTrust, LearnedTrust, ThresholdTrust, roi_attributes
 
 
 @dataclass
@@ -116,6 +116,9 @@ class FusionModel(nn.Module):
         self.trust = LearnedTrust(trust_hidden)
         self.fusion = MultiScaleFusion(channels, scales)
         self.config = {'channels': channels, 'scales': scales, 'trust_hidden': trust_hidden}
+        # calibrated after training (eval.box_trust_calibration); rescores the collaborators' ROI
+        # boxes, which the learned cell trust was not trained to rank
+        self.box_trust: BoxTrust | None = None
 
     def forward(self, ego, collab, attributes, roi, valid):
         """Tensors as in `collate` (batched) -> fused (B, C, H, W) and trust (B, K, H, W), with the
@@ -123,13 +126,15 @@ class FusionModel(nn.Module):
         return fuse(ego, collab, attributes, roi, valid, METHODS['trust'], self)
 
     def save(self, path, **extra) -> None:
-        torch.save({'config': self.config, 'state': self.state_dict(), **extra}, path)
+        box_trust = {'box_trust': self.box_trust.to_dict()} if self.box_trust is not None else {}
+        torch.save({'config': self.config, 'state': self.state_dict(), **box_trust, **extra}, path)
 
     @classmethod
     def load(cls, path) -> 'FusionModel':
         ckpt = torch.load(Path(path), map_location='cpu', weights_only=False)
         model = cls(**ckpt['config'])
         model.load_state_dict(ckpt['state'])
+        model.box_trust = BoxTrust.from_dict(ckpt['box_trust']) if 'box_trust' in ckpt else None
         return model.eval()
 
 

@@ -31,7 +31,7 @@ from .payloads import BoxList, RawPoints
 from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .roi_boxes import decode_roi_boxes
 from .sharing import select_roi_cells
-from .trust import ROI_ATTRIBUTES, FlatTrust, ThresholdTrust
+from .trust import ROI_ATTRIBUTES, BoxTrust, FlatTrust, ThresholdTrust
 
 log = logging.getLogger(__name__)
 BOX_CHOICES = ('score', 'precise')
@@ -119,8 +119,9 @@ class CooperativeDetector:
             raise ValueError(f"method '{self.method.name}' needs calibrated thresholds (CooperativeConfig.gate)")
         self.gate = ThresholdTrust.from_dict(self.cfg.gate) if self.cfg.gate else None
         self.fusion = fusion_model.eval() if fusion_model is not None else None
-        # the trust modulus of the method's collaborator ROI boxes
-        self.roi_trust = {LEARNED: self.fusion and self.fusion.trust, GATE: self.gate,
+        # the trust modulus of the method's collaborator ROI boxes: the learned method's
+        # calibrated box trust where its checkpoint has one, else its cell trust
+        self.roi_trust = {LEARNED: self.fusion and (self.fusion.box_trust or self.fusion.trust), GATE: self.gate,
                           None: FlatTrust()}[self.method.trust]
         self.poses = PoseBuffers(pose_config)
         self.drops: Counter = Counter()
@@ -239,6 +240,12 @@ class CooperativeDetector:
             out = self._intermediate(det, chosen, T_ego, ego_stamp, ages)
         return self._without_own_vehicle(out)
 
+    def _roi_box_trust(self, rb) -> np.ndarray:
+        """(n,) trust of a message's ROI boxes (fusion.roi_boxes.RoiBoxes) at the ego stamp."""
+        if isinstance(self.roi_trust, BoxTrust):
+            return self.roi_trust.trust(rb.attributes, np.linalg.norm(rb.velocities, axis=1))
+        return self.roi_trust.trust(rb.attributes)
+
     def _without_own_vehicle(self, out: FusedDetections) -> FusedDetections:
         """Collaborators see the ego's own vehicle; a box centred on its footprint is the ego."""
         if self.cfg.own_footprint_m is None:
@@ -326,10 +333,11 @@ class CooperativeDetector:
             for agent, (stamp, item, pose) in chosen.items():
                 if agent in agents[:self.cfg.slots]:
                     rb = decode_roi_boxes(self.detector.head, item, pose, T_ego, ego_stamp, det.sensor_height)
-                    t = self.roi_trust.trust(rb.attributes)
+                    t = self._roi_box_trust(rb)
                     variance = rb.attributes[:, ROI_ATTRIBUTES.index('reg_aleatoric')] + (
                         self.cfg.velocity_std * ages[agent]) ** 2
-                    parts.append(_Part(rb.boxes, rb.scores * t, rb.labels, rb.velocities, t, 1 << agent, variance))
+                    score = t if isinstance(self.roi_trust, BoxTrust) else rb.scores * t
+                    parts.append(_Part(rb.boxes, score, rb.labels, rb.velocities, t, 1 << agent, variance))
             clock.lap('roi_boxes')
             result = self._merge(parts, ego_stamp, ages)
             clock.lap('merge')

@@ -85,6 +85,66 @@ class ThresholdTrust:
         return cls(**{**d, 'thresholds': {k: float(v) for k, v in d.get('thresholds', {}).items()}})
 
 
+BOX_TRUST_FEATURES = ('logit_score', 'log_cls_aleatoric', 'cls_epistemic', 'log_reg_aleatoric',
+                      'log_reg_epistemic', 'age', 'displacement')
+
+
+def box_trust_features(attributes: np.ndarray, speed: np.ndarray) -> np.ndarray:
+    """ROI attributes (n, 6) of boxes moved to the ego stamp and their speeds (n,) m/s ->
+    (n, len(BOX_TRUST_FEATURES)): the score as a logit, log variances, the age (s) and how far
+    the motion compensation moved the box (speed x age, m), whose error grows with both."""
+    a = np.asarray(attributes, np.float64).reshape(-1, len(ROI_ATTRIBUTES))
+    score = np.clip(a[:, 0], 1e-4, 1 - 1e-4)
+    logs = np.log(np.maximum(a[:, [1, 3, 4]], 1e-6))
+    return np.column_stack([np.log(score / (1 - score)), logs[:, 0], a[:, 2], logs[:, 1], logs[:, 2], a[:, 5],
+                            np.asarray(speed, np.float64) * a[:, 5]])
+
+
+@dataclass
+class BoxTrust:
+    """Trust of a collaborator's box at the ego stamp: the probability that it is a true positive
+    at IoU 0.7, a logistic model of `box_trust_features` fitted on validation outcomes under
+    delay (eval.box_trust_calibration); it rescores the box."""
+    mean: list[float]          # per feature, for standardisation
+    std: list[float]
+    weights: list[float]
+    bias: float
+
+    def trust(self, attributes: np.ndarray, speed: np.ndarray) -> np.ndarray:
+        """(n, 6) attributes and (n,) speeds (m/s) -> (n,) trust in (0, 1)."""
+        x = (box_trust_features(attributes, speed) - np.asarray(self.mean)) / np.asarray(self.std)
+        return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.weights) + self.bias)))
+
+    @classmethod
+    def fit(cls, features: np.ndarray, is_true_positive: np.ndarray, l2: float = 1e-2) -> 'BoxTrust':
+        """Logistic regression (L2-regularised) of is_true_positive (n,) on features (n, F)."""
+        from scipy.optimize import minimize
+
+        mean, std = features.mean(0), features.std(0) + 1e-9
+        x = (features - mean) / std
+        y = np.asarray(is_true_positive, np.float64)
+
+        def loss(p):
+            z = x @ p[:-1] + p[-1]
+            nll = np.logaddexp(0.0, z) - y * z
+            grad_z = 1.0 / (1.0 + np.exp(-z)) - y
+            return nll.mean() + l2 * p[:-1] @ p[:-1], np.append(x.T @ grad_z / len(y) + 2 * l2 * p[:-1], grad_z.mean())
+
+        p = minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method='L-BFGS-B').x
+        return cls(mean.tolist(), std.tolist(), p[:-1].tolist(), float(p[-1]))
+
+    def to_dict(self) -> dict:
+        return {'features': list(BOX_TRUST_FEATURES), 'mean': list(self.mean), 'std': list(self.std),
+                'weights': list(self.weights), 'bias': self.bias}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'BoxTrust':
+        """From `to_dict` (other keys, such as where it was calibrated, are ignored)."""
+        if list(d.get('features', [])) != list(BOX_TRUST_FEATURES):
+            raise ValueError(f'box trust features {d.get("features")} differ from {list(BOX_TRUST_FEATURES)}')
+        return cls(list(d['mean']), list(d['std']), list(d['weights']), float(d['bias']))
+
+
 class FlatTrust:
     """Every ROI fully trusted: the trust modulus of the ``trust_flat`` ablation."""
 
