@@ -129,7 +129,6 @@ class V2XSimWriter:
 
     def add_frame(self, frame) -> None:
         """frame: a `synth.Frame` (or anything with the same fields)."""
-        lay = self.layout
         sc = self._scene
         name = sc['name']
         sample = _token(self.dataset, name, 'sample', frame.index)
@@ -144,37 +143,46 @@ class V2XSimWriter:
         self._prev_sample = sample
 
         for scan in frame.scans:
-            k = scan.agent_id
-            ch = channel_name(k)
-            rel = f'sweeps/{ch}/{name}_{frame.index:06d}.pcd.bin'
-            path = self.root / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.ascontiguousarray(scan.points, dtype=np.float32).tofile(path)
-            sd = _token(self.dataset, name, 'sd', frame.index, k)
-            ep = _token(self.dataset, name, 'ep', frame.index, k)
-            cs = _token(self.dataset, name, 'cs', k)
-            self.tables['ego_pose'].append({
-                'token': ep, 'timestamp': self._stamp(frame, scan.timestamp_us),
-                'rotation': matrix_to_quat_wxyz(scan.T_world_ego[:3, :3]).tolist(),
-                'translation': scan.T_world_ego[:3, 3].tolist()})
-            if k not in self._prev_sd:  # the mount is fixed within a scene
-                self.tables['calibrated_sensor'].append({
-                    'token': cs, 'sensor_token': self._sensor(k),
-                    'translation': scan.T_ego_sensor[:3, 3].tolist(),
-                    'rotation': matrix_to_quat_wxyz(scan.T_ego_sensor[:3, :3]).tolist(),
-                    'camera_intrinsic': []})
-            prev = self._prev_sd.get(k, '')
-            self.tables['sample_data'].append({
-                'token': sd, 'sample_token': sample, 'ego_pose_token': ep,
-                'calibrated_sensor_token': cs, 'timestamp': self._stamp(frame, scan.timestamp_us),
-                'fileformat': 'pcd', 'is_key_frame': True, 'height': 0,
-                'width': int(len(scan.points)) if lay.width_is_point_count else 0,
-                'filename': rel, 'prev': prev, 'next': ''})
-            if prev:
-                self._sd_index[prev]['next'] = sd
-            self._sd_index[sd] = self.tables['sample_data'][-1]
-            self._prev_sd[k] = sd
+            self._add_scan(frame, scan, sample)
+        self._add_annotations(frame, sample)
 
+    def _add_scan(self, frame, scan, sample: str) -> None:
+        """One agent's sweep file, ego pose, calibration (once a scene) and sample_data row."""
+        lay, name = self.layout, self._scene['name']
+        k = scan.agent_id
+        ch = channel_name(k)
+        rel = f'sweeps/{ch}/{name}_{frame.index:06d}.pcd.bin'
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.ascontiguousarray(scan.points, dtype=np.float32).tofile(path)
+        sd = _token(self.dataset, name, 'sd', frame.index, k)
+        ep = _token(self.dataset, name, 'ep', frame.index, k)
+        cs = _token(self.dataset, name, 'cs', k)
+        self.tables['ego_pose'].append({
+            'token': ep, 'timestamp': self._stamp(frame, scan.timestamp_us),
+            'rotation': matrix_to_quat_wxyz(scan.T_world_ego[:3, :3]).tolist(),
+            'translation': scan.T_world_ego[:3, 3].tolist()})
+        if k not in self._prev_sd:  # the mount is fixed within a scene
+            self.tables['calibrated_sensor'].append({
+                'token': cs, 'sensor_token': self._sensor(k),
+                'translation': scan.T_ego_sensor[:3, 3].tolist(),
+                'rotation': matrix_to_quat_wxyz(scan.T_ego_sensor[:3, :3]).tolist(),
+                'camera_intrinsic': []})
+        prev = self._prev_sd.get(k, '')
+        self.tables['sample_data'].append({
+            'token': sd, 'sample_token': sample, 'ego_pose_token': ep,
+            'calibrated_sensor_token': cs, 'timestamp': self._stamp(frame, scan.timestamp_us),
+            'fileformat': 'pcd', 'is_key_frame': True, 'height': 0,
+            'width': int(len(scan.points)) if lay.width_is_point_count else 0,
+            'filename': rel, 'prev': prev, 'next': ''})
+        if prev:
+            self._sd_index[prev]['next'] = sd
+        self._sd_index[sd] = self.tables['sample_data'][-1]
+        self._prev_sd[k] = sd
+
+    def _add_annotations(self, frame, sample: str) -> None:
+        """The frame's boxes as sample_annotation rows, their instances and categories."""
+        lay, name = self.layout, self._scene['name']
         agents = sorted(frame.agent_points)
         for i, iid in enumerate(frame.instance_ids.tolist()):
             ann = _token(self.dataset, name, 'ann', frame.index, iid)

@@ -13,12 +13,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.ground_truth import cooperative_targets
-from ..data.synth import RSU_AGENT
 from ..fusion.codec import FeatureMessage
 from ..fusion.roi_boxes import decode_roi_boxes
 from ..fusion.trust import BoxTrust, box_trust_features
 from .ap import APAccumulator, auroc
-from .fusion_eval import _scene_payloads
+from .fusion_eval import _scene_payloads, scene_samples
 
 CALIBRATION_IOU = 0.7
 DELAY_FRAMES = 6          # messages up to this many frames old (600 ms at 10 Hz)
@@ -31,9 +30,8 @@ def collect_box_outcomes(dataset, detector, cache, max_range: float = 50.0,
     acc = APAccumulator(detector.cfg.classes, iou_thresholds=(CALIBRATION_IOU,), max_range=max_range)
     half = np.asarray(OWN_FOOTPRINT_M) / 2
     for s in tqdm(range(len(dataset.scenes)), desc='calibrate box trust', unit='scene', disable=not progress):
-        samples = [dataset.sample(s, f) for f in range(dataset.num_frames(s))]
+        samples, egos = scene_samples(dataset, s)
         payloads = _scene_payloads(cache, samples, FeatureMessage, {})
-        egos = sorted({k for smp in samples for k in smp.agents} - {RSU_AGENT})
         for ego in egos:
             for f_e, smp in enumerate(samples):
                 if ego not in smp.agents:

@@ -95,6 +95,18 @@ def _comma_list(option: str, text: str, kind, what: str) -> list:
         raise UserError(option, f'expected comma-separated {what}, got {text!r}') from None
 
 
+def _fusion_setup(args, methods: list[str]) -> tuple:
+    """What a fusion command loads from its options: (detector, fusion model, gate settings,
+    dataset, feature cache); the fusion model and gate only where ``methods`` need them."""
+    from coop_perception.detection.commands import detector_from_args
+    from coop_perception.fusion.commands import feature_cache_from_args, fusion_models_from_args
+
+    model = detector_from_args(args)
+    fusion, gate = fusion_models_from_args(args, model, methods)
+    ds = dataset_from_args(args)
+    return model, fusion, gate, ds, feature_cache_from_args(args, model, ds)
+
+
 def cmd_eval_detector(args) -> int:
     from coop_perception.detection.commands import detector_from_args
     from coop_perception.detection.dataset import AgentViewExamples
@@ -122,9 +134,6 @@ def cmd_eval_detector(args) -> int:
 
 
 def cmd_eval_fusion(args) -> int:
-    from coop_perception.detection.commands import detector_from_args
-    from coop_perception.fusion.commands import feature_cache_from_args, fusion_models_from_args
-
     from .fusion_eval import evaluate_fusion, format_results
 
     methods = args.methods.split(',')
@@ -134,10 +143,7 @@ def cmd_eval_fusion(args) -> int:
                                      f'choose from {", ".join(METHODS)}')
     delays = _comma_list('--delays', args.delays, float, 'milliseconds')
     egos = _comma_list('--egos', args.egos, int, 'agent ids') if args.egos else None
-    model = detector_from_args(args)
-    fusion, gate = fusion_models_from_args(args, model, methods)
-    ds = dataset_from_args(args)
-    cache = feature_cache_from_args(args, model, ds)
+    model, fusion, gate, ds, cache = _fusion_setup(args, methods)
     result = evaluate_fusion(ds, model, cache, fusion, methods, delays, channel_model=args.channel,
                              seed=args.seed, max_range=args.range, egos=egos, gate=gate)
     print(format_results(result))
@@ -150,33 +156,22 @@ def cmd_eval_fusion(args) -> int:
 
 
 def cmd_delay_oracles(args) -> int:
-    from coop_perception.detection.commands import detector_from_args
-    from coop_perception.fusion.commands import feature_cache_from_args, fusion_models_from_args
-
-    from .delay_diagnosis import ROWS, diagnose_delay, format_diagnosis
+    from .delay_diagnosis import ROWS, diagnose_delay, format_diagnosis, velocity_errors
 
     egos = _comma_list('--egos', args.egos, int, 'agent ids') if args.egos else None
-    model = detector_from_args(args)
-    fusion, _ = fusion_models_from_args(args, model, sorted({name for name, _, _ in ROWS}))
-    ds = dataset_from_args(args)
-    cache = feature_cache_from_args(args, model, ds)
+    model, fusion, _, ds, cache = _fusion_setup(args, sorted({name for name, _, _ in ROWS}))
     result = diagnose_delay(ds, model, cache, fusion, args.delay, channel_model=args.channel, seed=args.seed,
                             max_range=args.range, egos=egos)
+    result['velocity_error'] = velocity_errors(ds, cache)
     print(format_diagnosis(result))
     write_json(args, result)
     return 0
 
 
 def cmd_bench_fusion(args) -> int:
-    from coop_perception.detection.commands import detector_from_args
-    from coop_perception.fusion.commands import feature_cache_from_args, fusion_models_from_args
-
     from .bench_fusion import STAGES, bench_fusion
 
-    model = detector_from_args(args)
-    fusion, gate = fusion_models_from_args(args, model, [args.method])
-    ds = dataset_from_args(args)
-    cache = feature_cache_from_args(args, model, ds)
+    model, fusion, gate, ds, cache = _fusion_setup(args, [args.method])
     result = bench_fusion(ds, model, cache, fusion, method=args.method, ego=args.ego, frames=args.frames, gate=gate)
     print_stage_table(result, STAGES)
     print(f"(method {args.method}, ego {args.ego} + {result['collaborators']:.1f} collaborators on average, "

@@ -29,14 +29,13 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
-from ..data.synth import RSU_AGENT
 from ..detection.decode import Detections, rotated_nms
 from ..fusion.methods import METHODS
 from ..fusion.payloads import BoxList
 from ..fusion.pipeline import CooperativeConfig, FusedDetections, Sender
 from ..geometry import bev_iou, invert_pose, rotate_vectors_2d, transform_boxes
 from .ap import HEADLINE_CLASS, APAccumulator
-from .fusion_eval import _run_ego, _scene_payloads, _Tally
+from .fusion_eval import _run_ego, _scene_payloads, _Tally, scene_samples
 
 MATCH_GATE_M = 2.0     # a detection within this of a true object's centre (same class) is that object
 ORACLES = ('velocity', 'motion', 'prediction', 'choice')
@@ -148,9 +147,7 @@ def diagnose_delay(dataset, detector, cache, fusion_model, delay_ms: float, *, c
     tallies = [_Tally(APAccumulator(detector.cfg.classes, max_range=max_range)) for _ in rows]
     bar = tqdm(total=len(rows) * len(dataset.scenes), desc='delay oracles', unit='scene', disable=not progress)
     for s in range(len(dataset.scenes)):
-        samples = [dataset.sample(s, f) for f in range(dataset.num_frames(s))]
-        agents = sorted({k for smp in samples for k in smp.agents})
-        scene_egos = [a for a in agents if a != RSU_AGENT and (egos is None or a in egos)]
+        samples, scene_egos = scene_samples(dataset, s, egos)
         payloads: dict = {}
         for tally, (name, when, oracles) in zip(tallies, rows):
             kind, truth = METHODS[name].payload, 'velocity' in oracles
@@ -186,6 +183,11 @@ def format_diagnosis(result: dict) -> str:
         lines.append(f"{r['method']:<8}{r['delay_ms']:>9.0f}  {swapped:<26}{cells}")
     lines.append(f"({result['headline_class']} AP in %, BEV rotated IoU, within {result['max_range_m']:g} m of the "
                  f"ego; {result['channel']} latency channel, seed {result['seed']})")
+    v = result.get('velocity_error')
+    if v and v['n']:
+        lines.append(f"senders' tracked velocity on moving cars (>= 1 m/s, {v['n']} detections matched to them): "
+                     f"error median {v['median_m_s']:.2f} m/s, p90 {v['p90_m_s']:.2f} m/s; "
+                     f"{100 * v['untracked']:.1f} % seen for the first time (velocity 0)")
     return '\n'.join(lines)
 
 

@@ -61,6 +61,14 @@ def _scene_payloads(cache: FeatureCache, samples, kind: type, roi_policy, sender
     return out
 
 
+def scene_samples(dataset, scene: int, egos=None) -> tuple[list, list[int]]:
+    """Every sample of ``scene`` and the agents that take the ego role in it: each vehicle (the
+    road-side unit never), or those of them in ``egos``."""
+    samples = [dataset.sample(scene, f) for f in range(dataset.num_frames(scene))]
+    agents = sorted({k for smp in samples for k in smp.agents})
+    return samples, [a for a in agents if a != RSU_AGENT and (egos is None or a in egos)]
+
+
 @dataclass
 class _Tally:
     """What one (method, delay) row accumulates over scenes and egos."""
@@ -80,9 +88,7 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
     tallies = {run: _Tally(APAccumulator(classes, max_range=max_range)) for run in runs}
     bar = tqdm(total=len(runs) * len(dataset.scenes), desc='eval fusion', unit='scene', disable=not progress)
     for s in range(len(dataset.scenes)):
-        samples = [dataset.sample(s, f) for f in range(dataset.num_frames(s))]
-        agents = sorted({k for smp in samples for k in smp.agents})
-        scene_egos = [a for a in agents if a != RSU_AGENT and (egos is None or a in egos)]
+        samples, scene_egos = scene_samples(dataset, s, egos)
         payloads: dict = {}
         for name, delay in runs:
             kind = METHODS[name].payload

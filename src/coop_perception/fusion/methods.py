@@ -47,20 +47,15 @@ class FusionMethod:
         return self.payload in (None, FeatureMessage)
 
 
-METHODS: dict[str, FusionMethod] = {m.name: m for m in (
-    FusionMethod('ego', None, None, False, False, False, True, 'the ego detector alone'),
-    FusionMethod('late', BoxList, None, False, True, False, True,
-                 "collaborators' boxes, motion-compensated, merged by rotated NMS"),
-    FusionMethod('early', RawPoints, None, False, False, False, False,
-                 "collaborators' raw points detected together with the ego's (no delay)"),
-    FusionMethod('max', FeatureMessage, None, False, False, False, True,
-                 'element-wise max of the ego map and every collaborator ROI cell'),
-    FusionMethod('trust', FeatureMessage, LEARNED, True, True, True, True,
-                 'learned uncertainty trust per ROI cell, multi-scale fusion, trust-weighted ROI boxes'),
-    FusionMethod('gate', FeatureMessage, GATE, True, True, True, True,
-                 "'trust' with the calibrated threshold gate in place of the learned trust"),
-    FusionMethod('trust_flat', FeatureMessage, None, True, True, True, True,
-                 "'trust' with every trust fixed at 1 (the ablation that shows what the trust adds)"),
+# name, payload, trust, fusion network, motion compensation, ROI boxes, delayed, summary
+METHODS: dict[str, FusionMethod] = {row[0]: FusionMethod(*row) for row in (
+    ('ego', None, None, False, False, False, True, 'the ego detector alone'),
+    ('late', BoxList, None, False, True, False, True, "collaborators' boxes, motion-compensated, merged by NMS"),
+    ('early', RawPoints, None, False, False, False, False, "collaborators' raw points detected with the ego's"),
+    ('max', FeatureMessage, None, False, False, False, True, 'element-wise max of the ego map and every ROI cell'),
+    ('trust', FeatureMessage, LEARNED, True, True, True, True, 'uncertainty trust, multi-scale fusion, ROI boxes'),
+    ('gate', FeatureMessage, GATE, True, True, True, True, "'trust' with the calibrated threshold gate"),
+    ('trust_flat', FeatureMessage, None, True, True, True, True, "'trust' with every trust fixed at 1 (ablation)"),
 )}
 ROS_METHODS = tuple(name for name, m in METHODS.items() if m.runs_in_ros)
 

@@ -336,6 +336,7 @@ class CooperativeDetector:
                     t = self._roi_box_trust(rb)
                     variance = rb.attributes[:, ROI_ATTRIBUTES.index('reg_aleatoric')] + (
                         self.cfg.velocity_std * ages[agent]) ** 2
+                    # the calibrated box trust is already the probability of a true positive
                     score = t if isinstance(self.roi_trust, BoxTrust) else rb.scores * t
                     parts.append(_Part(rb.boxes, score, rb.labels, rb.velocities, t, 1 << agent, variance))
             clock.lap('roi_boxes')
@@ -394,10 +395,8 @@ def _cluster_nms(boxes, scores, labels, variance, iou_threshold) -> tuple[np.nda
         for i in range(len(order)):
             if not free[i]:
                 continue
-            members = np.flatnonzero(free & (iou[i] > iou_threshold))
-            members = members[members >= i]
+            members = np.flatnonzero(free & (iou[i] > iou_threshold))   # i itself among them
             free[members] = False
-            free[i] = False
             keep.append(order[i])
             v = variance[order[members]]
             if np.isfinite(v).any():
