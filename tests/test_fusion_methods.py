@@ -59,3 +59,14 @@ def test_cli_names_the_methods_it_knows(capsys):
     assert cli_main(['eval', 'fusion', '--data', 'nowhere', '--methods', 'ego,magic']) == 2
     assert 'unknown method(s) magic; choose from ego, late, early, max, trust, gate, trust_flat' in \
         capsys.readouterr().err
+
+
+def test_a_checkpoint_with_a_foreign_box_trust_is_a_user_error(tmp_path):
+    import torch
+
+    ckpt = torch.load(MODELS / 'fusion.pt', map_location='cpu', weights_only=False)
+    ckpt['box_trust'] = {**ckpt['box_trust'], 'features': ['score']}
+    torch.save(ckpt, tmp_path / 'fusion.pt')
+    with pytest.raises(UserError, match='box trust unreadable'):
+        load_method_models([METHODS['trust']], tmp_path / 'fusion.pt', tmp_path / 'none.yaml')
+    assert FusionModel.load(MODELS / 'fusion.pt').box_trust is not None   # the shipped one carries it

@@ -134,7 +134,11 @@ class FusionModel(nn.Module):
         ckpt = torch.load(Path(path), map_location='cpu', weights_only=False)
         model = cls(**ckpt['config'])
         model.load_state_dict(ckpt['state'])
-        model.box_trust = BoxTrust.from_dict(ckpt['box_trust']) if 'box_trust' in ckpt else None
+        try:
+            model.box_trust = BoxTrust.from_dict(ckpt['box_trust']) if 'box_trust' in ckpt else None
+        except (KeyError, ValueError) as err:
+            raise UserError(path, f'box trust unreadable ({err}); calibrate it again with '
+                                  '`calibrate box-trust`') from None
         return model.eval()
 
 
