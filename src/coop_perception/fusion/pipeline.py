@@ -23,7 +23,7 @@ from ..data.objects import make_objects
 from ..detection.decode import Detections, corner_variance, rotated_nms
 from ..geometry import bev_iou, invert_pose, transform_points
 from .align import warp_boxes, warp_to_ego
-from .codec import FeatureMessage, make_message
+from .codec import FeatureMessage, make_message, message_uncertainty
 from .methods import GATE, LEARNED, method_named
 from .model import FusionModel, fuse_sparse
 from .motion import VelocityTracker, VelocityTrackerConfig
@@ -31,7 +31,7 @@ from .payloads import BoxList, RawPoints
 from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .roi_boxes import decode_roi_boxes
 from .sharing import select_roi_cells
-from .trust import ROI_ATTRIBUTES, BoxTrust, FlatTrust, ThresholdTrust
+from .trust import ROI_ATTRIBUTES, BoxTrust, FlatTrust, ThresholdTrust, roi_attributes
 
 log = logging.getLogger(__name__)
 BOX_CHOICES = ('score', 'precise')
@@ -246,6 +246,14 @@ class CooperativeDetector:
             return self.roi_trust.trust(rb.attributes, np.linalg.norm(rb.velocities, axis=1))
         return self.roi_trust.trust(rb.attributes)
 
+    def _fused_map_scores(self, out: Detections) -> np.ndarray:
+        """(n,) scores of the fused map's boxes, on the scale of the ROI boxes they compete with:
+        with a calibrated box trust, its probability of a true positive (age 0, not moved)."""
+        if not isinstance(self.roi_trust, BoxTrust):
+            return out.scores
+        attributes = roi_attributes(out.scores, message_uncertainty(out.uncertainty, out.boxes), 0.0)
+        return self.roi_trust.trust(attributes, np.zeros(len(out.boxes))).astype(np.float32)
+
     def _without_own_vehicle(self, out: FusedDetections) -> FusedDetections:
         """Collaborators see the ego's own vehicle; a box centred on its footprint is the ego."""
         if self.cfg.own_footprint_m is None:
@@ -328,7 +336,7 @@ class CooperativeDetector:
         if not (method.roi_boxes and self.cfg.roi_boxes):
             result = self._wrap(out, fused_trust, sources, ego_stamp, ages)
         else:
-            parts = [_Part(out.boxes, out.scores, out.labels, out.velocities, fused_trust, sources,
+            parts = [_Part(out.boxes, self._fused_map_scores(out), out.labels, out.velocities, fused_trust, sources,
                            corner_variance(out.uncertainty, out.boxes))]
             for agent, (stamp, item, pose) in chosen.items():
                 if agent in agents[:self.cfg.slots]:
