@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..data.ground_truth import cooperative_targets
 from ..fusion.codec import FeatureMessage
+from ..fusion.pipeline import CooperativeConfig
 from ..fusion.roi_boxes import decode_roi_boxes
 from ..fusion.trust import BoxTrust, box_trust_features
 from .ap import APAccumulator, auroc
@@ -21,14 +22,14 @@ from .fusion_eval import _scene_payloads, scene_samples
 
 CALIBRATION_IOU = 0.7
 DELAY_FRAMES = 6          # messages up to this many frames old (600 ms at 10 Hz)
-OWN_FOOTPRINT_M = (5.0, 2.4)   # boxes on the ego vehicle itself are dropped by the fusion, not trusted
 
 
 def collect_box_outcomes(dataset, detector, cache, max_range: float = 50.0,
                          progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """-> features (n, len(BOX_TRUST_FEATURES)) and true-positive flags (n,) of every ROI box."""
     acc = APAccumulator(detector.cfg.classes, iou_thresholds=(CALIBRATION_IOU,), max_range=max_range)
-    half = np.asarray(OWN_FOOTPRINT_M) / 2
+    # boxes on the ego vehicle itself are dropped by the fusion, not trusted
+    half = np.asarray(CooperativeConfig().own_footprint_m) / 2
     for s in tqdm(range(len(dataset.scenes)), desc='calibrate box trust', unit='scene', disable=not progress):
         samples, egos = scene_samples(dataset, s)
         payloads = _scene_payloads(cache, samples, FeatureMessage, {})
