@@ -89,3 +89,12 @@ def test_learned_fusion_lowers_the_detector_loss(unseen):
         fused, _ = FusionModel.load(MODELS / 'fusion.pt')(**batch)
         ego_alone, with_fusion = loss(batch['ego']), loss(fused)
     assert with_fusion < 0.6 * ego_alone, (with_fusion, ego_alone)
+
+
+def test_box_trust_calibrates_on_an_unseen_scene_and_ranks_better_than_the_score(unseen):
+    from coop_perception.eval.box_trust_calibration import calibrate_box_trust
+
+    ds, detector, cache = unseen
+    trust, summary = calibrate_box_trust(ds, detector, cache, progress=False)
+    assert summary['boxes'] > 100 and 0 < summary['true_positives'] < summary['boxes']
+    assert np.isfinite(trust.weights).all() and summary['auroc_trust'] > summary['auroc_score']
