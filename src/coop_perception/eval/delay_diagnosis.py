@@ -38,7 +38,6 @@ from .ap import HEADLINE_CLASS, APAccumulator
 from .fusion_eval import _run_ego, _scene_payloads, _Tally, scene_samples
 
 MATCH_GATE_M = 2.0     # a detection within this of a true object's centre (same class) is that object
-ORACLES = ('velocity', 'motion', 'prediction', 'choice')
 
 
 def _truth_in_sensor_frame(sample, agent: int, stamp_us: int) -> np.ndarray:

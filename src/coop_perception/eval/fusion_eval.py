@@ -125,7 +125,7 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
     channel = channel_for_mean_latency(mean_ms if method.delayed else 0.0, channel_model, seed=seed)
     coop = CooperativeDetector(detector, ego, cfg, fusion_model if method.needs_fusion_model else None)
     pending = []  # (arrival_ns, agent, stamp_ns, pose, item, frame)
-    newest = {}   # agent -> its newest arrived pending entry (the input the pipeline uses)
+    newest = {}   # for the oracle: agent -> its newest arrived entry (the input the pipeline uses)
     for f, smp in enumerate(samples):
         if ego not in smp.agents:
             continue
@@ -149,10 +149,10 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
         for _, k, stamp, pose, item, _ in arrived:
             coop.add_pose(k, stamp, pose)
             coop.add_input(k, stamp, item)
-        for p in arrived:
-            if p[1] not in newest or p[2] > newest[p[1]][2]:
-                newest[p[1]] = p
         if oracle is not None:
+            for p in arrived:
+                if p[1] not in newest or p[2] > newest[p[1]][2]:
+                    newest[p[1]] = p
             for _, k, stamp, pose, item, f_sent in newest.values():
                 coop.add_input(k, stamp, oracle.predict(k, item, pose, samples[f_sent], smp, ego_view))
         out = coop.detect(t_e)

@@ -40,7 +40,6 @@ class VelocityTracker:
         self._P = np.zeros((0, 4, 4))       # (T, 4, 4) their covariances
         self._labels = np.zeros(0, np.int64)
         self._seen_ns = np.zeros(0, np.int64)
-        self._hits = np.zeros(0, np.int64)
         self._newest_ns = None
 
     def update(self, boxes: np.ndarray, labels: np.ndarray, T_world_sensor: np.ndarray,
@@ -63,14 +62,13 @@ class VelocityTracker:
             t = track_of[hit]
             self._x[t], self._P[t] = self._correct(x[t], P[t], z[hit])
             self._seen_ns[t] = stamp_ns
-            self._hits[t] += 1
             vel_world[hit] = self._x[t, 2:]
         self._start(z[~hit], labels[~hit], stamp_ns)
         return rotate_vectors_2d(invert_pose(T_world_sensor), vel_world)
 
     def _keep(self, mask: np.ndarray) -> None:
         self._x, self._P, self._labels = self._x[mask], self._P[mask], self._labels[mask]
-        self._seen_ns, self._hits = self._seen_ns[mask], self._hits[mask]
+        self._seen_ns = self._seen_ns[mask]
 
     def _predict(self, stamp_ns: int) -> tuple[np.ndarray, np.ndarray]:
         """Every track moved to stamp_ns: states (T, 4) and covariances (T, 4, 4)."""
@@ -119,4 +117,3 @@ class VelocityTracker:
         self._P = np.concatenate([self._P, np.broadcast_to(P0, (n, 4, 4))])
         self._labels = np.concatenate([self._labels, labels])
         self._seen_ns = np.concatenate([self._seen_ns, np.full(n, stamp_ns, np.int64)])
-        self._hits = np.concatenate([self._hits, np.ones(n, np.int64)])

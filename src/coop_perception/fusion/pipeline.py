@@ -31,7 +31,7 @@ from .payloads import BoxList, RawPoints
 from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .roi_boxes import decode_roi_boxes
 from .sharing import select_roi_cells
-from .trust import ROI_ATTRIBUTES, BoxTrust, FlatTrust, ThresholdTrust, roi_attributes
+from .trust import ROI_ATTRIBUTES, FlatTrust, ThresholdTrust, roi_attributes
 
 log = logging.getLogger(__name__)
 BOX_CHOICES = ('score', 'precise')
@@ -119,10 +119,12 @@ class CooperativeDetector:
             raise ValueError(f"method '{self.method.name}' needs calibrated thresholds (CooperativeConfig.gate)")
         self.gate = ThresholdTrust.from_dict(self.cfg.gate) if self.cfg.gate else None
         self.fusion = fusion_model.eval() if fusion_model is not None else None
-        # the trust modulus of the method's collaborator ROI boxes: the learned method's
-        # calibrated box trust where its checkpoint has one, else its cell trust
-        self.roi_trust = {LEARNED: self.fusion and (self.fusion.box_trust or self.fusion.trust), GATE: self.gate,
+        # the trust modulus of the method's collaborator ROI boxes; for the learned method, the
+        # calibrated box trust of its checkpoint where it has one, which replaces the boxes' scores
+        # (its own and the fused map's) by probabilities of a true positive
+        self.roi_trust = {LEARNED: self.fusion and self.fusion.trust, GATE: self.gate,
                           None: FlatTrust()}[self.method.trust]
+        self.box_trust = self.fusion.box_trust if self.fusion is not None and self.method.trust == LEARNED else None
         self.poses = PoseBuffers(pose_config)
         self.drops: Counter = Counter()
         self._warned: set = set()
@@ -240,19 +242,22 @@ class CooperativeDetector:
             out = self._intermediate(det, chosen, T_ego, ego_stamp, ages)
         return self._without_own_vehicle(out)
 
-    def _roi_box_trust(self, rb) -> np.ndarray:
-        """(n,) trust of a message's ROI boxes (fusion.roi_boxes.RoiBoxes) at the ego stamp."""
-        if isinstance(self.roi_trust, BoxTrust):
-            return self.roi_trust.trust(rb.attributes, np.linalg.norm(rb.velocities, axis=1))
-        return self.roi_trust.trust(rb.attributes)
+    def _roi_box_scores(self, rb) -> tuple[np.ndarray, np.ndarray]:
+        """A message's ROI boxes (fusion.roi_boxes.RoiBoxes) at the ego stamp -> (n,) trust and
+        (n,) scores: the calibrated box trust's probability, else the score times the trust."""
+        if self.box_trust is not None:
+            t = self.box_trust.trust(rb.attributes, np.linalg.norm(rb.velocities, axis=1))
+            return t, t.astype(np.float32)
+        t = self.roi_trust.trust(rb.attributes)
+        return t, rb.scores * t
 
     def _fused_map_scores(self, out: Detections) -> np.ndarray:
         """(n,) scores of the fused map's boxes, on the scale of the ROI boxes they compete with:
         with a calibrated box trust, its probability of a true positive (age 0, not moved)."""
-        if not isinstance(self.roi_trust, BoxTrust):
+        if self.box_trust is None:
             return out.scores
         attributes = roi_attributes(out.scores, message_uncertainty(out.uncertainty, out.boxes), 0.0)
-        return self.roi_trust.trust(attributes, np.zeros(len(out.boxes))).astype(np.float32)
+        return self.box_trust.trust(attributes, np.zeros(len(out.boxes))).astype(np.float32)
 
     def _without_own_vehicle(self, out: FusedDetections) -> FusedDetections:
         """Collaborators see the ego's own vehicle; a box centred on its footprint is the ego."""
@@ -341,11 +346,9 @@ class CooperativeDetector:
             for agent, (stamp, item, pose) in chosen.items():
                 if agent in agents[:self.cfg.slots]:
                     rb = decode_roi_boxes(self.detector.head, item, pose, T_ego, ego_stamp, det.sensor_height)
-                    t = self._roi_box_trust(rb)
+                    t, score = self._roi_box_scores(rb)
                     variance = rb.attributes[:, ROI_ATTRIBUTES.index('reg_aleatoric')] + (
                         self.cfg.velocity_std * ages[agent]) ** 2
-                    # the calibrated box trust is already the probability of a true positive
-                    score = t if isinstance(self.roi_trust, BoxTrust) else rb.scores * t
                     parts.append(_Part(rb.boxes, score, rb.labels, rb.velocities, t, 1 << agent, variance))
             clock.lap('roi_boxes')
             result = self._merge(parts, ego_stamp, ages)
