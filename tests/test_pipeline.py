@@ -160,13 +160,25 @@ def test_an_ego_map_without_boxes_fuses_like_the_ego_detections(detector, method
     assert np.allclose(outs[0].boxes, outs[1].boxes) and np.allclose(outs[0].scores, outs[1].scores)
 
 
-def test_precise_box_choice_takes_the_geometry_of_the_least_uncertain_box():
-    from coop_perception.fusion.pipeline import _cluster_nms
+def test_box_choice_takes_or_averages_the_geometry_of_the_least_uncertain_boxes():
+    from coop_perception.fusion.pipeline import _cluster_geometry, _cluster_nms
     car = [10.0, 0.0, -1.0, 4.5, 1.9, 1.6, 0.0]
-    boxes = np.array([car, [10.3, 0.1, -1.0, 4.5, 1.9, 1.6, 0.05], [30.0, 0.0, -1.0, 4.5, 1.9, 1.6, 0.0]])
-    scores, labels = np.array([0.9, 0.6, 0.5]), np.zeros(3, np.int64)
-    keep, geometry = _cluster_nms(boxes, scores, labels, np.array([0.5, 0.1, np.nan]), 0.2)
+    boxes = np.array([car, [10.3, 0.1, -1.0, 4.5, 1.9, 1.6, 0.05], [30.0, 0.0, -1.0, 4.5, 1.9, 1.6, 0.0],
+                      [12.5, 0.0, -1.0, 4.5, 1.9, 1.6, 0.0]])   # a neighbour, inside the NMS cluster
+    scores, labels = np.array([0.9, 0.6, 0.5, 0.4]), np.zeros(4, np.int64)
+    keep, clusters = _cluster_nms(boxes, scores, labels, 0.2)
     assert list(keep) == [0, 2]                     # the highest score leads its cluster
-    assert geometry[0] == 1 and geometry[2] == 2    # ... with the geometry of the better-placed box
-    keep, geometry = _cluster_nms(boxes, scores, labels, np.full(3, np.nan), 0.2)
-    assert list(keep) == [0, 2] and list(geometry) == [0, 1, 2]   # no variances: plain NMS
+    assert [sorted(c) for c in clusters] == [[0, 1, 3], [2]]
+    variance = np.array([0.5, 0.1, np.nan, 0.1])
+    geometry, ref = _cluster_geometry(boxes, scores, variance, clusters, None)
+    assert list(ref) == [1, 2] and np.allclose(geometry, boxes[[1, 2]])   # the better-placed box
+    geometry, ref = _cluster_geometry(boxes, scores, variance, clusters, 0.5)
+    w = np.array([0.9 / 0.5, 0.6 / 0.1])          # score / variance; the neighbour stays out
+    assert np.allclose(geometry[0, :2], (w @ boxes[:2, :2]) / w.sum())
+    assert np.isclose(geometry[0, 6], (w @ boxes[:2, 6]) / w.sum())
+    flipped = boxes.copy()
+    flipped[1, 6] += np.pi                          # the same heading read the other way round
+    yaw = _cluster_geometry(flipped, scores, variance, clusters, 0.5)[0][0, 6]
+    assert np.isclose(yaw, geometry[0, 6] + np.pi)  # the reference's direction, the same axis
+    geometry, ref = _cluster_geometry(boxes, scores, np.full(4, np.nan), clusters, None)
+    assert list(ref) == [0, 2]                      # no variances: plain NMS

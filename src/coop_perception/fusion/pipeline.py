@@ -34,7 +34,7 @@ from .sharing import select_roi_cells
 from .trust import ROI_ATTRIBUTES, FlatTrust, ThresholdTrust, roi_attributes
 
 log = logging.getLogger(__name__)
-BOX_CHOICES = ('score', 'precise')
+BOX_CHOICES = ('score', 'precise', 'average')
 
 
 @dataclass
@@ -54,8 +54,11 @@ class CooperativeConfig:
     # boxes of one object from several sources (NMS at late_nms_iou): 'score' keeps the
     # highest-scoring box; 'precise' keeps its score but takes the geometry of the box whose
     # predicted corner variance (aleatoric, grown with the input's age) is smallest, where the
-    # sources report one (the fused map's and the ROI boxes; late fusion's box lists do not)
-    box_choice: str = 'precise'
+    # sources report one (the fused map's and the ROI boxes; late fusion's box lists do not);
+    # 'average' takes the mean of that box and the members overlapping it by more than
+    # average_iou, weighted by score / variance (score alone where no variance is reported)
+    box_choice: str = 'average'
+    average_iou: float = 0.5
     velocity_std: float = 0.5              # m/s: how fast a moved box's position error grows with age
     gate: dict | None = None               # ThresholdTrust settings of methods that need a gate
 
@@ -284,7 +287,8 @@ class CooperativeDetector:
         return self._merge(parts, ego_stamp, ages)
 
     def _merge(self, parts: list['_Part'], ego_stamp: int, ages: dict) -> FusedDetections:
-        """Class-wise rotated NMS over every part's boxes; the higher score wins."""
+        """Class-wise rotated NMS over every part's boxes; the higher score leads, the geometry is
+        chosen or averaged per ``box_choice``."""
         n = [len(p.boxes) for p in parts]
         boxes = np.concatenate([np.asarray(p.boxes, np.float64).reshape(-1, 7) for p in parts])
         scores = np.concatenate([p.scores for p in parts]).astype(np.float32)
@@ -292,11 +296,13 @@ class CooperativeDetector:
         vel = np.concatenate([np.asarray(p.velocities, np.float32).reshape(-1, 2) for p in parts])
         trust = np.concatenate([np.broadcast_to(np.asarray(p.trust, np.float64), k) for p, k in zip(parts, n)])
         sources = np.concatenate([np.broadcast_to(np.asarray(p.sources, np.int64), k) for p, k in zip(parts, n)])
-        if self.cfg.box_choice == 'precise':
+        if self.cfg.box_choice != 'score':
             variance = np.concatenate([np.broadcast_to(np.asarray(p.variance, np.float64), k)
                                        for p, k in zip(parts, n)])
-            keep, geometry = _cluster_nms(boxes, scores, labels, variance, self.cfg.late_nms_iou)
-            boxes, vel = boxes[geometry], vel[geometry]
+            average_iou = self.cfg.average_iou if self.cfg.box_choice == 'average' else None
+            keep, clusters = _cluster_nms(boxes, scores, labels, self.cfg.late_nms_iou)
+            geometry, ref = _cluster_geometry(boxes, scores, variance, clusters, average_iou)
+            boxes[keep], vel[keep] = geometry, vel[ref]
         else:
             keep = [idx[rotated_nms(boxes[idx], scores[idx], self.cfg.late_nms_iou)]
                     for idx in (np.flatnonzero(labels == k) for k in np.unique(labels))]
@@ -393,11 +399,10 @@ class _Part:
     variance: np.ndarray | float = np.nan   # predicted corner variance (m^2) at the ego stamp; NaN unknown
 
 
-def _cluster_nms(boxes, scores, labels, variance, iou_threshold) -> tuple[np.ndarray, np.ndarray]:
-    """Class-wise greedy NMS (N boxes) -> (kept indices, (N,) index of the box whose geometry each
-    kept box takes: the member of its cluster with the smallest finite variance, else itself)."""
-    geometry = np.arange(len(boxes))
-    keep = []
+def _cluster_nms(boxes, scores, labels, iou_threshold) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class-wise greedy NMS over boxes (N, 7) -> (K,) kept indices and, for each, the indices of
+    its cluster (the boxes of its class it suppressed, itself first)."""
+    keep, clusters = [], []
     for k in np.unique(labels):
         idx = np.flatnonzero(labels == k)
         order = idx[np.argsort(-scores[idx], kind='stable')]
@@ -409,7 +414,30 @@ def _cluster_nms(boxes, scores, labels, variance, iou_threshold) -> tuple[np.nda
             members = np.flatnonzero(free & (iou[i] > iou_threshold))   # i itself among them
             free[members] = False
             keep.append(order[i])
-            v = variance[order[members]]
-            if np.isfinite(v).any():
-                geometry[order[i]] = order[members][np.nanargmin(v)]
-    return np.asarray(keep, np.int64), geometry
+            clusters.append(np.concatenate([[order[i]], order[members[members != i]]]))
+    return np.asarray(keep, np.int64), clusters
+
+
+def _cluster_geometry(boxes, scores, variance, clusters, average_iou: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """One box per cluster -> ((K, 7) boxes, (K,) index of the member each takes its velocity from).
+
+    The reference member is the one with the smallest finite predicted variance (the leader when
+    none reports one). With ``average_iou``, its geometry is the mean of the members overlapping
+    it by more than that, weighted by score / variance (unknown variance: 1): several sources'
+    independent errors average out, and a looser cluster member (a neighbour) stays out. Yaws
+    are averaged modulo pi around the reference's, as the head's yaw can flip by pi."""
+    out = np.empty((len(clusters), 7))
+    ref = np.empty(len(clusters), np.int64)
+    for c, members in enumerate(clusters):
+        v = variance[members]
+        ref[c] = members[np.nanargmin(v)] if np.isfinite(v).any() else members[0]
+        out[c] = boxes[ref[c]]
+        if average_iou is None or len(members) == 1:
+            continue
+        near = members[bev_iou(boxes[ref[c]][None], boxes[members])[0] > average_iou]
+        w = scores[near] / np.maximum(np.nan_to_num(variance[near], nan=1.0), 1e-4)
+        w = w / w.sum()
+        out[c, :6] = w @ boxes[near, :6]
+        turn = (boxes[near, 6] - boxes[ref[c], 6] + np.pi / 2) % np.pi - np.pi / 2
+        out[c, 6] = boxes[ref[c], 6] + w @ turn
+    return out, ref
