@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import Commands
-from .errors import exit_code
+from .commands import Commands, describe
+from .errors import UserError, exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    return exit_code(lambda: run(argv))
+
+
+def run(argv=None) -> int:
+    """Parse ``argv`` (the argument types check the paths given, raising UserError) and run the
+    command. A file or folder that fails the command while it runs (a disk that fills, a path
+    that a type cannot check, a message over several lines) is the user's to fix too, so it
+    becomes one UserError line as well."""
     args = build_parser().parse_args(argv)
-    return exit_code(lambda: args.func(args))
+    try:
+        return args.func(args)
+    except UserError as err:
+        raise UserError(err.path, ' '.join(err.problem.split())) from None
+    except OSError as err:
+        if err.filename is None:
+            raise
+        raise UserError(err.filename, describe(err)) from None
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from coop_perception.commands import Commands, add_json, positive, write_json
+from coop_perception.commands import Commands, add_json, output_folder, positive, write_json
 from coop_perception.errors import UserError
 
 from .bag import STORAGES
@@ -27,16 +27,17 @@ def add_reading_args(p: argparse.ArgumentParser) -> None:
                    help='seconds per frame, for datasets whose timestamps count frames (real V2X-Sim)')
 
 
-def dataset_from_args(args):
-    """The `V2XSimDataset` of ``args.data`` read as `add_reading_args` says."""
+def dataset_from_args(args, check_sweeps: bool = False):
+    """The `V2XSimDataset` of ``args.data`` read as `add_reading_args` says; ``check_sweeps``: every
+    LiDAR file checked against its table row first (`V2XSimDataset`)."""
     from .v2xsim import V2XSimDataset
 
-    return V2XSimDataset(args.data, args.version, frame_period_s=args.frame_period)
+    return V2XSimDataset(args.data, args.version, frame_period_s=args.frame_period, check_sweeps=check_sweeps)
 
 
 def add_cli(commands: Commands) -> None:
     p = commands.add('synth', cmd_synth, 'generate synthetic multi-agent V2X scenes (V2X-Sim format)')
-    p.add_argument('--out', required=True, help='dataset root to write')
+    p.add_argument('--out', required=True, type=output_folder, help='dataset root to write')
     p.add_argument('--preset', choices=sorted(PRESETS), help='named split with its own seed and size')
     p.add_argument('--scenes', type=positive(int), help='number of scenes')
     p.add_argument('--frames', type=positive(int), help='frames per scene')
@@ -61,7 +62,7 @@ def add_cli(commands: Commands) -> None:
     p = commands.add('to-bag', cmd_to_bag, 'record a scene of a V2X-Sim-format dataset as a rosbag2 bag')
     p.add_argument('data', help='dataset root (real V2X-Sim or `coop-perception synth` output)')
     p.add_argument('--scene', default='0', help='scene name or index (default: 0)')
-    p.add_argument('--out', required=True, help='bag directory to create')
+    p.add_argument('--out', required=True, type=output_folder, help='bag directory to create')
     p.add_argument('--storage', choices=sorted(STORAGES), default='mcap', help='default: mcap')
     add_reading_args(p)
 
@@ -94,7 +95,7 @@ def cmd_synth(args) -> int:
 def cmd_info(args) -> int:
     from .stats import format_summary, summarize
 
-    ds = dataset_from_args(args)
+    ds = dataset_from_args(args, check_sweeps=True)
     summary = summarize(ds)
     print(format_summary(summary, ds.conventions.lines()))
     write_json(args, summary)

@@ -42,10 +42,11 @@ def read_pcd_bin(path: Path, expected_points: int = 0, row_length_hint: int | No
     return pts
 
 
-def sweep_shape(path: Path) -> tuple[int, int]:
-    """(points, values per point) of a sweep, from its size and data alone."""
+def sweep_shape(path: Path, hint: int | None = None) -> tuple[int, int]:
+    """(points, values per point) of a sweep, from its size and data (``hint``: the row length to
+    take when the file is too small to tell)."""
     raw = _read_floats(path)
-    columns = row_length(raw, path)
+    columns = row_length(raw, path, hint)
     return raw.size // columns, columns
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from ..errors import UserError
 from ..geometry import make_pose, matrix_to_quat_wxyz, points_in_boxes, quat_wxyz_to_yaw, yaw_to_quat_wxyz
 from .conventions import Conventions, TimeBase, check_pose_chain, detect_time_base, pose_verdict
 from .labels import category_coverage, category_to_label
-from .pcd_bin import read_pcd_bin, sweep_shape
+from .pcd_bin import ROW_LENGTHS, read_pcd_bin, sweep_shape
 from .visibility import CountCache
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,26 @@ class Sample:
         return int(hits[0]) if len(hits) else -1
 
 
+class _Row(dict):
+    """A table row: a field it lacks is a UserError naming the table file, not a KeyError."""
+
+    def __init__(self, row: dict, path: Path):
+        super().__init__(row)
+        self.path = path
+
+    def __missing__(self, key):
+        raise UserError(self.path, f'row {self.get("token")!r} has no field {key!r}')
+
+
+def _row_length_of(path: Path, width: int) -> int | None:
+    """The values per point that make ``path`` hold ``width`` points, if any (None: no row length
+    does, or the file is not there); tells the row length of files too small to tell it."""
+    if not width or not path.is_file():
+        return None
+    floats = path.stat().st_size / 4
+    return next((c for c in ROW_LENGTHS if floats == c * width), None)
+
+
 def _flatten_z(boxes: np.ndarray) -> np.ndarray:
     """Boxes stretched to include z = 0 so a ground-level origin tests by BEV footprint only."""
     out = boxes.copy()
@@ -346,17 +367,29 @@ class V2XSimDataset:
 
     PROBE_SAMPLES = 3                 # samples the sweep and pose checks look at, at most
     PROBE_BOXES = 24                  # near boxes after which the pose check has seen enough
+    NAMED_BAD_SWEEPS = 5              # bad LiDAR files an error names, at most
 
-    def __init__(self, root, version: str | None = None, frame_period_s: float | None = None):
+    def __init__(self, root, version: str | None = None, frame_period_s: float | None = None,
+                 check_sweeps: bool = False):
+        """check_sweeps: first check every LiDAR file against its sample_data row (reads them
+        all) and raise one UserError naming the bad ones (`sweep_problems`)."""
         self.root = Path(root)
         if not self.root.is_dir():
-            raise UserError(self.root, 'dataset folder does not exist')
+            raise UserError(self.root, 'is not a folder (expected a dataset folder)' if self.root.exists()
+                            else 'dataset folder does not exist')
         self.meta = metadata_folder(self.root, version)
+        with self._malformed():
+            self._open(version, frame_period_s, check_sweeps)
+
+    def _open(self, version: str | None, frame_period_s: float | None, check_sweeps: bool) -> None:
+        """Read the tables, index them and detect the conventions (the constructor's work)."""
         t = {name: self._load(name) for name in ('scene', 'sample', 'sample_data', 'ego_pose',
                                                   'calibrated_sensor', 'sensor', 'sample_annotation',
                                                   'instance', 'category')}
         self._t = t
         self._index()
+        if check_sweeps:
+            self._raise_sweep_problems()
         self.time: TimeBase = detect_time_base(
             {sc.name: [t['sample'][tok]['timestamp'] for tok in sc.sample_tokens] for sc in self.scenes},
             np.array([sd['timestamp'] - t['sample'][tok]['timestamp']
@@ -383,15 +416,32 @@ class V2XSimDataset:
             log.warning('%s: conventions detected: %s', self.meta, '; '.join(notes))
 
     def _load(self, name: str) -> dict[str, dict]:
+        """A table's rows by token; a file that is not a JSON list of rows with tokens is a
+        UserError naming it, and so is a field that a row lacks when it is read (`_Row`)."""
         path = self.meta / f'{name}.json'
         try:
-            with open(path) as fh:
-                rows = json.load(fh)
+            rows = json.loads(path.read_text(encoding='utf-8'))
         except FileNotFoundError:
             raise UserError(path, 'table is missing') from None
+        except OSError as exc:
+            raise UserError(path, f'cannot read table: {exc.strerror}') from None
+        except UnicodeDecodeError as exc:
+            raise UserError(path, f'not UTF-8 text (byte offset {exc.start})') from None
         except json.JSONDecodeError as exc:
             raise UserError(path, f'not valid JSON ({exc.msg} at line {exc.lineno})') from None
-        return {r['token']: r for r in rows}
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get('token'), str)
+                                                 for r in rows):
+            raise UserError(path, 'not a table: expected a JSON list of rows, each with a "token" string')
+        return {r['token']: _Row(r, path) for r in rows}
+
+    @contextmanager
+    def _malformed(self):
+        """Fields of the wrong type or shape (a string timestamp, a rotation of 3 numbers) are a
+        damaged dataset, not a bug: one UserError naming the metadata folder."""
+        try:
+            yield
+        except (TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise UserError(self.meta, f'malformed table field: {" ".join(str(exc).split())}') from None
 
     def _ref(self, table: str, token: str, by: str, from_table: str) -> dict:
         try:
@@ -431,15 +481,46 @@ class V2XSimDataset:
 
     def _check_sweeps(self, probe) -> tuple[Counter, bool]:
         """Values per point of the probe samples' sweeps (-> files) and whether sample_data.width
-        is their point count (nuScenes LiDAR rows say 0)."""
+        is their point count (nuScenes LiDAR rows say 0). One file that matches its width settles
+        the latter: a damaged file must not turn the others' counts off, it is reported as such."""
         lengths: Counter = Counter()
-        width_is_count = True
+        width_is_count = False
         for s, f in probe:
             for sd in self._lidar_sd.get(self.scenes[s].sample_tokens[f], {}).values():
                 points, columns = sweep_shape(self.root / sd['filename'])
                 lengths[columns] += 1
-                width_is_count &= int(sd.get('width') or 0) == points
-        return lengths, width_is_count and bool(lengths)
+                width_is_count |= int(sd.get('width') or 0) == points > 0
+        return lengths, width_is_count
+
+    def sweep_problems(self) -> tuple[list[tuple[Path, str]], int]:
+        """Every key-frame LiDAR file that is missing, damaged or holds another number of points
+        than its sample_data row says (when the rows count points at all: some row matches its
+        file): ([(path, problem)], files checked). Reads every file."""
+        problems, shapes = [], []
+        rows = [sd for per in self._lidar_sd.values() for sd in per.values()]
+        for sd in rows:
+            path, width = self.root / sd['filename'], int(sd.get('width') or 0)
+            try:
+                shapes.append((path, width, *sweep_shape(path, _row_length_of(path, width))))
+            except UserError as err:
+                problems.append((path, err.problem))
+            except OSError as err:
+                problems.append((path, f'cannot read LiDAR file: {err.strerror}'))
+        if any(width == points > 0 for _, width, points, _ in shapes):
+            problems += [(path, f'{points} points of {columns} values, its sample_data row says {width} points')
+                         for path, width, points, columns in shapes if width and width != points]
+        return problems, len(rows)
+
+    def _raise_sweep_problems(self) -> None:
+        """One UserError naming the bad LiDAR files (`sweep_problems`), if there are any."""
+        problems, total = self.sweep_problems()
+        if len(problems) == 1:
+            raise UserError(*problems[0])
+        if problems:
+            named = '; '.join(f'{path}: {problem}' for path, problem in problems[:self.NAMED_BAD_SWEEPS])
+            more = len(problems) - self.NAMED_BAD_SWEEPS
+            raise UserError(self.root, f'{len(problems)} of {total} LiDAR files are bad: {named}'
+                            + (f'; and {more} more' if more > 0 else ''))
 
     # -- access
     def num_frames(self, scene_index: int) -> int:
@@ -456,9 +537,10 @@ class V2XSimDataset:
             raise UserError(self.meta, f'frame {frame_index} out of range for {scene.name} '
                                        f'(0..{len(scene.sample_tokens) - 1})')
         token = scene.sample_tokens[frame_index]
-        agents = {k: self._agent_frame(k, sd) for k, sd in sorted(self._lidar_sd.get(token, {}).items())}
-        sample = Sample(scene.name, scene_index, frame_index, token, self._sample_us(token), agents,
-                        self._ground_truth(token))
+        with self._malformed():
+            agents = {k: self._agent_frame(k, sd) for k, sd in sorted(self._lidar_sd.get(token, {}).items())}
+            sample = Sample(scene.name, scene_index, frame_index, token, self._sample_us(token), agents,
+                            self._ground_truth(token))
         if self._counts is not None:
             sample.gt.agent_points = self._counts.counts(sample)
         return sample

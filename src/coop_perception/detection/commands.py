@@ -2,12 +2,9 @@
 command loads from its ``--config`` / ``--weights`` options."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from coop_perception.commands import (Commands, add_detector_args, add_json, add_run_folder_args, positive,
-                                      print_stage_table, write_json)
+                                      print_stage_table, reading, require_checkpoint, write_json)
 from coop_perception.data.commands import add_dataset_args, dataset_from_args
-from coop_perception.errors import UserError
 
 
 def add_cli(commands: Commands) -> None:
@@ -29,9 +26,9 @@ def detector_from_args(args):
     from .checkpoint import load_detector
     from .model import apply_threads
 
-    if not Path(args.weights).exists():
-        raise UserError(args.weights, 'detector checkpoint not found (train one with `train detector`)')
-    model = load_detector(args.weights, args.config)
+    require_checkpoint(args.weights, 'detector checkpoint', ' (train one with `train detector`)')
+    with reading(args.weights, 'detector checkpoint'):
+        model = load_detector(args.weights, args.config)
     apply_threads(model.cfg)
     return model
 

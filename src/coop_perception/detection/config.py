@@ -160,7 +160,7 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     try:
         d = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise UserError(path, f'cannot read {what}: {e}') from e
     if not isinstance(d, dict):
         raise UserError(path, f'{what} must be a mapping')

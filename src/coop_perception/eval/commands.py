@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from coop_perception.commands import (MODELS, Commands, add_cache_arg, add_detector_args, add_fusion_model_args,
-                                      add_json, positive, print_stage_table, write_json)
+                                      add_json, output_file, positive, print_stage_table, reading, require_checkpoint,
+                                      write_json)
 from coop_perception.data.channel import MEAN_LATENCY_MODELS
 from coop_perception.data.commands import add_dataset_args, add_reading_args, dataset_from_args
 from coop_perception.errors import UserError
@@ -33,7 +34,8 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--seed', type=int, default=0, help='channel seed')
     p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
     p.add_argument('--range', type=positive(float), default=50.0, help='evaluate within this of the ego, m')
-    p.add_argument('--plot', metavar='FILE.png', help='also draw AP@0.7 against the mean latency for every method')
+    p.add_argument('--plot', metavar='FILE.png', type=output_file,
+                   help='also draw AP@0.7 against the mean latency for every method')
     add_fusion_model_args(p)
     add_json(p)
     add_detector_args(p)
@@ -67,7 +69,7 @@ def add_cli(commands: Commands) -> None:
     add_dataset_args(p, 'the val preset')
     add_cache_arg(p)
     p.add_argument('--quantile', type=float, default=0.95, help='quantile of true-positive uncertainty')
-    p.add_argument('--out', default=str(MODELS / 'trust_gate.yaml'), help='gate YAML to write')
+    p.add_argument('--out', type=output_file, default=str(MODELS / 'trust_gate.yaml'), help='gate YAML to write')
     add_detector_args(p)
 
     p = commands.add('box-trust', cmd_calibrate_box_trust, "the trust fusion's box trust from validation outcomes "
@@ -75,7 +77,7 @@ def add_cli(commands: Commands) -> None:
     add_dataset_args(p, 'the val preset')
     add_cache_arg(p)
     p.add_argument('--fusion', default=str(MODELS / 'fusion.pt'), help='trust fusion checkpoint to calibrate')
-    p.add_argument('--out', help='checkpoint to write (default: --fusion, in place)')
+    p.add_argument('--out', type=output_file, help='checkpoint to write (default: --fusion, in place)')
     add_json(p, 'the calibration summary')
     add_detector_args(p)
 
@@ -83,7 +85,7 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('data', help='dataset root')
     p.add_argument('--scene', type=int, default=0, help='scene index')
     p.add_argument('--frame', type=int, default=0, help='frame index within the scene')
-    p.add_argument('--out', required=True, help='PNG to write')
+    p.add_argument('--out', required=True, type=output_file, help='PNG to write')
     p.add_argument('--extent', type=positive(float), default=80.0, help='half width of the view, m')
     add_reading_args(p)
 
@@ -101,8 +103,11 @@ def _fusion_setup(args, methods: list[str]) -> tuple:
     from coop_perception.detection.commands import detector_from_args
     from coop_perception.fusion.commands import feature_cache_from_args, fusion_models_from_args
 
+    if any(METHODS[m].needs_fusion_model for m in methods):
+        require_checkpoint(args.fusion, 'fusion checkpoint', ' (train one with `train fusion`)')
     model = detector_from_args(args)
-    fusion, gate = fusion_models_from_args(args, model, methods)
+    with reading(args.fusion, 'fusion checkpoint'):
+        fusion, gate = fusion_models_from_args(args, model, methods)
     ds = dataset_from_args(args)
     return model, fusion, gate, ds, feature_cache_from_args(args, model, ds)
 
@@ -209,12 +214,12 @@ def cmd_calibrate_box_trust(args) -> int:
 
     from .box_trust_calibration import calibrate_box_trust
 
-    if not Path(args.fusion).exists():
-        raise UserError(args.fusion, 'fusion checkpoint not found (train one with `train fusion`)')
+    require_checkpoint(args.fusion, 'fusion checkpoint', ' (train one with `train fusion`)')
+    with reading(args.fusion, 'fusion checkpoint'):
+        ckpt = torch.load(args.fusion, map_location='cpu', weights_only=False)
     model = detector_from_args(args)
     ds = dataset_from_args(args)
     trust, summary = calibrate_box_trust(ds, model, feature_cache_from_args(args, model, ds))
-    ckpt = torch.load(args.fusion, map_location='cpu', weights_only=False)
     out = args.out or args.fusion
     torch.save({**ckpt, 'box_trust': {**trust.to_dict(), 'calibrated_on': str(args.data)}}, out)
     print(f"{summary['boxes']} ROI boxes ({summary['true_positives']} true positives at IoU {summary['iou']}), "

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from coop_perception.commands import Commands, non_negative, positive
-from coop_perception.data.bag import write_scene_bag
+from coop_perception.commands import Commands, non_negative, output_folder, positive
+from coop_perception.data.bag import BagReader, write_scene_bag
 from coop_perception.data.labels import CLASSES
 from coop_perception.data.objects import object_boxes
 from coop_perception.data.synth import PRESETS, RSU_AGENT, ScenarioConfig, generate
@@ -95,6 +95,7 @@ def _scene(s: DemoSettings, progress: bool) -> V2XSimDataset:
 def _bag(s: DemoSettings, ds, progress: bool) -> Path:
     bag = s.out / 'bag'
     if (bag / 'metadata.yaml').exists():
+        BagReader(bag).close()  # a damaged bag fails here, in one line, not in the player of the live run
         _step(2, f'reusing the bag {bag}')
     else:
         _step(2, f'writing the rosbag2 bag {bag}')
@@ -302,7 +303,7 @@ def add_cli(commands: Commands) -> None:
                      description='Generate (or reuse) a 5-agent synthetic scene, record it as a bag, replay it '
                                  'through real ROS processes, record and score the fused output against the '
                                  'ground truth and against offline `eval fusion`, draw it.')
-    p.add_argument('--out', default='out/demo', help='output folder (default out/demo)')
+    p.add_argument('--out', type=output_folder, default='out/demo', help='output folder (default out/demo)')
     p.add_argument('--rate', type=positive(float), default=0.1,
                    help='replay speed factor (default 0.1: on 2 shared cores every detector keeps up, so the '
                         'live run sees the scans offline evaluation sees)')
