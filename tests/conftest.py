@@ -1,8 +1,9 @@
-"""Shared fixtures. ROS traffic stays on loopback: every test process inherits these settings."""
+"""Shared fixtures. ROS traffic stays on loopback: every test process inherits these settings.
+They are overwritten, not defaulted: the nodes take discovery from the environment, and a shell
+set up for a deployment across computers must not carry the tests onto the network."""
 import os
 
-os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-os.environ.setdefault('ROS_LOCALHOST_ONLY', '1')
+os.environ.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_LOCALHOST_ONLY='1')
 os.environ.setdefault('ROS_DOMAIN_ID', '41')
 
 import pytest  # noqa: E402

@@ -3,7 +3,11 @@ and setup.py without launch_ros: the launch files run against stand-ins of the l
 import ast
 import importlib
 import importlib.util
+import os
+import signal
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -11,11 +15,13 @@ import pytest
 import yaml
 
 from coop_perception import cli
-from coop_perception.ros.launcher import DEFAULT_AGENTS, DEFAULT_EGO, NodeSpec, node_specs, player_spec
+from coop_perception.ros.env import use_large_shm_segment
+from coop_perception.ros.launcher import DEFAULT_AGENTS, DEFAULT_EGO, Launch, NodeSpec, node_specs, player_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'config' / 'coop_perception.yaml'
 NODES = ('lidar_detector', 'v2x_channel', 'trust_fusion')
+DOMAIN_ID = 74
 
 
 # --------------------------------------------------------------------------- stand-ins of launch / launch_ros
@@ -201,3 +207,145 @@ def test_cli_prints_the_commands_and_rejects_bad_arguments(capsys, tmp_path):
     assert capsys.readouterr().err.count('\n') == 1
     assert cli.main(['launch', str(tmp_path / 'none.yaml'), '--print']) == 2
     assert 'no such parameter file' in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- network mode and faults
+def test_local_mode_sets_loopback_and_network_mode_keeps_the_environment():
+    user = {'ROS_DOMAIN_ID': '7', 'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET', 'ROS_STATIC_PEERS': '10.0.0.2',
+            'RMW_IMPLEMENTATION': 'rmw_fastrtps_cpp', 'FASTDDS_DEFAULT_PROFILES_FILE': '/etc/fastdds.xml'}
+    local = Launch(node_specs(), CONFIG, env=user).env
+    assert local == {**user, 'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_LOCALHOST_ONLY': '1'}
+    assert Launch(node_specs(), CONFIG, env=user, local_discovery=False).env == user
+    assert user['ROS_AUTOMATIC_DISCOVERY_RANGE'] == 'SUBNET'   # the caller's dict is left alone
+
+
+def test_only_starts_the_nodes_of_the_given_agents(capsys):
+    assert cli.main(['launch', str(CONFIG), '--agents', '3', '--ego', '1', '--only', '0', '--network', '--print']) == 0
+    assert capsys.readouterr().out.splitlines() == [' '.join(node_specs(3, 1)[0].command(CONFIG))]
+    assert cli.main(['launch', str(CONFIG), '--agents', '3', '--ego', '1', '--only', '1', '--print']) == 0
+    assert [line.split()[2] for line in capsys.readouterr().out.splitlines()] == [
+        'coop_perception.ros.lidar_detector', 'coop_perception.ros.v2x_channel', 'coop_perception.ros.trust_fusion']
+    assert cli.main(['launch', '--agents', '3', '--only', '3', '--print']) == 2
+    assert capsys.readouterr().err.count('\n') == 1
+    with pytest.raises(SystemExit):
+        cli.main(['launch', '--local', '--network', '--print'])
+    assert 'not allowed with argument' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('discovery, udp', [
+    ({'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST'}, False), ({'ROS_LOCALHOST_ONLY': '1'}, False),
+    ({'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SUBNET', 'ROS_LOCALHOST_ONLY': '0'}, True),
+    ({'ROS_AUTOMATIC_DISCOVERY_RANGE': 'SYSTEM_DEFAULT'}, True), ({}, True)])
+def test_large_shm_profile_keeps_udp_unless_discovery_is_local(discovery, udp):
+    # rmw_fastrtps adds its loopback UDP transport only for LOCALHOST discovery: without UDPv4 in
+    # the profile a detector could reach no other computer.
+    environ = dict(discovery)
+    path = use_large_shm_segment(8, environ)
+    try:
+        profile = Path(path).read_text()
+        assert environ['FASTDDS_DEFAULT_PROFILES_FILE'] == path and '<segment_size>8388608<' in profile
+        assert ('<transport_id>coop_perception_udp</transport_id></userTransports>' in profile) == udp
+    finally:
+        Path(path).unlink()
+    for own in ({'FASTDDS_DEFAULT_PROFILES_FILE': 'mine.xml'}, {'FASTDDS_BUILTIN_TRANSPORTS': 'LARGE_DATA'},
+                {'RMW_IMPLEMENTATION': 'rmw_cyclonedds_cpp'}):
+        environ = {**discovery, **own}
+        assert use_large_shm_segment(8, environ) is None and environ == {**discovery, **own}
+
+
+@pytest.mark.parametrize('text, problem', [(b'/**:\n  ros__parameters: {a: [1, 2\n', 'not valid YAML at line'),
+                                           (b'- 1\n- 2\n', 'not a ROS parameter file'),
+                                           (b'/**:\n  ros__parameters: 3\n', 'not a ROS parameter file'),
+                                           (b'\xff\xfe\x00garbage', 'not UTF-8')])
+def test_unparsable_parameter_file_is_one_line_and_exit_2(capsys, tmp_path, text, problem):
+    config = tmp_path / 'params.yaml'
+    config.write_bytes(text)
+    started = time.monotonic()
+    assert cli.main(['launch', str(config), '--agents', '1', '--ego', '0', '--log-dir', str(tmp_path / 'logs')]) == 2
+    assert time.monotonic() - started < 5                 # refused before any node starts
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and problem in err and str(config) in err, err
+    assert not (tmp_path / 'logs').exists()
+
+
+def _launch_env() -> dict:
+    # Loopback and a domain of our own, whatever the launcher's local mode does.
+    return {**os.environ, 'ROS_DOMAIN_ID': str(DOMAIN_ID), 'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST',
+            'ROS_LOCALHOST_ONLY': '1', 'PYTHONUNBUFFERED': '1'}
+
+
+def _processes_using(path: Path) -> list[int]:
+    """Pids of the processes whose command line names ``path`` (a file of this test only)."""
+    pids = []
+    for cmdline in Path('/proc').glob('[0-9]*/cmdline'):
+        try:
+            if str(path).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue   # ended meanwhile
+    return pids
+
+
+def _start_launch(tmp_path: Path, config: dict) -> tuple[subprocess.Popen, Path]:
+    params = tmp_path / 'params.yaml'
+    params.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, '-m', 'coop_perception.cli', 'launch', str(params), '--agents', '1', '--ego', '0',
+           '--wall-time', '--log-dir', str(tmp_path / 'logs')]
+    env = {**_launch_env(), 'TMPDIR': str(tmp_path)}   # Fast DDS profiles of killed nodes stay in the test's folder
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), params
+
+
+def _wait_until(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _kill_leftovers(launch: subprocess.Popen, params: Path) -> list[int]:
+    """Kill what this test started and is still running; returns the nodes that were left."""
+    if launch.poll() is None:
+        launch.kill()
+        launch.wait()
+    left = [pid for pid in _processes_using(params) if pid != launch.pid]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_node(tmp_path):
+    launch, params = _start_launch(tmp_path, yaml.safe_load(CONFIG.read_text()))
+    logs = tmp_path / 'logs'
+    ready = {'agent0_lidar_detector.log': 'detector ready', 'agent0_v2x_channel.log': 'relaying agents',
+             'agent0_trust_fusion.log': 'fusion ready'}
+    try:
+        assert _wait_until(lambda: all((logs / f).exists() and word in (logs / f).read_text()
+                                       for f, word in ready.items()), 150), launch.poll()
+        nodes = [pid for pid in _processes_using(params) if pid != launch.pid]
+        assert len(nodes) == 3
+        launch.send_signal(signal.SIGTERM)
+        assert launch.wait(60) == 0, launch.stderr.read()
+        assert not _processes_using(params)
+        for f in ready:
+            assert 'Traceback' not in (logs / f).read_text(), (logs / f).read_text()
+    finally:
+        assert not _kill_leftovers(launch, params)
+
+
+@pytest.mark.slow
+def test_node_failing_at_start_up_stops_the_others(tmp_path):
+    config = yaml.safe_load(CONFIG.read_text())
+    config['/**/v2x_channel']['ros__parameters']['status_period_s'] = 0.0   # out of its range
+    launch, params = _start_launch(tmp_path, config)
+    try:
+        assert launch.wait(90) == 2
+        err = launch.stderr.read().strip().splitlines()
+        assert len(err) == 1, err
+        assert err[0].startswith('error: agent0/v2x_channel failed at start-up (exit code 2): ')
+        assert 'status_period_s' in err[0] and err[0].endswith('stopping the other nodes')
+        assert not _processes_using(params)
+    finally:
+        assert not _kill_leftovers(launch, params)

@@ -28,7 +28,7 @@ import numpy as np
 from coop_perception.commands import Commands, non_negative, positive
 from coop_perception.data.bag import BagReader
 from coop_perception.errors import UserError, exit_code
-from coop_perception.ros.env import FASTDDS_PROFILES_ENV, use_large_shm_segment, use_local_discovery
+from coop_perception.ros.env import FASTDDS_PROFILES_ENV, use_large_shm_segment
 
 NODE_NAME = 'bag_player'
 # How long to let reliable subscribers acknowledge the last messages before exiting.
@@ -213,8 +213,8 @@ def select_topics(bag: BagReader, requested: list[str] | None, available) -> tup
 
 
 def run(args, ros_args: list[str] | None = None) -> int:
-    """Play ``args.bag`` (argparse namespace from add_arguments). Raises UserError for bad input."""
-    use_local_discovery()
+    """Play ``args.bag`` (argparse namespace from add_arguments). Raises UserError for bad input.
+    Discovery is the user's, like the nodes' (a replay may feed nodes on other computers)."""
     profile = use_large_shm_segment(args.shm_segment_mb)
     try:
         return _run(args, ros_args)

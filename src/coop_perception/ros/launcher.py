@@ -7,6 +7,11 @@ Every node runs as ``python -m coop_perception.ros.<executable> --ros-args -r __
 launch_ros ``Node``. The bag player starts with the nodes and waits until every agent's lidar and
 both readers of its odometry subscribe, i.e. every node has loaded its models.
 
+Locally (the default) the nodes discover each other on loopback only; ``--network`` leaves
+discovery, domain, RMW and Fast DDS profile to the environment and ``--only`` picks the agents
+whose nodes run on this computer, for a deployment across several. SIGTERM stops the nodes like
+Ctrl-C; a node failing during start-up stops the others.
+
 This module does not import rclpy; ``node_specs`` is what tests compare the launch files with.
 """
 from __future__ import annotations
@@ -15,9 +20,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from coop_perception.commands import Commands
 from coop_perception.data.bag import lidar_topic, odom_topic
@@ -31,6 +39,9 @@ DEFAULT_EGO = 1
 # Long enough for every node to import torch and load its models on a busy 2-core machine.
 PLAYER_WAIT_S = 120.0
 STOP_TIMEOUT_S = 10.0
+# A node that fails this soon after the launch failed at start-up (models, parameters) and ends
+# the launch; one that fails later is reported and the others go on, as fusion does without it.
+STARTUP_S = PLAYER_WAIT_S
 # Odometry is best effort and not kept for late joiners, so the player waits for both readers of
 # each agent's: its detector, and the ego's trust_fusion (the ego's) or v2x_channel (the others').
 # Waiting for one would let a reader that discovers the player late miss the first poses.
@@ -98,28 +109,40 @@ def player_spec(bag, num_agents: int = DEFAULT_AGENTS, rate: float = 1.0, loop: 
 
 class Launch:
     """Runs ``specs`` as child processes (stdout and stderr to ``log_dir/<label>.log`` if given,
-    else inherited); a context manager that stops them all on exit."""
+    else inherited); a context manager that stops them all on exit. ``local_discovery`` keeps
+    their DDS discovery on loopback; without it they get ``env`` as it is."""
 
     def __init__(self, specs: list[NodeSpec], config: Path | None, *, env: dict | None = None,
-                 log_dir: Path | None = None):
+                 log_dir: Path | None = None, local_discovery: bool = True):
         self.specs = {s.label: s for s in specs}
         self.config = config
-        self.env = use_local_discovery(dict(os.environ if env is None else env))
+        self.env = dict(os.environ if env is None else env)
+        if local_discovery:
+            use_local_discovery(self.env)
         self.log_dir = Path(log_dir) if log_dir else None
         self.processes: dict[str, subprocess.Popen] = {}
+
+    def log_path(self, label: str) -> Path | None:
+        return self.log_dir / (label.replace('/', '_') + '.log') if self.log_dir else None
 
     def start(self) -> 'Launch':
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
         for label, spec in self.specs.items():
-            out = None
-            if self.log_dir:
-                out = open(self.log_dir / (label.replace('/', '_') + '.log'), 'w')
+            out = open(self.log_path(label), 'w') if self.log_dir else None
             self.processes[label] = subprocess.Popen(spec.command(self.config), env=self.env, stdout=out,
                                                      stderr=subprocess.STDOUT if out else None)
             if out:
                 out.close()  # the child holds its own descriptor
         return self
+
+    def last_line(self, label: str) -> str:
+        """The last line a node wrote to its log ('' without a log)."""
+        path = self.log_path(label)
+        if path is None or not path.exists():
+            return ''
+        lines = [line.strip() for line in path.read_text(errors='replace').splitlines() if line.strip()]
+        return lines[-1] if lines else ''
 
     def poll(self) -> dict[str, int | None]:
         """label -> exit code (None while running)."""
@@ -162,6 +185,16 @@ def add_cli(commands: Commands) -> None:
                    help="parameter file (default: the package's config/coop_perception.yaml)")
     p.add_argument('--agents', type=int, default=DEFAULT_AGENTS, help=f'agents 0..N-1 (default {DEFAULT_AGENTS})')
     p.add_argument('--ego', type=int, default=DEFAULT_EGO, help=f'ego agent (default {DEFAULT_EGO})')
+    where = p.add_mutually_exclusive_group()
+    where.add_argument('--local', dest='network', action='store_false', default=False,
+                       help='every node on this computer, DDS discovery on loopback only (the default)')
+    where.add_argument('--network', dest='network', action='store_true',
+                       help='nodes take ROS_DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE, ROS_STATIC_PEERS, '
+                            'RMW_IMPLEMENTATION and any Fast DDS profile from the environment, to reach '
+                            'nodes on other computers')
+    p.add_argument('--only', type=int, nargs='+', metavar='AGENT',
+                   help="start only these agents' nodes (the ego's: its detector, v2x_channel and "
+                        'trust_fusion): the share of one computer in a deployment across several')
     p.add_argument('--wall-time', action='store_true', help='nodes use wall-clock time instead of /clock')
     p.add_argument('--bag', type=Path, help='also replay this bag (v2x_replay.launch.py); stop when it ends')
     p.add_argument('--rate', type=float, default=1.0, help='replay speed factor (default 1)')
@@ -172,11 +205,44 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--print', action='store_true', help='print the commands and exit')
 
 
+def check_parameter_file(path: Path) -> None:
+    """UserError unless ``path`` holds what rcl reads with ``--params-file``: YAML mapping node
+    names (or namespaces of them) to ``ros__parameters`` mappings. Checked once here, instead of
+    every node printing its own traceback."""
+    if not path.is_file():
+        raise UserError(path, 'no such parameter file')
+    try:
+        tree = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except UnicodeDecodeError:
+        raise UserError(path, 'not a parameter file: not UTF-8 text') from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''
+        raise UserError(path, f'not valid YAML{where}: {getattr(e, "problem", None) or e}') from None
+    if not _parameter_tree(tree):
+        raise UserError(path, 'not a ROS parameter file: expected node names mapping to ros__parameters mappings')
+
+
+def _parameter_tree(tree, top: bool = True) -> bool:
+    if not isinstance(tree, dict) or not tree:
+        return False
+    return all(isinstance(v, dict) if k == 'ros__parameters' and not top else _parameter_tree(v, False)
+               for k, v in tree.items())
+
+
+def _select(specs: list[NodeSpec], only: list[int] | None, num_agents: int) -> list[NodeSpec]:
+    if not only:
+        return specs
+    bad = [k for k in only if not 0 <= k < num_agents]
+    if bad:
+        raise UserError(f'--only {" ".join(map(str, bad))}', f'must be among the agents 0..{num_agents - 1}')
+    return [s for s in specs if s.namespace in {f'agent{k}' for k in only}]
+
+
 def run(args) -> int:
     config = args.config or package_path('config', 'coop_perception.yaml')
-    if not config.exists():
-        raise UserError(config, 'no such parameter file')
-    specs = node_specs(args.agents, args.ego, use_sim_time=not args.wall_time)
+    check_parameter_file(config)
+    specs = _select(node_specs(args.agents, args.ego, use_sim_time=not args.wall_time), args.only, args.agents)
     if args.bag:
         if not args.bag.exists():
             raise UserError(args.bag, 'no such bag')
@@ -185,22 +251,51 @@ def run(args) -> int:
         for spec in specs:
             print(' '.join(spec.command(config)))
         return 0
+    return _supervise(Launch(specs, config, log_dir=args.log_dir, local_discovery=not args.network), args)
+
+
+def _supervise(launch: Launch, args) -> int:
+    """Run ``launch`` until the bag ends, every node has exited, a node fails at start-up or the
+    launcher gets SIGINT or SIGTERM (kill, systemd and docker send it); then stop the nodes."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    if main_thread:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        launch.start()
+        print(f'started {len(launch.processes)} processes: {", ".join(launch.processes)} (Ctrl-C stops them)',
+              flush=True)
+        return _watch(launch, args)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        # A second signal must not cut the stop short and leave nodes behind.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        launch.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _watch(launch: Launch, args) -> int:
+    started = time.monotonic()
     failed = {}
-    with Launch(specs, config, log_dir=args.log_dir) as launch:
-        print(f'started {len(specs)} processes: {", ".join(launch.processes)} (Ctrl-C stops them)', flush=True)
-        try:
-            while True:
-                time.sleep(0.2)
-                codes = launch.poll()
-                for label, code in codes.items():
-                    if code not in (None, 0) and label not in failed:
-                        failed[label] = code
-                        print(f'{label} exited with code {code}', file=sys.stderr, flush=True)
-                if args.bag and codes['bag_player'] is not None:
-                    time.sleep(args.linger)
-                    break
-                if all(code is not None for code in codes.values()):
-                    break
-        except KeyboardInterrupt:
-            pass
+    while True:
+        time.sleep(0.2)
+        codes = launch.poll()
+        for label, code in codes.items():
+            if code in (None, 0) or label in failed:
+                continue
+            failed[label] = code
+            if time.monotonic() - started < STARTUP_S:
+                said = launch.last_line(label).removeprefix('error: ')
+                print(f'error: {label} failed at start-up (exit code {code}){": " + said if said else ""}; '
+                      'stopping the other nodes', file=sys.stderr, flush=True)
+                return code if code > 0 else 1
+            print(f'{label} exited with code {code}', file=sys.stderr, flush=True)
+        if args.bag and codes['bag_player'] is not None:
+            time.sleep(args.linger)
+            break
+        if all(code is not None for code in codes.values()):
+            break
     return 1 if failed else 0

@@ -31,7 +31,7 @@ from rclpy.signals import SignalHandlerOptions
 from coop_perception.data.bag import STRING, agent_from_frame
 from coop_perception.errors import UserError, exit_code
 from coop_perception.paths import package_path
-from coop_perception.ros.env import FASTDDS_PROFILES_ENV, use_large_shm_segment, use_local_discovery
+from coop_perception.ros.env import FASTDDS_PROFILES_ENV, use_large_shm_segment
 
 # Sensor inputs: best effort matches both kinds of publisher. A scan queue of one means a node
 # that falls behind skips to the newest scan instead of working through a growing backlog. The
@@ -227,7 +227,8 @@ def main(node_class, argv: list[str] | None = None, *, large_messages: bool = Fa
                             help='shared-memory segment for sending with Fast DDS (default 64; 0 '
                                  "keeps the RMW's 512 KiB, which drops large messages under load)")
     args = parser.parse_args(argv[:split])
-    use_local_discovery()
+    # Discovery, domain and RMW stay as the user set them: the agents of a deployment are different
+    # computers. Tests and local launches pass loopback-only settings in the environment.
     profile = use_large_shm_segment(args.shm_segment_mb) if large_messages else None
     try:
         return exit_code(lambda: _spin(node_class, [node_class.NODE_NAME] + argv[split:]), interrupted=0)
