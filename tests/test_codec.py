@@ -340,3 +340,31 @@ def test_uncertainty_mapping():
     # cls_aleatoric, cls_epistemic, reg_aleatoric = x + y + corner radius^2 * yaw, reg_epistemic
     assert np.allclose(out[0], [0.5, 0.3, 0.1 + 0.2 + (16 + 4) / 4 * 0.01, 0.04])
     assert np.isnan(out[1, [1, 2, 3]]).all() and out[1, 0] == 0
+
+
+@pytest.mark.parametrize('field,value,reason', [
+    ('scale', 1e38, E.BAD_SCALE),            # gave NaN boxes and scores before it had a bound
+    ('scale', 1e30, E.BAD_SCALE),            # gave boxes hundreds of km away
+    ('scale', np.inf, E.BAD_SCALE),
+    ('vx', 1e6, E.BAD_VELOCITY),
+    ('vy', -101.0, E.BAD_VELOCITY),
+    ('reg_aleatoric', 1e30, E.BAD_UNCERTAINTY),
+])
+def test_physically_impossible_values_are_rejected_with_a_reason(field, value, reason):
+    fields, data, step = _mutated(field, value, 0)
+    with pytest.raises(FeatureMessageError) as info:
+        decode_(fields, data, step)
+    assert info.value.reason == reason
+
+
+def test_values_at_the_physical_bounds_pass():
+    from coop_perception.fusion.codec import MAX_SCALE, MAX_SPEED_MPS
+    for field, value in (('scale', MAX_SCALE), ('vx', -MAX_SPEED_MPS), ('cls_aleatoric', 1e4)):
+        decode_(*_mutated(field, value, 0))
+
+
+def test_a_point_step_numpy_cannot_hold_is_a_layout_error():
+    fields, data, step = encode(roi_message()[1])
+    with pytest.raises(FeatureMessageError) as info:
+        decode_(fields, data, 2**32 - 1, width=0)
+    assert info.value.reason == E.LAYOUT

@@ -287,3 +287,46 @@ def test_rclpy_factory_stores_sequences_as_arrays():
     msg = ros_msgs.array_to_cloud(_mixed_points(), _header(cv.RclpyMessages()), cv.RclpyMessages())
     assert isinstance(msg.data, array.array) and msg.data.typecode == 'B'
     assert not cv.RclpyMessages().has('no_such_msgs/msg/Nothing')
+
+
+@pytest.mark.parametrize('position,quaternion,reason', [
+    ((1e308, 0.0, 0.0), (0, 0, 0, 1), ros_msgs.PoseError.FAR_AWAY),      # once put boxes hundreds of km away
+    ((0.0, -1e7 - 1, 0.0), (0, 0, 0, 1), ros_msgs.PoseError.FAR_AWAY),
+    ((float('nan'), 0.0, 0.0), (0, 0, 0, 1), ros_msgs.PoseError.NON_FINITE),
+    ((0.0, 0.0, 0.0), (0, 0, float('inf'), 1), ros_msgs.PoseError.NON_FINITE),
+    ((0.0, 0.0, 0.0), (0, 0, 0, 0), ros_msgs.PoseError.NOT_UNIT),
+    ((0.0, 0.0, 0.0), (0, 0, 0, 2), ros_msgs.PoseError.NOT_UNIT),
+])
+def test_odometry_beyond_physical_bounds_is_rejected_with_a_reason(msgs, position, quaternion, reason):
+    odom = ros_msgs.pose_to_odometry(np.eye(4), _header(msgs), 'agent1/lidar', msgs)
+    p, q = odom.pose.pose.position, odom.pose.pose.orientation
+    p.x, p.y, p.z = position
+    q.x, q.y, q.z, q.w = (float(v) for v in quaternion)
+    with pytest.raises(ros_msgs.PoseError) as info:
+        ros_msgs.odometry_to_pose(odom)
+    assert info.value.reason == reason and isinstance(info.value, ValueError)
+
+
+def test_poses_within_bounds_and_float32_quaternions_pass(msgs):
+    T = geo.make_pose([5e6, -3e6, 40.0], yaw=0.3)
+    odom = ros_msgs.pose_to_odometry(T, _header(msgs), 'agent1/lidar', msgs)
+    q = odom.pose.pose.orientation
+    q.z, q.w = float(np.float32(q.z)) * 1.001, float(np.float32(q.w))
+    assert np.allclose(ros_msgs.odometry_to_pose(odom), T, atol=1e-2)
+
+
+def test_only_plausible_boxes_may_be_published():
+    from collections import Counter
+    boxes = np.tile([1.0, 2.0, -1.0, 4.5, 1.9, 1.6, 0.3], (7, 1))
+    boxes[1, 0] = np.nan                   # non-finite
+    boxes[2, 1] = 3e5                      # hundreds of km away
+    boxes[3, 2] = 50.0                     # far above the sensor
+    boxes[4, 3] = 0.0                      # no size
+    vel = np.zeros((7, 2))
+    vel[5, 0] = 1e6
+    scores = np.full(7, 0.5)
+    scores[6] = np.nan
+    dropped = Counter()
+    keep = cv.publishable(make_objects(boxes, vel, score=scores), (-50.0, -50.0, 50.0, 50.0), dropped)
+    assert keep.tolist() == [True] + [False] * 6
+    assert dropped == {'non_finite': 2, 'out_of_range': 2, 'bad_size': 1, 'bad_velocity': 1}

@@ -71,3 +71,48 @@ def as_objects(records: np.ndarray) -> np.ndarray:
         if name in records.dtype.names:
             out[name] = records[name]
     return out
+
+
+# --------------------------------------------------------------------------- plausibility
+# Agent ids every node accepts: ``source`` is an INT32 on the wire, so larger ids could not be
+# named in an object list.
+MAX_AGENT_ID = 2**31 - 1
+# Bounds of a box that may be published, beyond the sensor range the caller gives: the largest
+# road vehicles are ~25 m long and 5 m high, nothing on a road moves faster than MAX_SPEED_MPS,
+# and box centres sit within a few metres of the sensor's height.
+MAX_BOX_SIZE_M = 30.0
+MAX_BOX_ABS_Z_M = 20.0
+MAX_SPEED_MPS = 100.0
+# Why an object is implausible, in the order they are tested: each box counts under the first.
+IMPLAUSIBLE_REASONS = ('non_finite', 'out_of_range', 'bad_size', 'bad_velocity', 'bad_score')
+
+
+def implausible_objects(objects: np.ndarray, extent_xy: tuple[float, float, float, float]) -> np.ndarray:
+    """(N,) records -> (N,) object array: '' for a box that may be published, else the first of
+    IMPLAUSIBLE_REASONS it fails. ``extent_xy`` = (x_min, y_min, x_max, y_max) (m) is the sensor
+    range in the records' frame; centres outside it are 'out_of_range'."""
+    objects = np.asarray(objects).reshape(-1)
+    values = np.stack([objects[n].astype(np.float64) for n in (*BOX_FIELDS, *VELOCITY_FIELDS, 'score', 'trust')],
+                      axis=-1).reshape(-1, BOX_DIM + 4)
+    boxes, vel, score = values[:, :BOX_DIM], values[:, BOX_DIM:BOX_DIM + 2], values[:, BOX_DIM + 2:]
+    x_min, y_min, x_max, y_max = extent_xy
+    with np.errstate(invalid='ignore'):
+        checks = (
+            ~np.isfinite(values).all(axis=1),
+            ~((boxes[:, 0] >= x_min) & (boxes[:, 0] <= x_max) & (boxes[:, 1] >= y_min) & (boxes[:, 1] <= y_max)
+              & (np.abs(boxes[:, 2]) <= MAX_BOX_ABS_Z_M)),
+            ~((boxes[:, 3:6] > 0) & (boxes[:, 3:6] <= MAX_BOX_SIZE_M)).all(axis=1),
+            (np.abs(vel) > MAX_SPEED_MPS).any(axis=1),
+            ~((score >= 0) & (score <= 1)).all(axis=1),
+        )
+    reasons = np.full(len(objects), '', dtype=object)
+    for reason, bad in zip(reversed(IMPLAUSIBLE_REASONS), reversed(checks)):
+        reasons[bad] = reason
+    return reasons
+
+
+def grid_extent(grid, margin_m: float = 0.0) -> tuple[float, float, float, float]:
+    """(x_min, y_min, x_max, y_max) (m) of a BevGrid's area, grown by ``margin_m`` on every side."""
+    x0, y0 = (float(v) for v in grid.origin)
+    H, W = grid.shape
+    return (x0 - margin_m, y0 - margin_m, x0 + W * grid.cell_size + margin_m, y0 + H * grid.cell_size + margin_m)

@@ -22,6 +22,25 @@ from coop_perception.data.objects import BOX_FIELDS, as_objects, make_objects, o
 
 PointCloudError = pc.PointCloudError
 
+# Bounds of a pose read from a message. Map frames in use (V2X-Sim towns, UTM eastings and
+# northings) stay well within 10,000 km of their origin; beyond that a pose is corrupt, and its
+# products with boxes would put them anywhere. Quaternions must be unit within float32 rounding
+# of a few decimals: a producer sending anything else does not know what its rotation is.
+MAX_POSE_TRANSLATION_M = 1e7
+QUATERNION_NORM_TOLERANCE = 1e-2
+
+
+class PoseError(ValueError):
+    """A pose message that must not be used; ``reason`` is one of the class constants."""
+
+    NON_FINITE = 'non_finite'
+    FAR_AWAY = 'translation_out_of_range'    # |x|, |y| or |z| above MAX_POSE_TRANSLATION_M
+    NOT_UNIT = 'quaternion_not_unit'
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        super().__init__(f'{reason}: {detail}')
+
 # visualization_msgs/Marker constants (identical in every ROS 2 distro).
 MARKER_LINE_LIST = 5
 MARKER_TEXT_VIEW_FACING = 9
@@ -131,9 +150,12 @@ def cloud_to_array(msg, require: Sequence[str] = ('x', 'y', 'z'), organized: boo
     data = msg.data
     n_bytes = len(data) * (data.itemsize if hasattr(data, 'itemsize') else 1)
     height, width, step, row_step = int(msg.height), int(msg.width), int(msg.point_step), int(msg.row_step)
-    dtype = pc.check_layout(msg.fields, height=height, width=width, point_step=step,
-                            row_step=row_step, data_len=n_bytes,
-                            is_bigendian=bool(msg.is_bigendian), require=require)
+    try:
+        dtype = pc.check_layout(msg.fields, height=height, width=width, point_step=step,
+                                row_step=row_step, data_len=n_bytes,
+                                is_bigendian=bool(msg.is_bigendian), require=require)
+    except ValueError as e:  # PointCloudError, or numpy refusing sizes beyond a C int (~2^32 steps)
+        raise PointCloudError(str(e)) from None
     out = pc.buffer_to_array(data, dtype, height=height, width=width, row_step=row_step)
     return out if organized else out.reshape(-1)
 
@@ -159,8 +181,17 @@ def _pose_parts(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pose_matrix(position, orientation) -> np.ndarray:
+    """4x4 pose from a message's point/vector and quaternion; PoseError when out of bounds."""
+    t = np.array([position.x, position.y, position.z], np.float64)
     q = geo.xyzw_to_wxyz([orientation.x, orientation.y, orientation.z, orientation.w])
-    return geo.make_pose([position.x, position.y, position.z], quat_wxyz=q)
+    if not (np.isfinite(t).all() and np.isfinite(q).all()):
+        raise PoseError(PoseError.NON_FINITE, f'translation {t} or quaternion {q} holds NaN or inf')
+    if np.abs(t).max() > MAX_POSE_TRANSLATION_M:
+        raise PoseError(PoseError.FAR_AWAY, f'translation {t} lies beyond {MAX_POSE_TRANSLATION_M:g} m')
+    norm = float(np.linalg.norm(q))
+    if abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
+        raise PoseError(PoseError.NOT_UNIT, f'quaternion {q} has norm {norm:.6g}')
+    return geo.make_pose(t, quat_wxyz=q)
 
 
 def matrix_to_pose_msg(T: np.ndarray, msgs: MessageFactory):

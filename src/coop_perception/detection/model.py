@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import spconv.pytorch as spconv
@@ -59,7 +60,8 @@ class SparseEncoder(nn.Module):
         )
 
     def forward(self, coords: torch.Tensor, features: torch.Tensor, batch_size: int) -> torch.Tensor:
-        out = self.net(spconv.SparseConvTensor(features, coords, self.spatial_shape, batch_size))
+        with _one_thread_on_cpu(features):
+            out = self.net(spconv.SparseConvTensor(features, coords, self.spatial_shape, batch_size))
         # z is collapsed to one level, so a plain scatter makes the dense map (and avoids the
         # indexing that SparseConvTensor.dense() does, deprecated in torch)
         _, H, W = out.spatial_shape
@@ -67,6 +69,25 @@ class SparseEncoder(nn.Module):
         dense = out.features.new_zeros(batch_size, H, W, out.features.shape[1])
         dense = dense.index_put((idx[:, 0], idx[:, 2], idx[:, 3]), out.features)
         return dense.permute(0, 3, 1, 2)  # NCHW view with channels_last strides
+
+
+@contextmanager
+def _one_thread_on_cpu(tensor: torch.Tensor):
+    """Run the block with one torch thread when ``tensor`` is on the CPU, then restore the count.
+
+    spconv's CPU convolutions scatter-add their outputs in an order that depends on thread
+    scheduling: with several threads the same scan gave features differing by ~1 and 73 to 77
+    boxes from call to call. The encoder is a small part of a detection (its cost is building
+    neighbour indices), so determinism costs little; the dense backbone keeps every thread."""
+    threads = torch.get_num_threads()
+    if tensor.device.type != 'cpu' or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class BevBackbone(nn.Module):

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Hashable, Sequence
 
 import numpy as np
 
-from coop_perception.data.pointcloud import (FLOAT32, INT8, INT16, Field, PointCloudError, array_to_buffer,
+from coop_perception.data.objects import MAX_SPEED_MPS   # |vx|, |vy| bound (m/s)
+from coop_perception.data.pointcloud import (FLOAT32, INT8, INT16, Field, array_to_buffer,
                                              buffer_to_array, check_layout)
 
 if TYPE_CHECKING:  # only for annotations: decoding needs no torch
@@ -53,6 +54,13 @@ if TYPE_CHECKING:  # only for annotations: decoding needs no torch
 MESSAGE_UNCERTAINTY_FIELDS = ('cls_aleatoric', 'cls_epistemic', 'reg_aleatoric', 'reg_epistemic')
 
 _INT8_MAX = 127
+# Physical bounds of decoded values: a message beyond them is corrupt or hostile, and its values
+# would reach the fused map and the published boxes (NaN from overflowing products, boxes
+# hundreds of km away). The shipped detector's features stay below ~15 in magnitude and real
+# traffic below 70 m/s; the bounds leave a wide margin.
+MAX_FEATURE_ABS = 1000.0                 # largest |dequantised feature| a sender may send
+MAX_SCALE = MAX_FEATURE_ABS / _INT8_MAX  # so scale <= ~7.87
+MAX_UNCERTAINTY = 1e4                    # any uncertainty column (logit variance, nats, m^2)
 # A received centre may sit this far (in cells) from the grid's centre: float32 rounding of
 # centres at +-51 m is ~1e-6 cell, while a sender with another cell size or origin is off by far
 # more than this.
@@ -66,9 +74,11 @@ class FeatureMessageError(ValueError):
     LAYOUT = 'layout'                   # point_step/row_step/data length/types inconsistent
     MISSING_FIELD = 'missing_field'
     CHANNELS = 'channel_count'          # features count differs from the receiver's C
-    BAD_SCALE = 'bad_scale'             # NaN, infinite or negative dequantisation scale
+    BAD_SCALE = 'bad_scale'             # NaN, infinite, negative or above MAX_SCALE
     NON_FINITE = 'non_finite'           # NaN/inf position, confidence, score or velocity
     BAD_VALUE = 'bad_value'             # probabilities outside [0, 1], negative variances, roi < -1
+    BAD_VELOCITY = 'bad_velocity'       # |vx| or |vy| above MAX_SPEED_MPS
+    BAD_UNCERTAINTY = 'bad_uncertainty'  # an uncertainty above MAX_UNCERTAINTY
     OUT_OF_GRID = 'out_of_grid'         # a cell centre outside the grid's extent
     OFF_LATTICE = 'off_lattice'         # a position that is not a cell centre of the grid
     DUPLICATE_CELL = 'duplicate_cell'
@@ -241,10 +251,10 @@ def _check_fields(fields: Sequence, channels: int) -> None:
 
 def _check_values(msg: FeatureMessage) -> None:
     err = FeatureMessageError
-    bad = ~(np.isfinite(msg.scale) & (msg.scale >= 0))
+    bad = ~((msg.scale >= 0) & (msg.scale <= MAX_SCALE))   # NaN fails both comparisons
     if bad.any():
-        raise err(err.BAD_SCALE, f'{int(bad.sum())} of {msg.num_cells} cells have a NaN, infinite '
-                                 f'or negative scale (first: {msg.scale[bad][0]})')
+        raise err(err.BAD_SCALE, f'{int(bad.sum())} of {msg.num_cells} cells have a NaN, negative or '
+                                 f'above {MAX_SCALE:.3g} scale (first: {msg.scale[bad][0]})')
     for name, values in (('x/y', msg.cells), ('confidence', msg.confidence), ('score', msg.score),
                          ('vx/vy', msg.velocity)):
         if not np.isfinite(values).all():
@@ -256,6 +266,11 @@ def _check_values(msg: FeatureMessage) -> None:
     known = msg.uncertainty[~np.isnan(msg.uncertainty)]
     if ((known < 0) | ~np.isfinite(known)).any():
         raise err(err.BAD_VALUE, 'an uncertainty is negative or infinite')
+    if (known > MAX_UNCERTAINTY).any():
+        raise err(err.BAD_UNCERTAINTY, f'an uncertainty exceeds {MAX_UNCERTAINTY:g} (max {known.max():.3g})')
+    if (np.abs(msg.velocity) > MAX_SPEED_MPS).any():
+        raise err(err.BAD_VELOCITY, f'a velocity exceeds {MAX_SPEED_MPS:g} m/s '
+                                    f'(max {np.abs(msg.velocity).max():.3g})')
     if (msg.roi < -1).any():
         raise err(err.BAD_VALUE, f'roi ids below -1 (min {int(msg.roi.min())})')
 
@@ -298,7 +313,7 @@ def decode(fields: Sequence, data, point_step: int, *, width: int, grid: BevGrid
         dtype = check_layout(fields, height=height, width=width, point_step=point_step,
                              row_step=row_step, data_len=len(data), is_bigendian=is_bigendian,
                              require=())
-    except PointCloudError as e:
+    except ValueError as e:  # PointCloudError, or numpy refusing sizes beyond a C int (~2^32 steps)
         raise FeatureMessageError(FeatureMessageError.LAYOUT, str(e)) from None
     rec = buffer_to_array(data, dtype, height=height, width=width, row_step=row_step).reshape(-1)
 

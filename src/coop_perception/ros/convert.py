@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import array
 import importlib
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
 
 from coop_perception import geometry as geo
 from coop_perception.data.labels import CLASSES
-from coop_perception.data.objects import make_objects, object_boxes
+from coop_perception.data.objects import implausible_objects, make_objects, object_boxes
 from coop_perception.data.ros_msgs import MessageFactory, default_texts, matrix_to_pose_msg, to_stamp
 
 # --------------------------------------------------------------------------- factories
@@ -90,6 +91,17 @@ def cloud_layout(msg) -> dict:
     return {'fields': msg.fields, 'data': msg.data, 'point_step': int(msg.point_step),
             'width': int(msg.width), 'height': int(msg.height), 'row_step': int(msg.row_step),
             'is_bigendian': bool(msg.is_bigendian)}
+
+
+# --------------------------------------------------------------------------- last check before publishing
+def publishable(objects: np.ndarray, extent_xy: tuple[float, float, float, float], dropped: Counter) -> np.ndarray:
+    """(N,) object records about to be published -> (N,) bool of those that may be: finite,
+    centred within ``extent_xy`` (the sensor range, m), of physical size, speed and score
+    (``data.objects.implausible_objects``). The others are counted in ``dropped`` by reason: no
+    input, however crafted, may put a NaN or a box far outside the sensor range on the air."""
+    reasons = implausible_objects(objects, extent_xy)
+    dropped.update(r for r in reasons.tolist() if r)
+    return reasons == ''
 
 
 # --------------------------------------------------------------------------- trust colours

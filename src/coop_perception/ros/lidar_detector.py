@@ -12,18 +12,20 @@ newest scan) and publishes, each with the scan's header:
 
 A scan that cannot be read (inconsistent layout, missing fields) or is stamped in the future is
 rejected with a throttled warning and counted; non-finite points are dropped by the detector and
-counted.
+counted. Detections that are non-finite or outside the grid (+ ``DETECTION_MARGIN_M``) are not
+published and are counted in the status's ``dropped_boxes``.
 """
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 
 from rclpy.node import Node
 
 from coop_perception.data import ros_msgs
 from coop_perception.data.bag import MARKER_ARRAY, ODOMETRY, POINTCLOUD2
-from coop_perception.data.objects import make_objects
+from coop_perception.data.objects import grid_extent, make_objects
 from coop_perception.fusion import codec, sharing
 from coop_perception.fusion.ego_map import encode_ego_map
 from coop_perception.fusion.pipeline import Sender, collaborator_message
@@ -35,6 +37,9 @@ from coop_perception.ros.node import (LATEST_QOS, ODOM_QOS, RELIABLE_QOS, SCAN_Q
 from coop_perception.ros.node import main as node_main
 
 NODE_NAME = 'lidar_detector'
+# A detected box's centre may lie this far outside the detector's grid: the head regresses it from
+# the cell of its peak, and half a long vehicle can overhang the grid's edge.
+DETECTION_MARGIN_M = 5.0
 
 PARAMS = (
     Param('agent_id', -1, 'agent id of this detector; -1: k of the namespace /agent{k}', (-1, 1023)),
@@ -85,6 +90,8 @@ class LidarDetectorNode(Node):
         self.scans = 0
         self.last_stamp_ns = None
         self.detect_ms, self.feature_bytes = Window(), Window()
+        self.extent = grid_extent(self.detector.grid(), DETECTION_MARGIN_M)
+        self.dropped_boxes: Counter = Counter()
         # Shared ROI velocities come from tracking this agent's own detections in the map frame
         # (fusion.motion), exactly as offline evaluation does; that needs this agent's odometry.
         self.sender = Sender()
@@ -143,14 +150,15 @@ class LidarDetectorNode(Node):
         self.feature_bytes.add(len(data))
         self.pub_features.publish(cv.buffer_to_cloud(fields, data, step, header, self.msgs))
         objects = make_objects(det.boxes, det.velocities, score=det.scores, label=det.labels, source=self.agent)
+        objects = objects[cv.publishable(objects, self.extent, self.dropped_boxes)]
         self.pub_objects.publish(ros_msgs.objects_to_cloud(objects, header, self.msgs))
         shown = objects[objects['score'] >= self.display_threshold]
         self.pub_markers.publish(ros_msgs.objects_to_markers(shown, header, self.msgs, ns=f'agent{self.agent}'))
 
     def status(self) -> dict:
         return {'agent': self.agent, 'scans': self.scans, 'last_stamp_ns': self.last_stamp_ns,
-                'rejected': dict(self.guard.counts), 'detect_ms': self.detect_ms.summary(),
-                'feature_bytes': self.feature_bytes.summary(0)}
+                'rejected': dict(self.guard.counts), 'dropped_boxes': dict(self.dropped_boxes),
+                'detect_ms': self.detect_ms.summary(), 'feature_bytes': self.feature_bytes.summary(0)}
 
 
 def main(argv: list[str] | None = None) -> int:
