@@ -166,19 +166,179 @@ def test_box_choice_takes_or_averages_the_geometry_of_the_least_uncertain_boxes(
     boxes = np.array([car, [10.3, 0.1, -1.0, 4.5, 1.9, 1.6, 0.05], [30.0, 0.0, -1.0, 4.5, 1.9, 1.6, 0.0],
                       [12.5, 0.0, -1.0, 4.5, 1.9, 1.6, 0.0]])   # a neighbour, inside the NMS cluster
     scores, labels = np.array([0.9, 0.6, 0.5, 0.4]), np.zeros(4, np.int64)
-    keep, clusters = _cluster_nms(boxes, scores, labels, 0.2)
+    keep, clusters, overlaps = _cluster_nms(boxes, scores, labels, 0.2)
     assert list(keep) == [0, 2]                     # the highest score leads its cluster
     assert [sorted(c) for c in clusters] == [[0, 1, 3], [2]]
     variance = np.array([0.5, 0.1, np.nan, 0.1])
-    geometry, ref = _cluster_geometry(boxes, scores, variance, clusters, None)
+    geometry, ref = _cluster_geometry(boxes, scores, variance, clusters, overlaps, None)
     assert list(ref) == [1, 2] and np.allclose(geometry, boxes[[1, 2]])   # the better-placed box
-    geometry, ref = _cluster_geometry(boxes, scores, variance, clusters, 0.5)
+    geometry, ref = _cluster_geometry(boxes, scores, variance, clusters, overlaps, 0.5)
     w = np.array([0.9 / 0.5, 0.6 / 0.1])          # score / variance; the neighbour stays out
     assert np.allclose(geometry[0, :2], (w @ boxes[:2, :2]) / w.sum())
     assert np.isclose(geometry[0, 6], (w @ boxes[:2, 6]) / w.sum())
     flipped = boxes.copy()
     flipped[1, 6] += np.pi                          # the same heading read the other way round
-    yaw = _cluster_geometry(flipped, scores, variance, clusters, 0.5)[0][0, 6]
+    yaw = _cluster_geometry(flipped, scores, variance, clusters, overlaps, 0.5)[0][0, 6]
     assert np.isclose(yaw, geometry[0, 6] + np.pi)  # the reference's direction, the same axis
-    geometry, ref = _cluster_geometry(boxes, scores, np.full(4, np.nan), clusters, None)
+    geometry, ref = _cluster_geometry(boxes, scores, np.full(4, np.nan), clusters, overlaps, None)
     assert list(ref) == [0, 2]                      # no variances: plain NMS
+    geometry, _ = _cluster_geometry(boxes, np.zeros(4), variance, clusters, overlaps, 0.5)
+    assert np.allclose(geometry, boxes[[1, 2]])     # every weight 0: the reference, never NaN
+
+
+def _late_with_collaborators(detector, agents, ego=1):
+    coop = CooperativeDetector(detector, ego, CooperativeConfig(method='late', max_age_s=0.5, own_footprint_m=None))
+    coop.add_pose(ego, 100 * MS, make_pose([0, 0, 1.8]))
+    coop.add_ego_detections(100 * MS, detector.detect(scan(1)))
+    for i, agent in enumerate(agents):
+        coop.add_pose(agent, 90 * MS, make_pose([0, 0, 1.8]))
+        box = [20.0, -40.0 + 10.0 * (i % 9), -1.0, 4.5, 1.9, 1.6, 0.0]
+        coop.add_input(agent, 90 * MS, BoxList(np.array([box]), np.array([0.9 - 1e-3 * i]), np.array([0]),
+                                               np.zeros((1, 2))))
+    return coop
+
+
+def test_any_agent_id_the_nodes_accept_is_a_source():
+    from coop_perception.fusion.pipeline import SOURCE_BITS, source_bits
+    bits = source_bits((1, 70, 2, 2**31 - 1, 'rsu', 62))
+    assert bits[1] == 1 and bits[2] == 2 and bits[62] == 62         # small ids keep bit k = agent k
+    assert len(set(bits.values())) == 6 and all(0 <= b < SOURCE_BITS for b in bits.values())
+
+
+def test_agent_ids_beyond_the_int64_bit_mask_fuse_and_name_their_boxes(detector):
+    agents = [63, 1023, 2**31 - 1]
+    coop = _late_with_collaborators(detector, agents)
+    out = coop.detect(100 * MS)                     # an OverflowError before sources had slots
+    assert out is not None and set(out.ages_s) == set(agents) and not coop.drops
+    objects = out.to_objects()
+    for agent in agents:
+        mine = out.contributed(agent)
+        assert mine.sum() == 1 and objects['source'][mine].tolist() == [agent]
+        assert out.contributors(int(np.flatnonzero(mine)[0])) == [agent]
+    assert not out.contributed(5).any() and not out.contributed(2**70).any()
+
+
+def test_more_collaborators_than_source_bits_keep_the_newest_and_count_the_rest(detector):
+    from coop_perception.fusion.pipeline import MAX_COLLABORATORS
+    coop = _late_with_collaborators(detector, list(range(2, MAX_COLLABORATORS + 2)))
+    coop.add_pose(500, 95 * MS, make_pose([0, 0, 1.8]))
+    coop.add_input(500, 95 * MS, no_boxes())            # the newest input: always fused
+    out = coop.detect(100 * MS)
+    assert len(out.ages_s) == MAX_COLLABORATORS and 500 in out.ages_s
+    assert coop.drops['too_many_collaborators'] == 1
+
+
+# --------------------------------------------------------------------------- bounded state and faults
+S = 1_000_000_000
+
+
+@pytest.fixture(scope='module')
+def ego_det(detector):
+    return detector.detect(scan(1))
+
+
+def _late(ego_det, **cfg):
+    """Late fusion of ego 1 whose frames are ``ego_det``; ``frame(t)`` adds pose and frame at t (ns)."""
+    coop = CooperativeDetector(None, 1, CooperativeConfig(method='late', **cfg))
+
+    def frame(t, pose=True):
+        if pose:
+            coop.add_pose(1, t, make_pose([t / S, 0, 1.8]))
+        return coop.add_ego_detections(t, ego_det)
+    return coop, frame
+
+
+def _speak(coop, agent, t):
+    coop.add_pose(agent, t, make_pose([5, 0, 1.8]))
+    coop.add_input(agent, t, no_boxes())
+
+
+def test_silent_collaborators_are_forgotten_and_new_ones_beyond_the_cap_evict_the_longest_silent(ego_det):
+    coop, frame = _late(ego_det, forget_after_s=2.0, max_agents=4)
+    for i in range(60):                       # 6 s at 10 Hz; agent 2 always speaks, 100+ once a second
+        t = 10 * S + i * S // 10
+        _speak(coop, 2, t)
+        if i % 10 == 0 and i < 30:
+            _speak(coop, 100 + i, t)
+        frame(t)
+        assert len(coop.tracked_agents()) <= 4 and len(coop.poses) <= 5 and len(coop._inputs) <= 4
+    assert coop.tracked_agents() == [2] and sorted(map(str, coop.poses.agents())) == ['1', '2']
+    assert coop.drops['agent_evicted'] == 0 and coop.forgotten == 3
+    assert coop.detect(t).ages_s == {2: 0.0}
+    for k in range(200, 210):                 # a burst of new ids in one frame: they evict their own kind
+        _speak(coop, k, t)
+    assert 2 in coop.tracked_agents() and len(coop.tracked_agents()) == 4
+    assert coop.drops['agent_evicted'] == 7
+    for i in range(1, 91):                    # silent for 9 s (forgotten), then back: used again
+        frame(t + i * S // 10)
+    assert coop.tracked_agents() == [] and 2 not in coop.poses
+    _speak(coop, 2, t + 9 * S)
+    frame(t + 91 * S // 10)
+    assert coop.detect(t + 91 * S // 10).ages_s == {2: 0.1} and coop.tracked_agents() == [2]
+
+
+def test_one_stale_ego_message_is_dropped_and_a_consistent_restart_empties_the_buffers(ego_det):
+    coop, frame = _late(ego_det, time_jump_back_s=0.5, time_jump_confirm=3)
+    for i in range(5):
+        t = 50 * S + i * S // 10
+        _speak(coop, 2, t)
+        assert frame(t)
+    coop.add_pose(1, 2 * S, make_pose([0, 0, 1.8]))         # one stale odometry message
+    assert not frame(3 * S, pose=False)                      # one stale ego map
+    assert not frame(10 * S, pose=False)                     # another, not consistent with the first
+    assert coop.drops['stale_ego_stamp'] == 3 and coop.resets == 0
+    t += S // 10
+    _speak(coop, 2, t)
+    assert frame(t) and coop.detect(t).ages_s == {2: 0.0}
+    assert len(coop.poses[1]) == 6 and len(coop.poses[2]) == 6
+    # The bag loops: the ego's own stream restarts and stays back for time_jump_confirm frames.
+    _speak(coop, 2, t)                                       # in flight from the previous loop
+    assert [frame(S + i * S // 10) for i in range(3)] == [False, False, True]
+    assert coop.resets == 1 and coop.tracked_agents() == [] and coop.ego_time_ns == S + S // 5
+    for i in range(3):                                       # every frame of the new loop is there
+        out = coop.detect(S + i * S // 10)
+        assert out is not None and out.ages_s == {}
+    assert coop.poses[1].stamps_ns.tolist() == [S, S + S // 10, S + S // 5]
+    assert 'ego_pose_unknown' not in coop.drops
+
+
+def test_restart_time_keeps_the_ego_messages_of_the_new_time(ego_det):
+    coop, frame = _late(ego_det)
+    frame(50 * S)
+    _speak(coop, 2, 50 * S)
+    assert not frame(S)                                      # /clock goes back right after this map
+    coop.restart_time()
+    assert coop.resets == 1 and coop.tracked_agents() == [] and coop.ego_time_ns == S
+    assert coop.detect(S).ages_s == {} and 'ego_pose_unknown' not in coop.drops
+
+
+def test_an_unknown_ego_pose_gives_the_ego_detections_and_collaborators_return_with_it(ego_det):
+    coop, frame = _late(ego_det, max_age_s=0.5)
+    outputs = []
+    for i in range(150):                                     # odometry stops for 10 s after 2 s
+        t = 50 * S + i * S // 10
+        _speak(coop, 2, t)
+        frame(t, pose=not 20 <= i < 120)
+        outputs.append(coop.detect(t))
+    assert all(out is not None for out in outputs)
+    assert all(out.ages_s == {2: 0.0} for out in outputs[:20] + outputs[121:])
+    assert all(out.ages_s == {} and (out.trust == 0).all() for out in outputs[22:120])
+    assert np.allclose(outputs[50].boxes, outputs[0].boxes)  # the ego's own detections
+    assert coop.drops['ego_pose_unknown'] >= 98
+
+
+def test_duplicated_and_reordered_inputs_are_counted_and_the_newest_used(ego_det):
+    coop, frame = _late(ego_det)
+    for t in (50 * S, 50 * S - S // 10, 50 * S - S // 5):    # arriving newest first
+        _speak(coop, 2, t)
+    coop.add_input(2, 50 * S, no_boxes())                    # a duplicate
+    frame(50 * S)
+    assert coop.detect(50 * S).ages_s == {2: 0.0}
+    assert coop.drops['duplicate_input'] == 1 and len(coop._inputs[2]) == 3
+
+
+def test_state_limits_are_checked():
+    with pytest.raises(ValueError, match='max_agents'):
+        CooperativeConfig(max_agents=0)
+    with pytest.raises(ValueError, match='forget_after_s'):
+        CooperativeConfig(forget_after_s=0.0)

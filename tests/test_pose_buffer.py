@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from coop_perception.fusion.pose_buffer import NS_PER_S, PoseBuffer, PoseBufferConfig, PoseBuffers, PoseLookupError
+from coop_perception.fusion.pose_buffer import (NS_PER_S, BackJump, PoseBuffer, PoseBufferConfig, PoseBuffers,
+                                               PoseLookupError)
 from coop_perception.geometry import make_pose, matrix_yaw
 
 MS = 1_000_000  # ns
@@ -143,3 +144,36 @@ def test_pose_buffers_per_agent():
     assert len(bufs[1]) == 0 and len(bufs['rsu']) == 1
     bufs.reset()
     assert len(bufs['rsu']) == 0
+
+
+def test_a_jump_back_needs_consecutive_consistent_poses_to_clear_the_history():
+    buf = filled([100_000, 100_100, 100_200], PoseBufferConfig(time_jump_back_s=1.0, jump_confirm=3))
+    assert not buf.insert(5_000 * MS, moving(5_000 * MS))        # one stale pose: held back
+    assert not buf.insert(100_300 * MS, moving(100_300 * MS))    # the current time goes on
+    assert not buf.insert(500 * MS, moving(500 * MS))
+    assert not buf.insert(9_000 * MS, moving(9_000 * MS))        # stale too, but not near the last one
+    assert len(buf) == 4 and buf.newest_ns == 100_300 * MS and buf.stale == 3
+    assert not buf.insert(9_100 * MS, moving(9_100 * MS))
+    assert buf.insert(9_200 * MS, moving(9_200 * MS))            # the third in a row: the bag looped
+    assert buf.stamps_ns.tolist() == [9_000 * MS, 9_100 * MS, 9_200 * MS]
+    assert np.allclose(buf.lookup(9_050 * MS), moving(9_050 * MS))
+    with pytest.raises(ValueError, match='jump_confirm'):
+        PoseBufferConfig(jump_confirm=0)
+
+
+def test_back_jump_holds_items_until_confirmed():
+    clock = BackJump(jump_ns=500, confirm=2)
+    assert clock.observe(10_000, 'a') == (BackJump.OK, [])
+    assert clock.observe(9_600, 'late') == (BackJump.OK, []) and clock.newest_ns == 10_000
+    assert clock.observe(100, 'b') == (BackJump.STALE, []) and clock.held() == ['b']
+    assert clock.observe(200, 'c') == (BackJump.JUMP, ['b', 'c']) and clock.newest_ns == 200
+    assert clock.stale == 1 and BackJump(None).observe(-10**12)[0] == BackJump.OK
+
+
+def test_pose_buffers_forget_an_agent():
+    bufs = PoseBuffers()
+    bufs.insert(1, 0, np.eye(4))
+    bufs.insert(2, 0, np.eye(4))
+    bufs.forget(2)
+    bufs.forget(3)
+    assert len(bufs) == 1 and 2 not in bufs

@@ -225,7 +225,7 @@ def _feature_message(stamp, agent=2, cells=3):
 def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_back(ros, models):
     node = ros.add(TrustFusionNode(context=ros.context, namespace='agent1', parameter_overrides=params(
         agents=[2], method='max', status_period_s=0.1, detector_config=models['detector_config'],
-        detector_weights=models['detector_weights'])))
+        detector_weights=models['detector_weights'], ego_pose_wait_s=5.0)))
     detector = load_detector(models['detector_weights'], models['detector_config'])
     pubs = {t: ros.publisher(f'/agent1/{t}', ODOM if t.endswith('odom') else CLOUD)
             for t in ('odom', 'coop/bev', 'v2x/features', 'v2x/odom')}
@@ -234,14 +234,14 @@ def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_
     statuses = ros.collect('/coop/status', STRING)
     ros.connect(*pubs.values())
 
-    def frame(stamp):
+    def frame(stamp, fused=True):
         pubs['odom'].publish(odom_msg(1, stamp))
         ros.spin(timeout_s=0.05)
         det = detector.detect(ring_scan(int(stamp // S)))
         pubs['coop/bev'].publish(cv.buffer_to_cloud(*encode_ego_map(det, 1, stamp),
                                                     ros_msgs.make_header(MSGS, stamp, 'agent1/lidar'), MSGS))
         n = len(objects)
-        assert ros.spin(lambda: len(objects) > n)
+        assert ros.spin(lambda: len(objects) > n, timeout_s=5.0 if fused else 0.3) == fused
         return objects[-1]
 
     def collaborator(stamp, agent=2, frame_id=None, message=None, with_pose=True):
@@ -290,12 +290,15 @@ def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_
     pubs['coop/bev'].publish(truncated)
     ros.spin(timeout_s=0.3)
 
-    # The bag starts over: the ego's time goes back, every buffer empties, fusion goes on.
-    frame(2 * S)
+    # The bag starts over: the ego's time goes back and stays back for time_jump_confirm maps
+    # (one stale map alone is dropped: test_faults.py), every buffer empties, fusion goes on.
+    frame(2 * S, fused=False)
+    frame(2 * S + S // 10, fused=False)
+    out = frame(2 * S + S // 5)
+    assert ros_msgs.stamp_ns(out.header.stamp) == 2 * S + S // 5
+    assert 2 not in node.coop.poses and len(node.coop.poses[1]) == 3
     collaborator(t)                                                 # still in flight from the last loop
-    out = frame(2 * S + S // 10)
-    assert ros_msgs.stamp_ns(out.header.stamp) == 2 * S + S // 10
-    assert len(node.coop.poses[2]) == 0 and len(node.coop.poses[1]) == 2
+    frame(2 * S + 3 * S // 10)
     assert ros.spin(lambda: last_status(statuses).get('resets') == 1 and last_status(statuses)['fused'] == 5)
     status = last_status(statuses)
     assert status['rejected'] == {'unknown_agent': 3, 'future_stamp': 3, 'stale': 1, 'bad_pose': 2,

@@ -7,6 +7,10 @@ points) and everyone's poses, all with their capture stamps (int ns); then ask `
 collaborator the newest input not newer than the ego stamp and not older than `max_age_s` is used;
 a missing collaborator is simply absent. Bad or unusable inputs are dropped, logged once per reason
 and counted in `drops`.
+
+State is bounded (docs/architecture.md §5.1): a collaborator silent for `forget_after_s` of ego time
+is forgotten, at most `max_agents` are tracked, and one stale ego message is dropped while a
+confirmed jump back of the ego's time empties every buffer.
 """
 from __future__ import annotations
 
@@ -28,13 +32,23 @@ from .methods import GATE, LEARNED, method_named
 from .model import FusionModel, fuse_sparse
 from .motion import VelocityTracker, VelocityTrackerConfig
 from .payloads import BoxList, RawPoints
-from .pose_buffer import NS_PER_S, PoseBufferConfig, PoseBuffers, PoseLookupError
+from .pose_buffer import NS_PER_S, BackJump, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .roi_boxes import decode_roi_boxes
 from .sharing import select_roi_cells
 from .trust import ROI_ATTRIBUTES, FlatTrust, ThresholdTrust, roi_attributes
 
 log = logging.getLogger(__name__)
 BOX_CHOICES = ('score', 'precise', 'average')
+# FusedDetections.sources are int64 bit masks over the frame's contributors: agent k has bit k
+# when 0 <= k < SOURCE_BITS (what readers of the mask have always assumed), any other agent id a
+# bit no contributor of the frame uses (FusedDetections.agent_bits). 63 bits hold the ego and this
+# many collaborators, the newest inputs of a frame (feature methods fuse at most
+# CooperativeConfig.slots anyway).
+SOURCE_BITS = 63
+MAX_COLLABORATORS = SOURCE_BITS - 1
+# Ego poses held back while a jump back of the ego's time is unconfirmed: odometry at 50 Hz over
+# time_jump_confirm frames at 10 Hz, with room to spare.
+HELD_POSES = 64
 
 
 @dataclass
@@ -51,6 +65,16 @@ class CooperativeConfig:
     # itself as collaborators (or early fusion's points) see it; None keeps them
     own_footprint_m: tuple[float, float] | None = (5.0, 2.4)
     history: int = 20                      # inputs kept per collaborator
+    # Bounded state: a collaborator not heard from (inputs or poses) for this long in ego time
+    # (the newest ego frame stamp) is forgotten (inputs, poses); never sooner than max_age_s.
+    forget_after_s: float = 5.0
+    # collaborators tracked at once; a new one beyond evicts the longest-silent (drops['agent_evicted'])
+    max_agents: int = 64
+    # An ego frame stamped this far (s) behind the newest one is stale (dropped, counted), unless
+    # time_jump_confirm of them in a row, each within this of the one before, confirm that the
+    # ego's time restarted (a looping bag): then every buffer is emptied and they are kept.
+    time_jump_back_s: float = 0.5
+    time_jump_confirm: int = 3
     # boxes of one object from several sources (NMS at late_nms_iou): 'score' keeps the
     # highest-scoring box; 'precise' keeps its score but takes the geometry of the box whose
     # predicted corner variance (aleatoric, grown with the input's age) is smallest, where the
@@ -64,6 +88,12 @@ class CooperativeConfig:
 
     def __post_init__(self):
         method_named(self.method)
+        if self.max_agents < 1 or self.time_jump_confirm < 1:
+            raise ValueError(f'max_agents and time_jump_confirm must be >= 1, got {self.max_agents}, '
+                             f'{self.time_jump_confirm}')
+        if not (self.forget_after_s > 0 and self.time_jump_back_s > 0):
+            raise ValueError(f'forget_after_s and time_jump_back_s must be > 0, got {self.forget_after_s}, '
+                             f'{self.time_jump_back_s}')
         if self.box_choice not in BOX_CHOICES:
             raise ValueError(f'box_choice must be one of {", ".join(BOX_CHOICES)}, got {self.box_choice!r}')
 
@@ -76,19 +106,46 @@ class FusedDetections:
     labels: np.ndarray         # (N,)
     velocities: np.ndarray     # (N, 2) m/s
     trust: np.ndarray          # (N,) collaborator trust at the box centre (0: ego evidence only)
-    sources: np.ndarray        # (N,) int bit mask of contributing agents (bit k = agent k)
+    sources: np.ndarray        # (N,) int64 bit mask of contributing agents (see agent_bits)
     stamp_ns: int
     ages_s: dict               # collaborator -> age (s) of the input used
     timings_ms: dict = field(default_factory=dict)   # per stage of the fusion (ms), 'total'
+    # agent -> its bit in ``sources`` for every contributor of the frame; empty: bit k = agent k
+    agent_bits: dict = field(default_factory=dict)
+
+    def _agent_of_bit(self) -> dict:
+        if self.agent_bits:
+            return {bit: agent for agent, bit in self.agent_bits.items()}
+        return {k: k for k in range(SOURCE_BITS)}
+
+    def contributed(self, agent) -> np.ndarray:
+        """(N,) bool: the boxes ``agent`` contributed to."""
+        bit = self.agent_bits.get(agent) if self.agent_bits else agent
+        if not isinstance(bit, (int, np.integer)) or not 0 <= bit < SOURCE_BITS:
+            return np.zeros(len(self.boxes), bool)
+        return (np.asarray(self.sources, np.int64) >> int(bit)) & 1 == 1
+
+    def contributors(self, i: int) -> list:
+        """The agents that contributed to box ``i``, by bit."""
+        mask = int(self.sources[i])
+        return [agent for bit, agent in sorted(self._agent_of_bit().items()) if mask >> bit & 1]
 
     def to_objects(self) -> np.ndarray:
         """Object-list records (data.objects), the layout of ``/coop/objects``. ``source`` is the
-        agent when a single one contributed, -1 when several did (``sources`` has the bits)."""
-        sources = np.asarray(self.sources, np.int64)
-        single = (sources > 0) & ((sources & (sources - 1)) == 0)
-        agent = np.where(single, np.log2(np.maximum(sources, 1)).round().astype(np.int64), -1)
+        agent when a single one contributed, -1 when several did (``contributors`` names them)."""
+        names = self._agent_of_bit()
+        source = [names.get(int(m).bit_length() - 1, -1) if m > 0 and m & (m - 1) == 0 else -1
+                  for m in np.asarray(self.sources, np.int64).tolist()]
         return make_objects(self.boxes, self.velocities, score=self.scores, label=self.labels,
-                            trust=self.trust, source=agent)
+                            trust=self.trust, source=np.asarray(source, np.int64).reshape(-1))
+
+
+def source_bits(agents) -> dict:
+    """Distinct agents (at most SOURCE_BITS) -> their bit in FusedDetections.sources: k for an
+    integer id 0 <= k < SOURCE_BITS, the lowest bits no other of them uses for the rest."""
+    own = {a: int(a) for a in agents if isinstance(a, (int, np.integer)) and 0 <= a < SOURCE_BITS}
+    free = iter(sorted(set(range(SOURCE_BITS)) - set(own.values())))
+    return {a: own[a] if a in own else next(free) for a in agents}
 
 
 def collaborator_message(det: Detections, agent, stamp_ns: int, roi_policy: dict | None = None) -> FeatureMessage:
@@ -129,16 +186,85 @@ class CooperativeDetector:
                           None: FlatTrust()}[self.method.trust]
         self.box_trust = self.fusion.box_trust if self.fusion is not None and self.method.trust == LEARNED else None
         self.poses = PoseBuffers(pose_config)
+        # drops and _warned are keyed by reason, a fixed set of strings: they stay small
         self.drops: Counter = Counter()
         self._warned: set = set()
-        self.reset()
+        self._ego_time = BackJump(round(self.cfg.time_jump_back_s * NS_PER_S), self.cfg.time_jump_confirm)
+        self._forget_ns = round(max(self.cfg.forget_after_s, self.cfg.max_age_s) * NS_PER_S)
+        self.resets = 0        # times every buffer was emptied (reset, restart_time, a confirmed jump)
+        self.forgotten = 0     # collaborators forgotten after forget_after_s of silence
+        self._clear()
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Forget every buffered input (e.g. after the clock jumped back)."""
+        """Forget every buffered input, every collaborator and the ego's time (e.g. after the clock
+        jumped back)."""
+        self._clear()
+        self.resets += 1
+
+    def _clear(self) -> None:
         self._ego: dict[int, tuple[Detections, np.ndarray | None]] = {}
         self._inputs: dict = defaultdict(dict)   # agent -> {stamp_ns: input}
+        # collaborator -> [when last heard from (ns, ego time), messages heard]
+        self._heard: dict = {}
+        # ego poses far behind the ego's time, kept until a jump is confirmed: (stamp ns, (4, 4))
+        self._held_poses: list[tuple[int, np.ndarray]] = []
+        for agent in self.poses.agents():
+            if agent != self.ego_id:
+                self.poses.forget(agent)
         self.poses.reset()
+        self._ego_time.reset()
+
+    def restart_time(self) -> None:
+        """The clock jumped back (e.g. /clock of a looping bag): empty every buffer, but keep the
+        ego poses and frames held back as stale, which belong to the new time."""
+        held_poses, held_frames = self._held_poses, self._ego_time.held()
+        self.reset()
+        self._replay(held_poses, held_frames)
+
+    @property
+    def ego_time_ns(self) -> int | None:
+        """The ego's time: the newest ego frame stamp (ns) since the last reset, None before one."""
+        return self._ego_time.newest_ns
+
+    def tracked_agents(self) -> list:
+        """The collaborators with state here."""
+        return list(self._heard)
+
+    def _heard_from(self, agent, stamp: int) -> None:
+        """Note a message of ``agent``; a new agent beyond max_agents evicts the longest-silent
+        one. Agents heard within max_age_s (whose inputs may still be fused) count as equally
+        silent, and among them the one heard least often goes: a burst of new ids (churn or a
+        flood) evicts its own kind before the regular collaborators. A message is heard at the
+        ego's time, or at its own stamp where that is later (an ego frame may still be on its way),
+        but never more than forget_after_s later."""
+        heard = self._heard.get(agent)
+        if heard is None and len(self._heard) >= self.cfg.max_agents:
+            oldest = min(self._heard, key=self._eviction_order)
+            self._forget(oldest)
+            self._drop('agent_evicted', f'more than {self.cfg.max_agents} collaborators: forgot agent {oldest}')
+        now = self._ego_time.newest_ns
+        when = stamp if now is None else max(now, min(stamp, now + self._forget_ns))
+        self._heard[agent] = [when, 1 if heard is None else heard[1] + 1]
+
+    def _eviction_order(self, agent) -> tuple:
+        t, count = self._heard[agent]
+        now = self._ego_time.newest_ns
+        if now is not None and now - t <= self.cfg.max_age_s * NS_PER_S:
+            t = now
+        return t, count
+
+    def _forget(self, agent) -> None:
+        self._heard.pop(agent, None)
+        self._inputs.pop(agent, None)
+        self.poses.forget(agent)
+
+    def _forget_silent(self) -> None:
+        """Forget the collaborators silent for longer than forget_after_s (ego time)."""
+        now = self._ego_time.newest_ns
+        for agent in [a for a, (t, _) in self._heard.items() if now - t > self._forget_ns]:
+            self._forget(agent)
+            self.forgotten += 1
 
     def _drop(self, reason: str, detail: str = '') -> None:
         self.drops[reason] += 1
@@ -148,27 +274,70 @@ class CooperativeDetector:
                         f': {detail}' if detail else '')
 
     # ------------------------------------------------------------------ inputs
-    def add_pose(self, agent, stamp_ns: int, T_world_sensor: np.ndarray) -> None:
+    def add_pose(self, agent, stamp_ns: int, T_world_sensor: np.ndarray) -> bool:
+        """Add a pose (4, 4) of ``agent`` at ``stamp_ns``; return whether it was taken. An ego pose
+        far behind the ego's time is held back as stale (drops['stale_ego_stamp'])."""
+        stamp = int(stamp_ns)
+        if agent == self.ego_id:
+            now = self._ego_time.newest_ns
+            if now is not None and stamp < now - self._ego_time.jump_ns:
+                self._held_poses = self._held_poses[-HELD_POSES + 1:] + [(stamp, T_world_sensor)]
+                self._drop('stale_ego_stamp', f'ego pose {(now - stamp) / NS_PER_S:.2f} s behind the ego frames')
+                return False
+        else:
+            self._heard_from(agent, stamp)
         try:
-            self.poses.insert(agent, int(stamp_ns), T_world_sensor)
+            self.poses.insert(agent, stamp, T_world_sensor)
         except ValueError as exc:
             self._drop('bad_pose', str(exc))
+            return False
+        return True
 
     def add_ego_scan(self, stamp_ns: int, points: np.ndarray) -> Detections:
         det = self.detector.detect(points)
         self.add_ego_detections(stamp_ns, det, points if self.method.payload is RawPoints else None)
         return det
 
-    def add_ego_detections(self, stamp_ns: int, det: Detections, points: np.ndarray | None = None) -> None:
-        self._ego[int(stamp_ns)] = (det, points)
+    def add_ego_detections(self, stamp_ns: int, det: Detections, points: np.ndarray | None = None) -> bool:
+        """The ego's frame captured at stamp_ns; return whether it can be fused (``detect``). A
+        frame far behind the ego's time is stale (dropped, counted) unless it confirms a jump
+        back of the ego's time (CooperativeConfig.time_jump_confirm), which empties every buffer
+        first (``resets``)."""
+        stamp = int(stamp_ns)
+        verdict, held = self._ego_time.observe(stamp, (stamp, (det, points)))
+        if verdict == BackJump.STALE:
+            self._drop('stale_ego_stamp', f'ego frame {(self._ego_time.newest_ns - stamp) / NS_PER_S:.2f} s behind '
+                                          'the newest')
+            return False
+        if verdict == BackJump.JUMP:
+            log.info('the ego time jumped back to %d ns: emptying every buffer', stamp)
+            held_poses = self._held_poses
+            self.reset()
+            self._replay(held_poses, held)
+            return True
+        self._held_poses = []
+        self._store_frame(stamp, (det, points))
+        return True
+
+    def _store_frame(self, stamp: int, entry) -> None:
+        self._ego[stamp] = entry
         for old in sorted(self._ego)[:-self.cfg.history]:
             del self._ego[old]
+        self._forget_silent()
 
-    def add_ego_map(self, stamp_ns: int, features: np.ndarray, sensor_height: float) -> None:
+    def _replay(self, poses: list, frames: list) -> None:
+        """Put back the ego poses and frames of the new time after a jump back."""
+        for stamp, entry in frames:
+            self._ego_time.observe(stamp)
+            self._store_frame(stamp, entry)
+        for stamp, T in poses:
+            self.add_pose(self.ego_id, stamp, T)
+
+    def add_ego_map(self, stamp_ns: int, features: np.ndarray, sensor_height: float) -> bool:
         """The ego's BEV features (C, H, W) of the frame captured at stamp_ns, without boxes (e.g.
         from its detector node): the head runs on them only when no collaborator contributes;
         otherwise it runs once, on the fused map."""
-        self.add_ego_detections(stamp_ns, _EgoMap(features, self.detector.grid(), float(sensor_height)))
+        return self.add_ego_detections(stamp_ns, _EgoMap(features, self.detector.grid(), float(sensor_height)))
 
     def _ego_boxes(self, entry) -> Detections:
         if isinstance(entry, _EgoMap):
@@ -188,7 +357,11 @@ class CooperativeDetector:
             self._drop('wrong_input_kind', f'{self.method.name} fusion takes {payload.__name__}, agent {agent} '
                                            f'sent {type(item).__name__}')
             return
+        self._heard_from(agent, int(stamp_ns))
         buf = self._inputs[agent]
+        if int(stamp_ns) in buf:
+            self._drop('duplicate_input', f'agent {agent} sent a second input stamped {int(stamp_ns)}')
+            return
         buf[int(stamp_ns)] = item
         for old in sorted(buf)[:-self.cfg.history]:
             del buf[old]
@@ -214,8 +387,9 @@ class CooperativeDetector:
 
     # ------------------------------------------------------------------ fusion
     def detect(self, ego_stamp_ns: int) -> FusedDetections | None:
-        """Fused detections for the ego frame captured at ego_stamp_ns (None if that frame or the
-        ego pose is unknown)."""
+        """Fused detections for the ego frame captured at ego_stamp_ns (None if that frame is
+        unknown). Without an ego pose at that stamp (an odometry gap) no collaborator can be
+        placed: the ego's own detections (drops['ego_pose_unknown'])."""
         ego_stamp = int(ego_stamp_ns)
         if ego_stamp not in self._ego:
             self._drop('no_ego_frame', f'no ego scan at {ego_stamp}')
@@ -224,26 +398,39 @@ class CooperativeDetector:
         try:
             T_ego = self.poses.lookup(self.ego_id, ego_stamp)
         except PoseLookupError as exc:
-            self._drop('no_ego_pose', str(exc))
-            return None
+            self._drop('ego_pose_unknown', str(exc))
+            T_ego = None
+        chosen = self._chosen(ego_stamp) if T_ego is not None else {}
+        ages = {a: (ego_stamp - s) / NS_PER_S for a, (s, _, _) in chosen.items()}
+        agent_bits = source_bits((self.ego_id, *chosen))
+        bits = {a: 1 << b for a, b in agent_bits.items()}
+        payload = self.method.payload
+        if not chosen:
+            det = self._ego_boxes(det)
+            out = self._wrap(det, np.zeros(len(det.boxes)), np.full(len(det.boxes), bits[self.ego_id], np.int64),
+                             ego_stamp, ages)
+        elif payload is BoxList:
+            out = self._late(self._ego_boxes(det), chosen, T_ego, ego_stamp, ages, bits)
+        elif payload is RawPoints:
+            out = self._early(self._ego_boxes(det), ego_points, chosen, T_ego, ego_stamp, ages, bits)
+        else:
+            out = self._intermediate(det, chosen, T_ego, ego_stamp, ages, bits)
+        out.agent_bits = agent_bits
+        return self._without_own_vehicle(out)
+
+    def _chosen(self, ego_stamp: int) -> dict:
+        """agent -> (stamp, input, pose) of every usable collaborator, at most MAX_COLLABORATORS
+        (the newest inputs), in the order of their agent ids as strings."""
         chosen = {}
         for agent in sorted(self._inputs, key=str):
             picked = self._select(agent, ego_stamp)
             if picked is not None:
                 chosen[agent] = picked
-        ages = {a: (ego_stamp - s) / NS_PER_S for a, (s, _, _) in chosen.items()}
-        payload = self.method.payload
-        if not chosen:
-            det = self._ego_boxes(det)
-            out = self._wrap(det, np.zeros(len(det.boxes)), np.full(len(det.boxes), 1 << self.ego_id),
-                             ego_stamp, ages)
-        elif payload is BoxList:
-            out = self._late(self._ego_boxes(det), chosen, T_ego, ego_stamp, ages)
-        elif payload is RawPoints:
-            out = self._early(self._ego_boxes(det), ego_points, chosen, T_ego, ego_stamp, ages)
-        else:
-            out = self._intermediate(det, chosen, T_ego, ego_stamp, ages)
-        return self._without_own_vehicle(out)
+        if len(chosen) > MAX_COLLABORATORS:
+            newest = sorted(chosen, key=lambda a: (-chosen[a][0], str(a)))[:MAX_COLLABORATORS]
+            self._drop('too_many_collaborators', f'{len(chosen)} collaborators, {MAX_COLLABORATORS} fused per frame')
+            chosen = {a: chosen[a] for a in chosen if a in newest}
+        return chosen
 
     def _roi_box_scores(self, rb) -> tuple[np.ndarray, np.ndarray]:
         """A message's ROI boxes (fusion.roi_boxes.RoiBoxes) at the ego stamp -> (n,) trust and
@@ -278,12 +465,12 @@ class CooperativeDetector:
     def _wrap(self, det, trust, sources, stamp, ages) -> FusedDetections:
         return FusedDetections(det.boxes, det.scores, det.labels, det.velocities, trust, sources, stamp, ages)
 
-    def _late(self, det, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
-        parts = [_Part(det.boxes, det.scores, det.labels, det.velocities, 0.0, 1 << self.ego_id)]
+    def _late(self, det, chosen, T_ego, ego_stamp, ages, bits) -> FusedDetections:
+        parts = [_Part(det.boxes, det.scores, det.labels, det.velocities, 0.0, bits[self.ego_id])]
         for agent, (stamp, item, pose) in chosen.items():
             boxes, vel = warp_boxes(item.boxes, item.velocities, pose, T_ego, stamp, ego_stamp,
                                     motion_compensation=self.method.motion_compensation)
-            parts.append(_Part(boxes, item.scores, item.labels, vel, 1.0, 1 << agent))
+            parts.append(_Part(boxes, item.scores, item.labels, vel, 1.0, bits[agent]))
         return self._merge(parts, ego_stamp, ages)
 
     def _merge(self, parts: list['_Part'], ego_stamp: int, ages: dict) -> FusedDetections:
@@ -300,8 +487,8 @@ class CooperativeDetector:
             variance = np.concatenate([np.broadcast_to(np.asarray(p.variance, np.float64), k)
                                        for p, k in zip(parts, n)])
             average_iou = self.cfg.average_iou if self.cfg.box_choice == 'average' else None
-            keep, clusters = _cluster_nms(boxes, scores, labels, self.cfg.late_nms_iou)
-            geometry, ref = _cluster_geometry(boxes, scores, variance, clusters, average_iou)
+            keep, clusters, overlaps = _cluster_nms(boxes, scores, labels, self.cfg.late_nms_iou)
+            geometry, ref = _cluster_geometry(boxes, scores, variance, clusters, overlaps, average_iou)
             boxes[keep], vel[keep] = geometry, vel[ref]
         else:
             keep = [idx[rotated_nms(boxes[idx], scores[idx], self.cfg.late_nms_iou)]
@@ -311,20 +498,21 @@ class CooperativeDetector:
         return FusedDetections(boxes[keep], scores[keep], labels[keep], vel[keep], trust[keep], sources[keep],
                                ego_stamp, ages)
 
-    def _early(self, det, ego_points, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
+    def _early(self, det, ego_points, chosen, T_ego, ego_stamp, ages, bits) -> FusedDetections:
+        mask = bits[self.ego_id]
         if ego_points is None:
             self._drop('no_ego_points', 'early fusion needs the ego scan (add_ego_scan or points=)')
-            return self._wrap(det, np.zeros(len(det.boxes)), np.full(len(det.boxes), 1 << self.ego_id), ego_stamp, ages)
+            return self._wrap(det, np.zeros(len(det.boxes)), np.full(len(det.boxes), mask, np.int64), ego_stamp, ages)
         clouds = [np.asarray(ego_points, np.float32)[:, :4]]
-        mask = 1 << self.ego_id
         T_ego_world = invert_pose(T_ego)
         for agent, (_, item, pose) in chosen.items():
             clouds.append(transform_points(T_ego_world @ pose, np.asarray(item.points, np.float32)[:, :4]))
-            mask |= 1 << agent
+            mask |= bits[agent]
         fused = self.detector.detect(np.concatenate(clouds), sensor_height=det.sensor_height)
-        return self._wrap(fused, np.ones(len(fused.boxes)), np.full(len(fused.boxes), mask), ego_stamp, ages)
+        return self._wrap(fused, np.ones(len(fused.boxes)), np.full(len(fused.boxes), mask, np.int64), ego_stamp,
+                          ages)
 
-    def _intermediate(self, det, chosen, T_ego, ego_stamp, ages) -> FusedDetections:
+    def _intermediate(self, det, chosen, T_ego, ego_stamp, ages, bits) -> FusedDetections:
         method = self.method
         clock = _StageClock()
         warped, agents = [], []
@@ -340,9 +528,9 @@ class CooperativeDetector:
         clock.lap('head_decode')
         rows, cols = det.grid.cells_of(out.boxes[:, 0], out.boxes[:, 1], clip=True)
         box_trust = trust[:, rows, cols] if len(rows) else np.zeros((len(trust), 0))
-        sources = np.full(len(out.boxes), 1 << self.ego_id, np.int64)
+        sources = np.full(len(out.boxes), bits[self.ego_id], np.int64)
         for i, agent in enumerate(agents[:self.cfg.slots]):
-            sources |= np.where(box_trust[i] > 0, 1 << agent, 0)
+            sources |= np.where(box_trust[i] > 0, bits[agent], 0)
         fused_trust = box_trust.max(0) if len(agents) else np.zeros(len(out.boxes))
         if not (method.roi_boxes and self.cfg.roi_boxes):
             result = self._wrap(out, fused_trust, sources, ego_stamp, ages)
@@ -355,7 +543,7 @@ class CooperativeDetector:
                     t, score = self._roi_box_scores(rb)
                     variance = rb.attributes[:, ROI_ATTRIBUTES.index('reg_aleatoric')] + (
                         self.cfg.velocity_std * ages[agent]) ** 2
-                    parts.append(_Part(rb.boxes, score, rb.labels, rb.velocities, t, 1 << agent, variance))
+                    parts.append(_Part(rb.boxes, score, rb.labels, rb.velocities, t, bits[agent], variance))
             clock.lap('roi_boxes')
             result = self._merge(parts, ego_stamp, ages)
             clock.lap('merge')
@@ -399,10 +587,10 @@ class _Part:
     variance: np.ndarray | float = np.nan   # predicted corner variance (m^2) at the ego stamp; NaN unknown
 
 
-def _cluster_nms(boxes, scores, labels, iou_threshold) -> tuple[np.ndarray, list[np.ndarray]]:
+def _cluster_nms(boxes, scores, labels, iou_threshold) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """Class-wise greedy NMS over boxes (N, 7) -> (K,) kept indices and, for each, the indices of
-    its cluster (the boxes of its class it suppressed, itself first)."""
-    keep, clusters = [], []
+    its cluster (the boxes of its class it suppressed, itself first) and their (m, m) BEV IoUs."""
+    keep, clusters, overlaps = [], [], []
     for k in np.unique(labels):
         idx = np.flatnonzero(labels == k)
         order = idx[np.argsort(-scores[idx], kind='stable')]
@@ -411,31 +599,39 @@ def _cluster_nms(boxes, scores, labels, iou_threshold) -> tuple[np.ndarray, list
         for i in range(len(order)):
             if not free[i]:
                 continue
-            members = np.flatnonzero(free & (iou[i] > iou_threshold))   # i itself among them
+            members = np.flatnonzero(free & (iou[i] > iou_threshold))   # i itself, the first
             free[members] = False
             keep.append(order[i])
-            clusters.append(np.concatenate([[order[i]], order[members[members != i]]]))
-    return np.asarray(keep, np.int64), clusters
+            clusters.append(order[members])
+            overlaps.append(iou[np.ix_(members, members)])
+    return np.asarray(keep, np.int64), clusters, overlaps
 
 
-def _cluster_geometry(boxes, scores, variance, clusters, average_iou: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """One box per cluster -> ((K, 7) boxes, (K,) index of the member each takes its velocity from).
+def _cluster_geometry(boxes, scores, variance, clusters, overlaps,
+                      average_iou: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """One box per cluster (`_cluster_nms`) -> ((K, 7) boxes, (K,) index of the member each takes
+    its velocity from).
 
     The reference member is the one with the smallest finite predicted variance (the leader when
     none reports one). With ``average_iou``, its geometry is the mean of the members overlapping
     it by more than that, weighted by score / variance (unknown variance: 1): several sources'
     independent errors average out, and a looser cluster member (a neighbour) stays out. Yaws
     are averaged modulo pi around the reference's, as the head's yaw can flip by pi."""
-    out = np.empty((len(clusters), 7))
-    ref = np.empty(len(clusters), np.int64)
+    ref = np.asarray([m[0] for m in clusters], np.int64)
+    out = boxes[ref].copy()
     for c, members in enumerate(clusters):
-        v = variance[members]
-        ref[c] = members[np.nanargmin(v)] if np.isfinite(v).any() else members[0]
-        out[c] = boxes[ref[c]]
-        if average_iou is None or len(members) == 1:
+        if len(members) == 1:
             continue
-        near = members[bev_iou(boxes[ref[c]][None], boxes[members])[0] > average_iou]
+        v = variance[members]
+        r = int(np.argmin(np.where(np.isfinite(v), v, np.inf))) if np.isfinite(v).any() else 0
+        ref[c] = members[r]
+        out[c] = boxes[ref[c]]
+        if average_iou is None:
+            continue
+        near = members[overlaps[c][r] > average_iou]
         w = scores[near] / np.maximum(np.nan_to_num(variance[near], nan=1.0), 1e-4)
+        if not w.sum() > 0:   # scores of 0 (a box trust that underflowed) or NaN: nothing to weigh
+            continue
         w = w / w.sum()
         out[c, :6] = w @ boxes[near, :6]
         turn = (boxes[near, 6] - boxes[ref[c], 6] + np.pi / 2) % np.pi - np.pi / 2

@@ -51,13 +51,17 @@ class PoseBufferConfig:
     max_poses: int | None = 1000          # odometry at 50 Hz keeps 20 s
     max_age_s: float | None = 5.0         # kept history behind the newest stamp
     max_extrapolation_s: float = 0.1      # allowed lookup distance past the oldest/newest pose
-    # A stamp this far behind the newest clears the history. Keep it below the shortest bag that
-    # may loop; a pose arriving later than this is taken for a jump too.
+    # A stamp this far behind the newest is a jump back of the clock (a looping bag) once
+    # ``jump_confirm`` consecutive poses agree (BackJump); keep it below the shortest bag that may
+    # loop. Until then such poses are held back, so one stale pose cannot empty the history.
     time_jump_back_s: float | None = 1.0
+    jump_confirm: int = 1
 
     def __post_init__(self):
         if self.max_poses is not None and self.max_poses < 1:
             raise ValueError(f'max_poses must be >= 1, got {self.max_poses}')
+        if self.jump_confirm < 1:
+            raise ValueError(f'jump_confirm must be >= 1, got {self.jump_confirm}')
         for name in ('max_age_s', 'time_jump_back_s'):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -78,12 +82,62 @@ def _s_to_ns(seconds: float | None) -> int | None:
     return None if seconds is None else round(seconds * NS_PER_S)
 
 
+class BackJump:
+    """Tells a real jump back of a stream's stamps (a bag that loops, a sender that restarts) from
+    a stray old message (late, replayed or forged).
+
+    ``observe(stamp, item)`` returns ``(OK, [])`` for a stamp at most ``jump_ns`` behind the newest
+    one seen (which it moves on), ``(STALE, [])`` for one further behind, whose ``item`` it holds,
+    and ``(JUMP, items)`` when ``confirm`` consecutive stamps were that far behind, each within
+    ``jump_ns`` of the one before: the stream restarted there, ``items`` are the held ones in
+    arrival order (this one last) and the newest stamp becomes the newest of theirs. A message in
+    the current time in between drops the held ones, so isolated stale messages never add up.
+    ``stale`` counts the STALE verdicts.
+    """
+
+    OK, STALE, JUMP = 'ok', 'stale', 'jump'
+
+    def __init__(self, jump_ns: int | None, confirm: int = 1):
+        if confirm < 1:
+            raise ValueError(f'confirm must be >= 1, got {confirm}')
+        self.jump_ns = jump_ns
+        self.confirm = confirm
+        self.newest_ns: int | None = None
+        self.stale = 0
+        self._held: list[tuple[int, object]] = []   # (stamp, item), consecutive stamps far behind
+
+    def reset(self) -> None:
+        self.newest_ns = None
+        self._held.clear()
+
+    def held(self) -> list:
+        """The items held back as stale since the last stamp in the current time, oldest first."""
+        return [item for _, item in self._held]
+
+    def observe(self, stamp_ns: int, item=None) -> tuple[str, list]:
+        if self.newest_ns is None or self.jump_ns is None or stamp_ns >= self.newest_ns - self.jump_ns:
+            self.newest_ns = stamp_ns if self.newest_ns is None else max(self.newest_ns, stamp_ns)
+            self._held.clear()
+            return self.OK, []
+        if self._held and abs(stamp_ns - self._held[-1][0]) > self.jump_ns:
+            self._held.clear()
+        self._held.append((stamp_ns, item))
+        if len(self._held) < self.confirm:
+            self.stale += 1
+            return self.STALE, []
+        held, self._held = self._held, []
+        self.newest_ns = max(stamp for stamp, _ in held)
+        return self.JUMP, [item for _, item in held]
+
+
 class PoseBuffer:
     """Stamped poses of one agent, kept sorted by stamp.
 
     Inserts may arrive out of order; a second pose at an existing stamp replaces the first. A stamp
     far behind the newest one (the clock jumped back, e.g. a looping bag) clears the history first,
-    so poses of the previous loop are never interpolated with poses of the new one.
+    so poses of the previous loop are never interpolated with poses of the new one; with
+    ``jump_confirm`` > 1 such poses are held back until that many in a row confirm the jump
+    (``BackJump``), and then the history restarts with them.
     """
 
     def __init__(self, config: PoseBufferConfig | None = None):
@@ -93,6 +147,7 @@ class PoseBuffer:
         self._jump_ns = _s_to_ns(self.config.time_jump_back_s)
         self._stamps: list[int] = []
         self._poses: list[np.ndarray] = []
+        self._clock = BackJump(self._jump_ns, self.config.jump_confirm)
 
     def __len__(self) -> int:
         return len(self._stamps)
@@ -113,6 +168,7 @@ class PoseBuffer:
     def reset(self) -> None:
         self._stamps.clear()
         self._poses.clear()
+        self._clock.reset()
 
     def maybe_reset_on_time_jump(self, stamp_ns: int) -> bool:
         """Clear the history if ``stamp_ns`` lies more than ``time_jump_back_s`` behind the newest
@@ -130,10 +186,21 @@ class PoseBuffer:
         pose = np.array(pose, dtype=np.float64)
         if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
             raise ValueError(f'pose must be a finite (4, 4) matrix, got shape {pose.shape}')
-        was_reset = self.maybe_reset_on_time_jump(stamp_ns)
-        insert_stamped(self._stamps, self._poses, stamp_ns, pose)
+        verdict, held = self._clock.observe(stamp_ns, (stamp_ns, pose))
+        if verdict == BackJump.STALE:
+            return False
+        if verdict == BackJump.JUMP:
+            self._stamps.clear()
+            self._poses.clear()
+        for stamp, value in held or [(stamp_ns, pose)]:
+            insert_stamped(self._stamps, self._poses, stamp, value)
         self._prune()
-        return was_reset
+        return verdict == BackJump.JUMP
+
+    @property
+    def stale(self) -> int:
+        """Poses held back as stale so far (``jump_confirm``)."""
+        return self._clock.stale
 
     def _prune(self) -> None:
         drop = 0
@@ -189,8 +256,15 @@ class PoseBuffers:
     def __getitem__(self, agent_id: Hashable) -> PoseBuffer:
         return self._buffers[agent_id]
 
+    def __len__(self) -> int:
+        return len(self._buffers)
+
     def agents(self) -> list[Hashable]:
         return list(self._buffers)
+
+    def forget(self, agent_id: Hashable) -> None:
+        """Drop ``agent_id``'s buffer altogether (an agent gone silent), if it has one."""
+        self._buffers.pop(agent_id, None)
 
     def insert(self, agent_id: Hashable, stamp_ns: int, pose: np.ndarray) -> bool:
         """Add a pose of ``agent_id``; return whether a time jump cleared that agent's history."""

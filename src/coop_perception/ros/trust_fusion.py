@@ -15,27 +15,40 @@ arrived by then and publishes, with the ego scan's header:
   per-agent input age, latency, trust and drops (wall-clock period).
 
 Inputs that cannot be used are rejected with a throttled warning and counted: unreadable clouds,
-non-finite values, unknown agents, stamps too far ahead of the ego (or this node's clock) or
-older than ``max_age_s``. An ego stamp further than ``time_jump_back_s`` behind the newest one
-(a looping bag) empties every buffer before it is used.
+non-finite or physically impossible values (fusion.codec, data.ros_msgs bounds), unknown agents or
+agent ids above ``data.objects.MAX_AGENT_ID``, stamps too far ahead of the ego (or this node's
+clock) or older than ``max_age_s``. Fused boxes that are non-finite or beyond the cooperative
+range are not published and are counted in the status's ``dropped_boxes``.
+
+Time and faults (docs/architecture.md, "State and faults"): one ego odometry or map message
+stamped more than ``time_jump_back_s`` behind the ego's time is dropped and counted
+(``pipeline_drops.stale_ego_stamp``); every buffer is emptied only when this node's clock jumps
+back that far (``/clock`` of a looping bag) or ``time_jump_confirm`` ego maps in a row confirm that
+the ego's stream restarted. Every ego map gives one output: the ego's own detections when its pose
+at the map's stamp is unknown (an odometry gap; ``pipeline_drops.ego_pose_unknown``). A
+collaborator silent for ``forget_after_s`` is forgotten, and at most ``max_agents`` are tracked.
 """
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
+from dataclasses import replace
 
 import numpy as np
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 
 from coop_perception.data import ros_msgs
 from coop_perception.data.bag import MARKER_ARRAY, ODOMETRY, POINTCLOUD2, agent_from_frame
 from coop_perception.data.labels import CLASSES
+from coop_perception.data.objects import MAX_AGENT_ID, MAX_BOX_ABS_Z_M, grid_extent
 from coop_perception.errors import UserError
 from coop_perception.fusion.codec import FeatureMessageError, decode
 from coop_perception.fusion.ego_map import decode_ego_features, empty_ego_detections
 from coop_perception.fusion.methods import METHODS, ROS_METHODS
 from coop_perception.fusion.model import load_method_models
-from coop_perception.fusion.pipeline import CooperativeConfig, CooperativeDetector
+from coop_perception.fusion.pipeline import BOX_CHOICES, CooperativeConfig, CooperativeDetector
 from coop_perception.fusion.pose_buffer import PoseBufferConfig
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
@@ -46,6 +59,9 @@ from coop_perception.ros.node import main as node_main
 
 NODE_NAME = 'trust_fusion'
 NS_PER_S = 1_000_000_000
+# Fused boxes may lie this many grid widths beyond the ego's own grid: a collaborator whose grid
+# overlaps the ego's sees that far, and anything further out is no use to the ego (or absurd).
+COOPERATIVE_RANGE_GRIDS = 1.0
 _DEFAULTS = CooperativeConfig()
 
 PARAMS = (
@@ -59,6 +75,13 @@ PARAMS = (
     Param('roi_boxes', _DEFAULTS.roi_boxes, "methods trust and gate: also decode every collaborator ROI in "
                                             "the collaborator's grid and merge its trust-weighted box"),
     Param('history', _DEFAULTS.history, 'inputs kept per collaborator', (1, 10000)),
+    Param('box_choice', _DEFAULTS.box_choice, "boxes of one object from several sources: 'average' (weighted by "
+                                              "score / predicted variance), 'precise' (least uncertain box) or "
+                                              "'score' (highest-scoring box)", choices=BOX_CHOICES),
+    Param('average_iou', _DEFAULTS.average_iou, "box_choice average: boxes overlapping the least uncertain one by "
+                                                'more than this BEV IoU are averaged', (0.0, 1.0)),
+    Param('velocity_std', _DEFAULTS.velocity_std, 'how fast (m/s) a moved box\'s position error grows with its age, '
+                                                  'for the merge', (0.0, 100.0)),
     Param('own_footprint_m', list(_DEFAULTS.own_footprint_m), "length and width (m) of the ego vehicle around "
           "its sensor: fused boxes centred inside are the ego itself as collaborators see it and are dropped; "
           "[]: keep them", (0.0, 100.0)),
@@ -69,8 +92,16 @@ PARAMS = (
           (-1, 256)),
     Param('fusion_model', '', "fusion checkpoint for methods trust and gate; '': the package's models/fusion.pt"),
     Param('trust_gate', '', "calibrated gate for method gate; '': the package's models/trust_gate.yaml"),
-    Param('time_jump_back_s', 0.5, 'an ego stamp this far behind the newest one resets every buffer (s)',
-          (0.001, 1e6)),
+    Param('time_jump_back_s', _DEFAULTS.time_jump_back_s, "an ego message stamped this far behind the ego's time "
+          'is stale, and this node\'s clock going back this far empties every buffer (s)', (0.001, 1e6)),
+    Param('time_jump_confirm', _DEFAULTS.time_jump_confirm, 'stale ego maps in a row (each near the one before) '
+          "that confirm a restart of the ego's stream and empty every buffer", (1, 100)),
+    Param('forget_after_s', _DEFAULTS.forget_after_s, 'a collaborator silent this long (ego time; status: wall '
+          'time) is forgotten: its inputs, poses and status (s; never less than max_age_s)', (0.01, 1e6)),
+    Param('max_agents', _DEFAULTS.max_agents, 'collaborators tracked at once; a new one beyond evicts the '
+          'longest-silent', (1, 4096)),
+    Param('ego_pose_wait_s', 0.2, 'an ego map waits this long (wall time) for the odometry at or after its stamp; '
+          'then it is fused with the pose known, or gives the ego\'s own detections (s)', (0.0, 60.0)),
     Param('max_future_s', 0.5, "inputs stamped further ahead of the ego's newest stamp or of this node's "
                                'clock are rejected (s); keep it below the length of a looping bag, so that '
                                'messages from before a loop restart cannot pass', (0.0, 1e6)),
@@ -84,6 +115,7 @@ class _AgentStats:
     def __init__(self):
         self.inputs = 0
         self.last_stamp_ns = None
+        self.heard = time.monotonic()   # wall time of the last input
         self.arrival_ms = Window()      # ROS time at arrival here minus capture stamp
         self.forget_frame()
 
@@ -125,16 +157,26 @@ class TrustFusionNode(Node):
             self.detector, self.ego,
             CooperativeConfig(method=self.method, max_age_s=p['max_age_s'], slots=p['slots'],
                               history=p['history'], gate=gate, roi_boxes=p['roi_boxes'],
-                              own_footprint_m=tuple(p['own_footprint_m']) or None),
-            fusion, PoseBufferConfig(time_jump_back_s=p['time_jump_back_s']))
+                              box_choice=p['box_choice'], average_iou=p['average_iou'],
+                              velocity_std=p['velocity_std'],
+                              own_footprint_m=tuple(p['own_footprint_m']) or None,
+                              forget_after_s=p['forget_after_s'], max_agents=p['max_agents'],
+                              time_jump_back_s=p['time_jump_back_s'], time_jump_confirm=p['time_jump_confirm']),
+            fusion, PoseBufferConfig(time_jump_back_s=p['time_jump_back_s'], jump_confirm=p['time_jump_confirm']))
+        self.max_agents, self.forget_s = p['max_agents'], max(p['forget_after_s'], p['max_age_s'])
         self.grid = self.detector.grid()
+        reach = COOPERATIVE_RANGE_GRIDS * float(max(self.grid.shape) * self.grid.cell_size)
+        self.extent = grid_extent(self.grid, reach)
+        self.dropped_boxes: Counter = Counter()
         self.channels = self.detector.cfg.model.feature_channels
         self.display_threshold = p['display_score_threshold']
         self.msgs = cv.RclpyMessages()
         self.guard = InputGuard(self.get_logger(), p['warn_period_s'])
         self.newest_ego_ns = None
+        self.clock_ns = 0     # this node's newest ROS time (0: sim time not started)
         self.waiting = None  # (stamp, header, arrival perf_counter) of an ego map without its pose yet
-        self.frames = self.fused = self.resets = 0
+        self.pose_wait_s = p['ego_pose_wait_s']
+        self.frames = self.fused = 0
         self.latency_ms, self.processing_ms = Window(), Window()
         self.agents: dict[int, _AgentStats] = {}
 
@@ -151,38 +193,63 @@ class TrustFusionNode(Node):
         self.create_subscription(odom, topics.V2X_ODOM, self.guard.guarded(self.on_collaborator_odom), RELIABLE_QOS)
         self.create_subscription(cloud, topics.V2X_FEATURES, self.guard.guarded(self.on_features), RELIABLE_QOS)
         self.create_subscription(cloud, topics.EGO_MAP, self.guard.guarded(self.on_ego_map), LATEST_QOS)
+        fuse_overdue = self.guard.guarded(lambda _: self._fuse_overdue())
+        self.create_timer(max(self.pose_wait_s, 0.01) / 2, lambda: fuse_overdue(None),
+                          clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.get_logger().info(f'ego {self.ego}: {self.method} fusion ready')
 
     # ------------------------------------------------------------------ checks
     def _ego_stamp_ok(self, stamp: int, what: str) -> bool:
-        """Check an ego stamp against this node's clock and the ego's time so far; a jump back
-        empties every buffer. Odometry moves the ego's time on; a map may not run ahead of it (a
-        map from before a jump back that arrives after it would otherwise restart the old time)."""
+        """Check an ego stamp against this node's clock (which restarts the ego's time when it
+        went back) and, for a map, against the ego's time: odometry moves it on, a map may not
+        run ahead of it (a map from before a jump back that arrives after it would otherwise
+        restart the old time). Stale stamps are the pipeline's to judge (``_ego_taken``)."""
+        self._check_clock()
         ahead = ahead_of_clock_ns(self, stamp)
         if ahead > self.max_future_ns:
             self.guard.reject('future_stamp', f'ego {what} stamped {ahead * 1e-9:.3f} s ahead of this node\'s clock')
             return False
         newest = self.newest_ego_ns
-        if newest is not None and stamp < newest - self.jump_ns:
-            self.get_logger().info(f'ego time jumped back by {(newest - stamp) * 1e-9:.2f} s: emptying every buffer')
-            self.coop.reset()
-            self.waiting = None
-            for stats in self.agents.values():
-                stats.forget_frame()
-            self.resets += 1
-            newest = None
-        elif newest is not None and what == 'map' and stamp - newest > self.max_future_ns:
+        if newest is not None and what == 'map' and stamp - newest > self.max_future_ns:
             self.guard.reject('future_stamp', f'ego map stamped {(stamp - newest) * 1e-9:.3f} s after the newest '
                                               'ego odometry')
             return False
-        self.newest_ego_ns = stamp if newest is None else max(newest, stamp)
         return True
+
+    def _check_clock(self) -> None:
+        """This node's ROS time going back (/clock of a looping bag) restarts the ego's time."""
+        now = ros_now_ns(self)
+        if now > 0 and now < self.clock_ns - self.jump_ns:
+            self.get_logger().info(f'ROS time jumped back by {(self.clock_ns - now) * 1e-9:.2f} s: emptying every '
+                                   'buffer')
+            resets = self.coop.resets
+            self.coop.restart_time()
+            self._ego_taken(True, self.coop.ego_time_ns, resets)
+            self.clock_ns = now
+        self.clock_ns = max(self.clock_ns, now)
+
+    def _ego_taken(self, taken: bool, stamp: int | None, resets: int) -> bool:
+        """Follow the pipeline's verdict on an ego message: move the ego's time on, and after a
+        reset (``resets`` before the message) start this node's frame state afresh."""
+        if self.coop.resets != resets:
+            self.waiting = None
+            self.newest_ego_ns = None
+            for stats in self.agents.values():
+                stats.forget_frame()
+        if taken and stamp is not None:
+            self.newest_ego_ns = stamp if self.newest_ego_ns is None else max(self.newest_ego_ns, stamp)
+        return taken
 
     def _collaborator(self, frame_id: str, stamp: int, what: str) -> int | None:
         """The sender of a collaborator input, or None (counted) when it must not be used."""
+        self._check_clock()
         k = agent_from_frame(frame_id)
+        if k is not None and k > MAX_AGENT_ID:
+            self.guard.reject('bad_agent_id', f'{what} from frame {frame_id[:64]!r}: agent ids end at {MAX_AGENT_ID}')
+            return None
         if k is None or k == self.ego or (self.allowed and k not in self.allowed):
-            self.guard.reject('unknown_agent', f'{what} from frame {frame_id!r}: not a collaborator of ego {self.ego}')
+            self.guard.reject('unknown_agent', f'{what} from frame {frame_id[:64]!r}: not a collaborator of ego '
+                                               f'{self.ego}')
             return None
         if self.newest_ego_ns is not None:
             ahead = stamp - self.newest_ego_ns
@@ -194,6 +261,11 @@ class TrustFusionNode(Node):
                 self.guard.reject('stale', f'{what} of agent {k} is {-ahead * 1e-9:.3f} s older than the newest '
                                            'ego frame')
                 return None
+        elif ahead_of_clock_ns(self, stamp) > self.max_future_ns:   # e.g. in flight from before a loop restart
+            ahead = ahead_of_clock_ns(self, stamp)
+            self.guard.reject('future_stamp', f'{what} of agent {k} stamped {ahead * 1e-9:.3f} s ahead of this '
+                                              "node's clock")
+            return None
         return k
 
     def _pose(self, msg, who: str) -> np.ndarray | None:
@@ -215,8 +287,9 @@ class TrustFusionNode(Node):
             return
         T = self._pose(msg, f'ego {self.ego}')
         if T is not None and self._ego_stamp_ok(stamp, 'odometry'):
-            self.coop.add_pose(self.ego, stamp, T)
-            self._fuse_when_posed()
+            resets = self.coop.resets
+            if self._ego_taken(self.coop.add_pose(self.ego, stamp, T), stamp, resets):
+                self._fuse_when_posed()
 
     def on_collaborator_odom(self, msg) -> None:
         stamp = ros_msgs.stamp_ns(msg.header.stamp)
@@ -237,9 +310,12 @@ class TrustFusionNode(Node):
             self.guard.reject(f'bad_features:{e.reason}', f'agent {k}: {e}')
             return
         self.coop.add_input(k, stamp, features)
+        if k not in self.agents:
+            self._forget_agents(self.max_agents - 1)
         stats = self.agents.setdefault(k, _AgentStats())
         stats.inputs += 1
         stats.last_stamp_ns = stamp
+        stats.heard = time.monotonic()
         stats.arrival_ms.add((ros_now_ns(self) - stamp) * 1e-6)
 
     def on_ego_map(self, msg) -> None:
@@ -256,14 +332,19 @@ class TrustFusionNode(Node):
         except FeatureMessageError as e:
             self.guard.reject(f'bad_ego_map:{e.reason}', str(e))
             return
-        self.frames += 1
+        if features is not None and not abs(sensor_height) <= MAX_BOX_ABS_Z_M:
+            self.guard.reject('bad_ego_map:bad_sensor_height', f'sensor height {sensor_height:.3g} m')
+            return
+        resets = self.coop.resets
         if features is None:   # a scan without voxels: nothing of the ego's own
-            self.coop.add_ego_detections(stamp, empty_ego_detections(self.detector))
+            taken = self.coop.add_ego_detections(stamp, empty_ego_detections(self.detector))
         else:
-            self.coop.add_ego_map(stamp, features, sensor_height)
-        if self.waiting is not None:
-            self.guard.reject('no_ego_pose', f'no ego odometry at or after {self.waiting[0]} ns came before the '
-                                             'next map; that frame is skipped')
+            taken = self.coop.add_ego_map(stamp, features, sensor_height)
+        if not self._ego_taken(taken, stamp, resets):   # stale: counted in coop.drops
+            return
+        self.frames += 1
+        if self.waiting is not None:   # its odometry is late or missing: fuse with what is known
+            self._fuse(*self.waiting)
         self.waiting = (stamp, msg.header, t0)
         self._fuse_when_posed()
 
@@ -277,10 +358,19 @@ class TrustFusionNode(Node):
         newest = self.coop.poses[self.ego].newest_ns
         if newest is None or newest < stamp:
             return
+        self._fuse(stamp, header, t0)
+
+    def _fuse_overdue(self) -> None:
+        """Timer: a waiting ego map whose odometry is ego_pose_wait_s late is fused without it."""
+        if self.waiting is not None and time.perf_counter() - self.waiting[2] >= self.pose_wait_s:
+            self._fuse(*self.waiting)
+
+    def _fuse(self, stamp: int, header, t0: float) -> None:
         self.waiting = None
         fused = self.coop.detect(stamp)
         if fused is None:  # the reason is counted in coop.drops
             return
+        fused = self._publishable(fused)
         self._publish(fused, header)
         self.fused += 1
         self.latency_ms.add((ros_now_ns(self) - stamp) * 1e-6)
@@ -288,33 +378,52 @@ class TrustFusionNode(Node):
         self._update_agents(fused)
 
     # ------------------------------------------------------------------ outputs
+    def _publishable(self, fused):
+        """``fused`` without the boxes that must not go on the air (counted in dropped_boxes)."""
+        keep = cv.publishable(fused.to_objects(), self.extent, self.dropped_boxes)
+        if keep.all():
+            return fused
+        return replace(fused, boxes=fused.boxes[keep], scores=fused.scores[keep], labels=fused.labels[keep],
+                       velocities=fused.velocities[keep], trust=np.asarray(fused.trust)[keep],
+                       sources=np.asarray(fused.sources)[keep])
+
     def _publish(self, fused, header) -> None:
         objects = fused.to_objects()
         self.pub_objects.publish(ros_msgs.objects_to_cloud(objects, header, self.msgs))
-        shown = objects['score'] >= self.display_threshold
-        texts = [f'{CLASSES[label] if 0 <= label < len(CLASSES) else "other"} {score:.2f} trust {trust:.2f} '
-                 f'agents {",".join(str(k) for k in range(int(sources).bit_length()) if sources >> k & 1)}'
-                 for label, score, trust, sources in zip(objects['label'][shown], objects['score'][shown],
-                                                         objects['trust'][shown], fused.sources[shown])]
+        shown = np.flatnonzero(objects['score'] >= self.display_threshold)
+        texts = [f'{CLASSES[label] if 0 <= label < len(CLASSES) else "other"} {objects["score"][i]:.2f} '
+                 f'trust {objects["trust"][i]:.2f} agents {",".join(str(k) for k in fused.contributors(i))}'
+                 for i, label in zip(shown, objects['label'][shown])]
         self.pub_markers.publish(ros_msgs.objects_to_markers(
             objects[shown], header, self.msgs, ns='fused', colors=cv.trust_colors(objects['trust'][shown]),
             texts=texts))
         if self.pub_detection3d is not None:
             self.pub_detection3d.publish(cv.objects_to_detection3d(objects, header, self.msgs))
 
+    def _forget_agents(self, keep: int) -> None:
+        """Forget the status of agents silent for forget_after_s (wall time) and, beyond ``keep``,
+        of the longest-silent ones."""
+        now = time.monotonic()
+        by_silence = sorted(self.agents, key=lambda k: self.agents[k].heard)
+        cut = max(len(by_silence) - keep, sum(now - self.agents[k].heard > self.forget_s for k in by_silence))
+        for k in by_silence[:cut]:
+            del self.agents[k]
+
     def _update_agents(self, fused) -> None:
-        sources = np.asarray(fused.sources, np.int64)
+        self._forget_agents(self.max_agents)
         for k, stats in self.agents.items():
             stats.used_age_s = fused.ages_s.get(k)
-            mine = (sources >> k) & 1 == 1
+            mine = fused.contributed(k)
             stats.boxes = int(mine.sum())
             stats.mean_trust = float(fused.trust[mine].mean()) if mine.any() else None
 
     def status(self) -> dict:
         return {'ego': self.ego, 'method': self.method, 'frames': self.frames, 'fused': self.fused,
-                'resets': self.resets, 'newest_ego_stamp_ns': self.newest_ego_ns,
+                'resets': self.coop.resets, 'forgotten_agents': self.coop.forgotten,
+                'newest_ego_stamp_ns': self.newest_ego_ns,
                 'latency_ms': self.latency_ms.summary(), 'processing_ms': self.processing_ms.summary(),
                 'rejected': dict(self.guard.counts), 'pipeline_drops': dict(self.coop.drops),
+                'dropped_boxes': dict(self.dropped_boxes),
                 'agents': {str(k): s.summary() for k, s in sorted(self.agents.items())}}
 
 
