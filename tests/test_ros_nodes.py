@@ -209,6 +209,22 @@ def test_channel_delays_in_ros_time_and_drops_messages_in_flight_when_time_jumps
     assert status['links']['2']['latency_ms']['p50'] == 200.0
 
 
+def test_channel_keeps_a_senders_poses_through_one_stale_odometry_message(ros):
+    node = ros.add(V2XChannelNode(context=ros.context, namespace='agent1', parameter_overrides=params(agents=[2])))
+    link, t0 = node.links[2], 100 * S
+    for dt in (0, S // 10, S // 5):
+        node.on_odom(2, odom_msg(2, t0 + dt))
+    node.on_odom(2, odom_msg(2, t0 - 50 * S))           # one stray old message: dropped, counted
+    assert link.odom_stamps == [t0, t0 + S // 10, t0 + S // 5]
+    assert node.guard.counts['stale_odometry'] == 1
+    t1 = t0 - 5 * S                                       # the sender's time restarted: three confirm it
+    for dt in (0, S // 10, S // 5):
+        node.on_odom(2, odom_msg(2, t1 + dt))
+    assert link.odom_stamps == [t1, t1 + S // 10, t1 + S // 5]
+    node.on_odom(2, odom_msg(2, t1 + S * 3 // 10))       # and the new time goes on
+    assert link.odom_stamps[-1] == t1 + S * 3 // 10 and node.guard.counts['stale_odometry'] == 3
+
+
 def _feature_message(stamp, agent=2, cells=3):
     """A valid message of ``cells`` cells in the tiny detector's grid."""
     grid = BevGrid(origin=np.array([-12.8, -12.8]), cell_size=0.8, shape=(32, 32))

@@ -13,7 +13,9 @@ and a message that reaches the channel after its due time is forwarded at once (
 ``overdue``). ``arrival`` counts the latency from when the channel receives the message. With a
 clock offset configured, relayed stamps are shifted by the sender's offset.
 
-When ROS time jumps back (a looping bag), messages in flight and buffered odometry are dropped.
+When ROS time jumps back (a looping bag), messages in flight are dropped; a sender's buffered
+odometry only when its own stamps go back for ``time_jump_confirm`` messages in a row (one stray
+old message is dropped as stale).
 Per-link statistics go to ``v2x/status`` (JSON, wall-clock period).
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ from coop_perception.data import ros_msgs
 from coop_perception.data.bag import ODOMETRY, POINTCLOUD2, agent_from_frame, odom_topic
 from coop_perception.data.channel import MODEL_SETTINGS, BernoulliFramesLatency, channel_from_settings
 from coop_perception.errors import UserError
-from coop_perception.fusion.pose_buffer import insert_stamped
+from coop_perception.fusion.pose_buffer import BackJump, insert_stamped
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
 from coop_perception.ros.node import (ODOM_QOS, RELIABLE_QOS, InputGuard, Param, Window, ahead_of_clock_ns,
@@ -62,6 +64,9 @@ PARAMS = (
     Param('odom_history', 50, 'odometry messages kept per collaborator', (2, 100000)),
     Param('time_jump_back_s', 0.5, 'ROS time going back further than this drops messages in flight (s)',
           (0.0, 1e6)),
+    Param('time_jump_confirm', 3, "a sender's odometry this many times in a row further back than "
+                                  'time_jump_back_s (each near the one before) restarts its pose history; '
+                                  'a single one is dropped as stale', (1, 1000)),
     Param('max_future_s', 1.0, "messages stamped further ahead of this node's clock are rejected (s)",
           (0.0, 1e6)),
     Param('warn_period_s', 5.0, 'at most one warning per kind of bad input in this period (s)', (0.0, 1e6)),
@@ -70,7 +75,10 @@ PARAMS = (
 
 
 class _Link:
-    def __init__(self):
+    def __init__(self, jump_ns: int, jump_confirm: int):
+        # one stray old odometry message (late, replayed or forged) must not erase the sender's
+        # poses; only a confirmed restart of its time does
+        self.odom_time = BackJump(jump_ns, jump_confirm)
         self.odom_stamps: list[int] = []
         self.odoms: list = []
         self.counts = {'received': 0, 'delivered': 0, 'lost': 0, 'overdue': 0, 'dropped_on_jump': 0}
@@ -111,7 +119,7 @@ class V2XChannelNode(Node):
         self.max_future_ns = int(p['max_future_s'] * NS_PER_S)
         self.msgs = cv.RclpyMessages()
         self.guard = InputGuard(self.get_logger(), p['warn_period_s'])
-        self.links = {k: _Link() for k in p['agents']}
+        self.links = {k: _Link(self.jump_ns, p['time_jump_confirm']) for k in p['agents']}
         self.pending: list = []  # heap of (due ns, sequence, agent, msg, capture stamp, latency s, clock offset ns)
         self._sequence = itertools.count()
         self.jumps = 0
@@ -151,8 +159,16 @@ class V2XChannelNode(Node):
         if not self._sender_ok(k, msg.child_frame_id, stamp, 'odometry'):
             return
         link = self.links[k]
-        if link.odom_stamps and stamp < link.odom_stamps[-1] - self.jump_ns:
+        verdict, held = link.odom_time.observe(stamp, msg)
+        if verdict == BackJump.STALE:
+            self.guard.reject('stale_odometry', f'odometry of agent {k} stamped '
+                                                f'{(link.odom_time.newest_ns - stamp) * 1e-9:.2f} s behind its newest')
+            return
+        if verdict == BackJump.JUMP:
             link.clear()  # the sender's time went back: its old poses belong to another timeline
+            for m in held:
+                link.add_odom(ros_msgs.stamp_ns(m.header.stamp), m, self.odom_history)
+            return
         link.add_odom(stamp, msg, self.odom_history)
 
     def on_features(self, k: int, msg) -> None:
