@@ -33,6 +33,27 @@ def write_tiny_models(folder: Path) -> dict:
             'fusion_model': str(folder / 'fusion.pt')}
 
 
+def write_replay_inputs(tmp: Path, agents: int, trust_fusion: dict, v2x_channel: dict | None = None) -> Path:
+    """A synthetic scene of ``agents`` agents (8 frames, seed 3) as the bag ``tmp/bag``, tiny models
+    and a parameter file that loads them and shares every detection, with these ``trust_fusion`` and
+    ``v2x_channel`` parameters on top; returns the parameter file."""
+    from coop_perception import cli
+
+    assert cli.main(['synth', '--out', str(tmp / 'data'), '--scenes', '1', '--frames', '8', '--agents', str(agents),
+                     '--seed', '3', '--quiet']) == 0
+    assert cli.main(['to-bag', str(tmp / 'data'), '--out', str(tmp / 'bag')]) == 0
+    models = write_tiny_models(tmp / 'models')
+    config = yaml.safe_load((ROOT / 'config' / 'coop_perception.yaml').read_text())
+    config['/**']['ros__parameters'].update(detector_config=models['detector_config'],
+                                            detector_weights=models['detector_weights'])
+    # Random weights score ~0.1: share every detection so that ROI cells reach the fusion.
+    config['/**/lidar_detector']['ros__parameters']['roi']['score_threshold'] = 0.0
+    config['/**/trust_fusion']['ros__parameters'].update(fusion_model=models['fusion_model'], **trust_fusion)
+    config['/**/v2x_channel']['ros__parameters'].update(v2x_channel or {})
+    (tmp / 'params.yaml').write_text(yaml.safe_dump(config))
+    return tmp / 'params.yaml'
+
+
 def ring_scan(seed: int, n: int = 6000) -> np.ndarray:
     """(n, 4) float32 x, y, z, intensity: ground around a sensor 1.8 m up plus a car-sized block."""
     rng = np.random.default_rng(seed)

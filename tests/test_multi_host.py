@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 rclpy = pytest.importorskip('rclpy')
 
-from ros_fixtures import ROOT, write_tiny_models  # noqa: E402
+from ros_fixtures import write_replay_inputs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -87,24 +86,6 @@ def _namespace_env(tmp: Path) -> dict:
             'RMW_IMPLEMENTATION': 'rmw_fastrtps_cpp', 'TMPDIR': str(tmp), 'PYTHONUNBUFFERED': '1'}
 
 
-def _write_inputs(tmp: Path) -> Path:
-    from coop_perception import cli
-
-    assert cli.main(['synth', '--out', str(tmp / 'data'), '--scenes', '1', '--frames', '8', '--agents', str(AGENTS),
-                     '--seed', '3', '--quiet']) == 0
-    assert cli.main(['to-bag', str(tmp / 'data'), '--out', str(tmp / 'bag')]) == 0
-    models = write_tiny_models(tmp / 'models')
-    config = yaml.safe_load((ROOT / 'config' / 'coop_perception.yaml').read_text())
-    config['/**']['ros__parameters'].update(detector_config=models['detector_config'],
-                                            detector_weights=models['detector_weights'])
-    # Random weights score ~0.1: share every detection so that ROI cells reach the fusion.
-    config['/**/lidar_detector']['ros__parameters']['roi']['score_threshold'] = 0.0
-    config['/**/trust_fusion']['ros__parameters'].update(fusion_model=models['fusion_model'], status_period_s=0.5,
-                                                         max_future_s=0.3)
-    (tmp / 'params.yaml').write_text(yaml.safe_dump(config))
-    return tmp / 'params.yaml'
-
-
 def _in_namespace(ns: str, cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, 'w') as out:
         return subprocess.Popen(['ip', 'netns', 'exec', ns, *cmd], env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -134,7 +115,7 @@ def _last_report(path: Path) -> dict:
 
 def test_rsu_features_cross_the_link_and_are_fused_on_the_ego(hosts, tmp_path):
     started = time.monotonic()
-    params = _write_inputs(tmp_path)
+    params = write_replay_inputs(tmp_path, AGENTS, {'status_period_s': 0.5, 'max_future_s': 0.3})
     env = _namespace_env(tmp_path)
     (rsu_ns, _), (ego_ns, ego_if) = hosts[RSU], hosts[EGO]
     rx_before = _rx_bytes(ego_ns, ego_if)

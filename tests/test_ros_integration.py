@@ -11,14 +11,12 @@ import threading
 import time
 
 import pytest
-import yaml
 
 rclpy = pytest.importorskip('rclpy')
 
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from ros_fixtures import ROOT, write_tiny_models  # noqa: E402
+from ros_fixtures import write_replay_inputs  # noqa: E402
 
-from coop_perception import cli  # noqa: E402
 from coop_perception.data import ros_msgs  # noqa: E402
 from coop_perception.data.bag import BagReader, lidar_topic  # noqa: E402
 from coop_perception.ros import convert as cv  # noqa: E402
@@ -67,27 +65,16 @@ class Listener:
 @pytest.fixture(scope='module')
 def system(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('integration')
-    assert cli.main(['synth', '--out', str(tmp / 'data'), '--scenes', '1', '--frames', '8', '--agents', str(AGENTS),
-                     '--seed', '3', '--quiet']) == 0
-    assert cli.main(['to-bag', str(tmp / 'data'), '--out', str(tmp / 'bag')]) == 0
+    # The bag lasts 0.7 s: messages from before a loop restart must not pass as ahead of the ego.
+    params = write_replay_inputs(tmp, AGENTS, {'status_period_s': 0.2, 'max_future_s': 0.3},
+                                 {'status_period_s': 0.2})
     with BagReader(tmp / 'bag') as bag:
         ego_stamps = sorted(t for topic, _, t, _ in bag.raw_messages([lidar_topic(EGO)]))
-    models = write_tiny_models(tmp / 'models')
-    config = yaml.safe_load((ROOT / 'config' / 'coop_perception.yaml').read_text())
-    config['/**']['ros__parameters'].update(detector_config=models['detector_config'],
-                                            detector_weights=models['detector_weights'])
-    # Random weights score ~0.1: share every detection so that ROI cells reach the fusion.
-    config['/**/lidar_detector']['ros__parameters']['roi']['score_threshold'] = 0.0
-    # The bag lasts 0.7 s: messages from before a loop restart must not pass as ahead of the ego.
-    config['/**/trust_fusion']['ros__parameters'].update(fusion_model=models['fusion_model'], status_period_s=0.2,
-                                                         max_future_s=0.3)
-    config['/**/v2x_channel']['ros__parameters']['status_period_s'] = 0.2
-    (tmp / 'params.yaml').write_text(yaml.safe_dump(config))
 
     env = use_local_discovery(dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID), TMPDIR=str(tmp)))
     specs = node_specs(AGENTS, EGO) + [player_spec(tmp / 'bag', AGENTS, rate=RATE, loop=True)]
     listener = Listener()
-    launch = Launch(specs, tmp / 'params.yaml', env=env, log_dir=tmp / 'logs').start()
+    launch = Launch(specs, params, env=env, log_dir=tmp / 'logs').start()
     yield launch, listener, ego_stamps, tmp / 'logs'
     launch.stop()
     listener.close()
