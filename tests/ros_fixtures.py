@@ -1,7 +1,6 @@
 """Small models and helpers shared by the ROS node tests (no rclpy import here)."""
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -9,6 +8,7 @@ from coop_perception.detection.checkpoint import save_checkpoint
 from coop_perception.detection.config import load_config, with_overrides
 from coop_perception.detection.model import Detector
 from coop_perception.fusion.model import FusionModel
+from coop_perception.ros.fuzz import valid_scan  # noqa: F401  (re-exported: the tests' scan)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,12 +52,3 @@ def write_replay_inputs(tmp: Path, agents: int, trust_fusion: dict, v2x_channel:
     config['/**/v2x_channel']['ros__parameters'].update(v2x_channel or {})
     (tmp / 'params.yaml').write_text(yaml.safe_dump(config))
     return tmp / 'params.yaml'
-
-
-def ring_scan(seed: int, n: int = 6000) -> np.ndarray:
-    """(n, 4) float32 x, y, z, intensity: ground around a sensor 1.8 m up plus a car-sized block."""
-    rng = np.random.default_rng(seed)
-    r, a = rng.uniform(3, 12, n), rng.uniform(-np.pi, np.pi, n)
-    ground = np.stack([r * np.cos(a), r * np.sin(a), np.full(n, -1.8), np.zeros(n)], 1)
-    car = np.concatenate([rng.uniform([5, -1, -1.6], [9.5, 1, -0.2], (800, 3)), np.zeros((800, 1))], 1)
-    return np.concatenate([ground, car]).astype(np.float32)

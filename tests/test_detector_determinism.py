@@ -3,7 +3,7 @@ CPU submanifold convolution sums in thread-dependent order, which once made the 
 73 to 77 boxes."""
 import numpy as np
 import torch
-from ros_fixtures import ROOT, ring_scan
+from ros_fixtures import ROOT, valid_scan
 
 from coop_perception.detection.checkpoint import load_detector
 from coop_perception.detection.config import load_config, with_overrides
@@ -13,7 +13,7 @@ def test_same_scan_same_detections_with_several_threads():
     # the shipped detector (random weights hide it), float32 so that only the threads differ
     cfg = with_overrides(load_config(ROOT / 'models' / 'detector.yaml'), runtime={'bf16': False})
     detector = load_detector(ROOT / 'models' / 'detector.pt', cfg)
-    scan = ring_scan(0, 60000)
+    scan = valid_scan(0, 60000)
     scan[:, :2] *= 4                                    # ground out to 48 m: tens of thousands of voxels
     threads = torch.get_num_threads()
     torch.set_num_threads(4)

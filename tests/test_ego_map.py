@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from ros_fixtures import ROOT, TINY, ring_scan
+from ros_fixtures import ROOT, TINY, valid_scan
 
 from coop_perception.data.bag import agent_from_frame
 from coop_perception.data.channel import channel_for_mean_latency, channel_from_settings
@@ -26,7 +26,7 @@ def _decode(detector, fields, data, step):
 
 
 def test_round_trip_gives_the_detections_of_the_quantised_map(detector):
-    det = detector.detect(ring_scan(0))
+    det = detector.detect(valid_scan(0))
     fields, data, step = encode_ego_map(det, 1, 7)
     assert SENSOR_HEIGHT_FIELD in [f.name for f in fields]
     got = _decode(detector, fields, data, step)
@@ -44,7 +44,7 @@ def test_empty_scan_and_bad_maps(detector):
     empty = detector.detect(np.zeros((0, 4), np.float32))
     got = _decode(detector, *encode_ego_map(empty, 1, 7))
     assert len(got.boxes) == 0 and got.features.shape == empty.features.shape
-    det = detector.detect(ring_scan(1))
+    det = detector.detect(valid_scan(1))
     fields, data, step = encode_ego_map(det, 1, 7)
     rec = np.frombuffer(data, fields_to_dtype(fields, step)).copy()
     rec[SENSOR_HEIGHT_FIELD][3] = np.nan

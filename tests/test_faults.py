@@ -19,7 +19,7 @@ rclpy = pytest.importorskip('rclpy')
 
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from ros_fixtures import ring_scan, write_tiny_models  # noqa: E402
+from ros_fixtures import valid_scan, write_tiny_models  # noqa: E402
 
 from coop_perception.data import ros_msgs  # noqa: E402
 from coop_perception.data.bag import LIDAR_DTYPE  # noqa: E402
@@ -78,10 +78,10 @@ class System:
         self.peer.create_subscription(cloud, '/coop/objects',
                                       lambda m: self.outputs.append(ros_msgs.stamp_ns(m.header.stamp)), RELIABLE_QOS)
         model = self.fusion.detector
-        self.ego_map = encode_ego_map(model.detect(ring_scan(1)), EGO, 0)
-        self.features = codec.encode(collaborator_message(model.detect(ring_scan(2)), OTHER, 0,
+        self.ego_map = encode_ego_map(model.detect(valid_scan(1)), EGO, 0)
+        self.features = codec.encode(collaborator_message(model.detect(valid_scan(2)), OTHER, 0,
                                                           {'score_threshold': 0.0}))
-        points = ring_scan(3)
+        points = valid_scan(3)
         self.scan = np.concatenate([points, np.zeros((len(points), 1), np.float32)], 1)
         self.t = time.time_ns() - 600 * S
         self.frames = []

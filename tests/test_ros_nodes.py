@@ -12,7 +12,7 @@ rclpy = pytest.importorskip('rclpy')
 
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from ros_fixtures import ring_scan, write_tiny_models  # noqa: E402
+from ros_fixtures import valid_scan, write_tiny_models  # noqa: E402
 
 from coop_perception.bev_grid import BevGrid  # noqa: E402
 from coop_perception.data import ros_msgs  # noqa: E402
@@ -114,7 +114,7 @@ def test_detector_outputs_carry_the_scan_header_and_bad_scans_are_counted(ros, m
     lidar = ros.publisher('/agent2/lidar', CLOUD)
     ros.connect(lidar)
     now = ros.node.get_clock().now().nanoseconds
-    lidar.publish(scan_msg(ring_scan(0), now, 'agent2/lidar'))
+    lidar.publish(scan_msg(valid_scan(0), now, 'agent2/lidar'))
     assert ros.spin(lambda: all(outputs[t] for t in ('features', 'objects', 'detections', 'bev')))
     for topic in ('features', 'objects', 'bev'):
         header = outputs[topic][0].header
@@ -126,13 +126,13 @@ def test_detector_outputs_carry_the_scan_header_and_bad_scans_are_counted(ros, m
     objects = ros_msgs.cloud_to_objects(outputs['objects'][0])
     assert len(objects) and set(objects['source']) == {2}
 
-    truncated = scan_msg(ring_scan(1), now)
+    truncated = scan_msg(valid_scan(1), now)
     truncated.data = truncated.data[:-7]
-    no_z = ros_msgs.points_to_cloud(ring_scan(1)[:, :2], np.dtype([('x', '<f4'), ('y', '<f4')]),
+    no_z = ros_msgs.points_to_cloud(valid_scan(1)[:, :2], np.dtype([('x', '<f4'), ('y', '<f4')]),
                                     ros_msgs.make_header(MSGS, now, 'agent2/lidar'), MSGS)
-    nan = ring_scan(2)
+    nan = valid_scan(2)
     nan[::10] = np.nan
-    for msg in (truncated, no_z, scan_msg(ring_scan(3), now + 60 * S, 'agent2/lidar'),
+    for msg in (truncated, no_z, scan_msg(valid_scan(3), now + 60 * S, 'agent2/lidar'),
                 scan_msg(nan, now + S // 10, 'agent2/lidar')):
         lidar.publish(msg)
         ros.spin(timeout_s=0.3)
@@ -253,7 +253,7 @@ def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_
     def frame(stamp, fused=True):
         pubs['odom'].publish(odom_msg(1, stamp))
         ros.spin(timeout_s=0.05)
-        det = detector.detect(ring_scan(int(stamp // S)))
+        det = detector.detect(valid_scan(int(stamp // S)))
         pubs['coop/bev'].publish(cv.buffer_to_cloud(*encode_ego_map(det, 1, stamp),
                                                     ros_msgs.make_header(MSGS, stamp, 'agent1/lidar'), MSGS))
         n = len(objects)
@@ -263,13 +263,13 @@ def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_
     def collaborator(stamp, agent=2, frame_id=None, message=None, with_pose=True):
         if with_pose:
             pubs['v2x/odom'].publish(odom_msg(agent, stamp))
-        msg = message or collaborator_message(detector.detect(ring_scan(7)), agent, stamp, {'score_threshold': 0.0})
+        msg = message or collaborator_message(detector.detect(valid_scan(7)), agent, stamp, {'score_threshold': 0.0})
         pubs['v2x/features'].publish(cv.buffer_to_cloud(
             *codec.encode(msg), ros_msgs.make_header(MSGS, stamp, frame_id or f'agent{agent}/lidar'), MSGS))
         ros.spin(timeout_s=0.1)
 
     t = 50 * S
-    early = cv.buffer_to_cloud(*encode_ego_map(detector.detect(ring_scan(4)), 1, t - S // 5),
+    early = cv.buffer_to_cloud(*encode_ego_map(detector.detect(valid_scan(4)), 1, t - S // 5),
                                ros_msgs.make_header(MSGS, t - S // 5, 'agent1/lidar'), MSGS)
     pubs['coop/bev'].publish(early)                                 # the map overtakes its scan's pose
     ros.spin(timeout_s=0.3)
@@ -300,7 +300,7 @@ def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_
     zero_rotation.pose.pose.orientation.w = 0.0
     pubs['v2x/odom'].publish(nan_position)
     pubs['v2x/odom'].publish(zero_rotation)
-    truncated = cv.buffer_to_cloud(*encode_ego_map(detector.detect(ring_scan(3)), 1, t + S // 10),
+    truncated = cv.buffer_to_cloud(*encode_ego_map(detector.detect(valid_scan(3)), 1, t + S // 10),
                                    ros_msgs.make_header(MSGS, t + S // 10, 'agent1/lidar'), MSGS)
     truncated.data = truncated.data[:-5]
     pubs['coop/bev'].publish(truncated)
