@@ -85,3 +85,25 @@ def test_channel_from_flat_settings_uses_what_the_model_takes():
         200.0, 'uniform', spread=0.25, loss=0.1, seed=3, clock_offset_ms=0.0, clock_offset_std_ms=0.0).spec
     with pytest.raises(ValueError, match='channel model'):
         channel_from_settings('carrier_pigeon', 200.0, flat)
+
+
+def test_free_range_rides_on_the_ego_map(detector):
+    from coop_perception.detection.free_range import FREE_RANGE_BINS
+    from coop_perception.fusion.ego_map import FREE_RANGE_FIELD, decode_free_range
+
+    det = detector.detect(valid_scan(0))
+    fields, data, step = encode_ego_map(det, 1, 7)
+    width = len(data) // step
+    assert width >= FREE_RANGE_BINS and FREE_RANGE_FIELD in [f.name for f in fields]
+    got = decode_free_range(fields, data, step, width=width, bins=FREE_RANGE_BINS)
+    np.testing.assert_array_equal(got, det.free_range)
+    # a detector without the field, or a map with fewer cells than bins, carries none
+    without = [f for f in fields if f.name != FREE_RANGE_FIELD]
+    assert decode_free_range(without, data, step, width=width, bins=FREE_RANGE_BINS) is None
+    assert decode_free_range(fields, data[:step * 10], step, width=10, bins=FREE_RANGE_BINS) is None
+    rec = np.frombuffer(data, fields_to_dtype(fields, step)).copy()
+    for bad, reason in ((np.inf, FeatureMessageError.NON_FINITE), (-1.0, FeatureMessageError.BAD_VALUE)):
+        rec[FREE_RANGE_FIELD][5] = bad
+        with pytest.raises(FeatureMessageError) as e:
+            decode_free_range(fields, rec.tobytes(), step, width=width, bins=FREE_RANGE_BINS)
+        assert e.value.reason == reason

@@ -57,6 +57,9 @@ class Detections:
     stats: VoxelStats = field(default_factory=VoxelStats)
     timings_ms: dict[str, float] = field(default_factory=dict)
     note: str = ''  # why the output is empty or partial, '' when the scan was used as given
+    # (B,) float32 m: per azimuth bin the range of the nearest obstacle return of the scan
+    # (detection.free_range); None where the scan was not at hand (a decoded map, an old cache)
+    free_range: np.ndarray | None = None
 
 
 def class_probability(logit: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from coop_perception.bev_grid import BevGrid
 
 from .config import DetectorConfig
 from .decode import REG_FIELDS, REG_LOGVAR_FIELDS, Detections, decode, empty_detections
+from .free_range import free_range_profile
 from .spconv_cpu import patch_spconv_for_cpu
 from .voxelize import resolve_sensor_height, voxelize
 
@@ -232,7 +233,9 @@ class Detector(nn.Module):
             (log.warning if vox.stats.clipped or not vox.stats.voxels else log.debug)('detector input: %s', note)
         if vox.stats.voxels == 0:
             timings['total'] = time.perf_counter() - t0
-            return empty_detections(cfg, self.grid(), h, vox.stats, _to_ms(timings), note)
+            det = empty_detections(cfg, self.grid(), h, vox.stats, _to_ms(timings), note)
+            det.free_range = free_range_profile(points, h)
+            return det
 
         t = time.perf_counter()
         coords = torch.from_numpy(np.pad(vox.coords, ((0, 0), (1, 0))))
@@ -244,6 +247,9 @@ class Detector(nn.Module):
         timings['backbone_head'] = time.perf_counter() - t
         det = self._head_and_decode(feats, h, mc_passes, timings)
         det.stats, det.note = vox.stats, note
+        t = time.perf_counter()
+        det.free_range = free_range_profile(points, h)
+        timings['free_range'] = time.perf_counter() - t
         timings['total'] = time.perf_counter() - t0
         det.timings_ms = _to_ms(timings)
         return det

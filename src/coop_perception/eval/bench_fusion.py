@@ -10,16 +10,20 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.synth import RSU_AGENT
+from ..fusion.codec import make_message
+from ..fusion.ego_map import ego_features
 from ..fusion.pipeline import CooperativeConfig, CooperativeDetector, Sender, collaborator_message
+from ..fusion.sharing import select_occupied_cells
 
-STAGES = ('warp', 'fusion', 'head_decode', 'roi_boxes', 'merge', 'total')
+STAGES = ('reputation', 'warp', 'fusion', 'head_decode', 'roi_boxes', 'merge', 'total')
 
 
 def bench_fusion(dataset, detector, cache, fusion_model, *, method: str = 'trust', ego: int = 1,
-                 frames: int = 60, gate: dict | None = None, progress: bool = True) -> dict:
+                 frames: int = 60, gate: dict | None = None, ego_map: bool = False, progress: bool = True) -> dict:
     """Fuse up to ``frames`` ego frames of ``dataset`` (scene by scene) with every other agent's
     newest message (no latency) -> {'median_ms': {stage: ..}, 'p90_ms': {..}, 'frames': n,
-    'collaborators': mean number fused}."""
+    'collaborators': mean number fused}. With ``ego_map`` the ego's frames come as trust_fusion
+    gets them, as an int8 map without boxes (fusion.ego_map), not as detections."""
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     fused_with = []
     bar = tqdm(total=frames, desc=f'bench fusion ({method})', unit='frame', disable=not progress)
@@ -36,7 +40,7 @@ def bench_fusion(dataset, detector, cache, fusion_model, *, method: str = 'trust
                 view = cache.load(sample.scene_name, f, k)
                 coop.add_pose(k, view.stamp_ns, view.T_world_sensor)
                 if k == ego:
-                    coop.add_ego_detections(view.stamp_ns, view.detections)
+                    _add_ego(coop, view, ego_map)
                     ego_stamp = view.stamp_ns
                 else:
                     det = senders.setdefault(k, Sender()).prepare(view.detections, view.T_world_sensor, view.stamp_ns)
@@ -53,3 +57,13 @@ def bench_fusion(dataset, detector, cache, fusion_model, *, method: str = 'trust
             'p90_ms': {k: float(np.percentile(v, 90)) if v else None for k, v in times.items()},
             'frames': len(times['total']), 'collaborators': float(np.mean(fused_with)) if fused_with else 0.0,
             'method': method, 'excluded_agents': [ego], 'rsu': RSU_AGENT}
+
+
+def _add_ego(coop: CooperativeDetector, view, as_map: bool) -> None:
+    det = view.detections
+    if not as_map:
+        coop.add_ego_detections(view.stamp_ns, det)
+        return
+    msg = make_message(det, select_occupied_cells(det), coop.ego_id, view.stamp_ns)
+    coop.add_ego_map(view.stamp_ns, ego_features(msg, det.grid, msg.channels), det.sensor_height, det.free_range,
+                     msg)

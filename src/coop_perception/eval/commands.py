@@ -14,6 +14,8 @@ from coop_perception.fusion.codec import FeatureMessage
 from coop_perception.fusion.methods import METHODS
 
 FEATURE_METHODS = tuple(name for name, m in METHODS.items() if m.payload is FeatureMessage)
+DEFAULT_METHODS = 'ego,late,early,max,trust'
+ATTACKS = ('phantom', 'shift', 'drop', 'replay')   # eval.attack_eval.ATTACKS, without importing torch here
 
 
 def add_cli(commands: Commands) -> None:
@@ -28,14 +30,15 @@ def add_cli(commands: Commands) -> None:
     add_dataset_args(p, 'the test preset')
     add_cache_arg(p)
     p.add_argument('--delays', default='0,100,200,300,500', help='mean latencies to sweep, ms')
-    p.add_argument('--methods', default='ego,late,early,max,trust',
-                   help=f'comma-separated fusion methods, of: {", ".join(METHODS)}')
+    p.add_argument('--methods', help=f'comma-separated fusion methods, of: {", ".join(METHODS)} (default: '
+                                     f'{DEFAULT_METHODS}; with --attack: trust)')
     p.add_argument('--channel', default='uniform', choices=MEAN_LATENCY_MODELS, help='latency model')
-    p.add_argument('--seed', type=int, default=0, help='channel seed')
+    p.add_argument('--seed', type=int, default=0, help='channel seed (and, with --attack, attacker and attack seed)')
     p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
     p.add_argument('--range', type=positive(float), default=50.0, help='evaluate within this of the ego, m')
     p.add_argument('--plot', metavar='FILE.png', type=output_file,
                    help='also draw AP@0.7 against the mean latency for every method')
+    _add_attack_args(p)
     add_fusion_model_args(p)
     add_json(p)
     add_detector_args(p)
@@ -60,6 +63,8 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--method', default='trust', choices=FEATURE_METHODS, help='a method fusing feature messages')
     p.add_argument('--ego', type=int, default=1, help='ego agent')
     p.add_argument('--frames', type=positive(int), default=60, help='ego frames to time (median over them)')
+    p.add_argument('--ego-map', action='store_true',
+                   help="give the ego's frames as trust_fusion gets them (an int8 map without boxes)")
     add_fusion_model_args(p)
     add_json(p, 'the numbers')
     add_detector_args(p)
@@ -88,6 +93,16 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--out', required=True, type=output_file, help='PNG to write')
     p.add_argument('--extent', type=positive(float), default=80.0, help='half width of the view, m')
     add_reading_args(p)
+
+
+def _add_attack_args(p) -> None:
+    p.add_argument('--attack', help=f'misbehaving collaborators instead: comma-separated attacks of '
+                                    f'{", ".join(ATTACKS)} or all; one collaborator per scene and ego attacks, '
+                                    'and the reputation check is scored (detection and false-alarm rates, AP '
+                                    'with and without it and with the attacker excluded)')
+    p.add_argument('--pose-noise', default='0.2,0.5',
+                   help="with --attack: also rows with every collaborator's pose noisy, comma-separated sigmas "
+                        "(m on x and y, the same number in degrees on yaw), or 'none'")
 
 
 def _comma_list(option: str, text: str, kind, what: str) -> list:
@@ -141,13 +156,15 @@ def cmd_eval_detector(args) -> int:
 def cmd_eval_fusion(args) -> int:
     from .fusion_eval import evaluate_fusion, format_results
 
-    methods = args.methods.split(',')
+    methods = (args.methods or ('trust' if args.attack else DEFAULT_METHODS)).split(',')
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise UserError('--methods', f'unknown method(s) {", ".join(sorted(unknown))}; '
                                      f'choose from {", ".join(METHODS)}')
     delays = _comma_list('--delays', args.delays, float, 'milliseconds')
     egos = _comma_list('--egos', args.egos, int, 'agent ids') if args.egos else None
+    if args.attack:
+        return _eval_attacks(args, methods, delays, egos)
     model, fusion, gate, ds, cache = _fusion_setup(args, methods)
     result = evaluate_fusion(ds, model, cache, fusion, methods, delays, channel_model=args.channel,
                              seed=args.seed, max_range=args.range, egos=egos, gate=gate)
@@ -157,6 +174,35 @@ def cmd_eval_fusion(args) -> int:
         from .delay_plot import plot_delay_sweep
 
         print(f'wrote {plot_delay_sweep(result, args.plot)}')
+    return 0
+
+
+def _eval_attacks(args, methods: list[str], delays: list[float], egos) -> int:
+    from coop_perception.fusion.payloads import BoxList
+
+    from .attack_eval import evaluate_attacks, format_attacks
+
+    attacks = list(ATTACKS) if args.attack == 'all' else args.attack.split(',')
+    if set(attacks) - set(ATTACKS):
+        raise UserError('--attack', f'unknown attack(s) {", ".join(sorted(set(attacks) - set(ATTACKS)))}; '
+                                    f'choose from {", ".join(ATTACKS)} or all')
+    no_boxes = [m for m in methods if METHODS[m].payload not in (FeatureMessage, BoxList)]
+    if no_boxes:
+        raise UserError('--methods', f'{", ".join(no_boxes)}: collaborators send no boxes or features to attack '
+                                     'or check; with --attack use methods that share features or boxes')
+    noise = [] if args.pose_noise == 'none' else _comma_list('--pose-noise', args.pose_noise, float, 'sigmas')
+    if any(not s > 0 for s in noise):
+        raise UserError('--pose-noise', f'sigmas must be > 0, got {args.pose_noise}')
+    model, fusion, gate, ds, cache = _fusion_setup(args, methods)
+    runs = []
+    for method in methods:
+        for delay in delays:
+            result = evaluate_attacks(ds, model, cache, fusion, method, delay, attacks, pose_noise=noise,
+                                      channel_model=args.channel, seed=args.seed, max_range=args.range, egos=egos,
+                                      gate=gate)
+            print(format_attacks(result))
+            runs.append(result)
+    write_json(args, runs[0] if len(runs) == 1 else {'runs': runs})
     return 0
 
 
@@ -177,7 +223,8 @@ def cmd_bench_fusion(args) -> int:
     from .bench_fusion import STAGES, bench_fusion
 
     model, fusion, gate, ds, cache = _fusion_setup(args, [args.method])
-    result = bench_fusion(ds, model, cache, fusion, method=args.method, ego=args.ego, frames=args.frames, gate=gate)
+    result = bench_fusion(ds, model, cache, fusion, method=args.method, ego=args.ego, frames=args.frames, gate=gate,
+                          ego_map=args.ego_map)
     print_stage_table(result, STAGES)
     print(f"(method {args.method}, ego {args.ego} + {result['collaborators']:.1f} collaborators on average, "
           f"{result['frames']} frames of {args.data}, {model.cfg.runtime.threads or 'all'} thread(s); "

@@ -115,11 +115,13 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
 
 
 def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, payloads: dict,
-             fusion_model, cfg: CooperativeConfig, channel_model: str, seed: int, oracle=None) -> None:
+             fusion_model, cfg: CooperativeConfig, channel_model: str, seed: int, oracle=None,
+             absent=(), observe=None) -> None:
     """One ego through one scene: collaborators' payloads go through a fresh seeded channel (none
     for a method without delay), the pipeline fuses each ego frame with what has arrived by its
     capture time. ``oracle`` (eval.delay_diagnosis) may swap each used input and the output for
-    ground truth."""
+    ground truth. Agents in ``absent`` send nothing; ``observe(coop, frame, ego_stamp_ns)`` is
+    called after every fused frame (eval.attack_eval reads the reputations)."""
     scene = samples[0].scene_name
     method = METHODS[cfg.method]
     channel = channel_for_mean_latency(mean_ms if method.delayed else 0.0, channel_model, seed=seed)
@@ -131,7 +133,7 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
             continue
         if method.payload is not None:
             for k in smp.agents:
-                if k == ego:
+                if k == ego or k in absent:
                     continue
                 stamp, pose, item, nbytes = payloads[(f, k)]
                 tally.sent_bytes += nbytes
@@ -156,6 +158,8 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
             for _, k, stamp, pose, item, f_sent in newest.values():
                 coop.add_input(k, stamp, oracle.predict(k, item, pose, samples[f_sent], smp, ego_view))
         out = coop.detect(t_e)
+        if observe is not None:
+            observe(coop, f, t_e)
         boxes, labels, _ = cooperative_targets(smp, ego)
         if out is not None and oracle is not None:
             out = oracle.choose(out, boxes, labels)

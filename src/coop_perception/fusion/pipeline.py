@@ -33,6 +33,7 @@ from .model import FusionModel, fuse_sparse
 from .motion import VelocityTracker, VelocityTrackerConfig
 from .payloads import BoxList, RawPoints
 from .pose_buffer import NS_PER_S, BackJump, PoseBufferConfig, PoseBuffers, PoseLookupError
+from .reputation import Reputation, ReputationConfig, consistency_evidence
 from .roi_boxes import decode_roi_boxes
 from .sharing import select_roi_cells
 from .trust import ROI_ATTRIBUTES, FlatTrust, ThresholdTrust, roi_attributes
@@ -85,6 +86,8 @@ class CooperativeConfig:
     average_iou: float = 0.5
     velocity_std: float = 0.5              # m/s: how fast a moved box's position error grows with age
     gate: dict | None = None               # ThresholdTrust settings of methods that need a gate
+    # misbehaving collaborators (fusion.reputation): per-agent consistency with the ego's view
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
 
     def __post_init__(self):
         method_named(self.method)
@@ -193,6 +196,10 @@ class CooperativeDetector:
         self._forget_ns = round(max(self.cfg.forget_after_s, self.cfg.max_age_s) * NS_PER_S)
         self.resets = 0        # times every buffer was emptied (reset, restart_time, a confirmed jump)
         self.forgotten = 0     # collaborators forgotten after forget_after_s of silence
+        self.reputation = Reputation(self.cfg.reputation)
+        self.reputation_on = self.cfg.reputation.on_for(self.method.name) and self.method.payload is not RawPoints
+        self._scale: dict = {}   # agent -> its reputation, for the frame being fused
+        self._vet_ms = 0.0       # wall time the reputation took in the frame being fused
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -209,6 +216,7 @@ class CooperativeDetector:
         self._heard: dict = {}
         # ego poses far behind the ego's time, kept until a jump is confirmed: (stamp ns, (4, 4))
         self._held_poses: list[tuple[int, np.ndarray]] = []
+        self.reputation.clear()
         for agent in self.poses.agents():
             if agent != self.ego_id:
                 self.poses.forget(agent)
@@ -256,6 +264,7 @@ class CooperativeDetector:
 
     def _forget(self, agent) -> None:
         self._heard.pop(agent, None)
+        self.reputation.forget(agent)
         self._inputs.pop(agent, None)
         self.poses.forget(agent)
 
@@ -333,11 +342,15 @@ class CooperativeDetector:
         for stamp, T in poses:
             self.add_pose(self.ego_id, stamp, T)
 
-    def add_ego_map(self, stamp_ns: int, features: np.ndarray, sensor_height: float) -> bool:
+    def add_ego_map(self, stamp_ns: int, features: np.ndarray, sensor_height: float,
+                    free_range: np.ndarray | None = None, message: FeatureMessage | None = None) -> bool:
         """The ego's BEV features (C, H, W) of the frame captured at stamp_ns, without boxes (e.g.
         from its detector node): the head runs on them only when no collaborator contributes;
-        otherwise it runs once, on the fused map."""
-        return self.add_ego_detections(stamp_ns, _EgoMap(features, self.detector.grid(), float(sensor_height)))
+        otherwise it runs once, on the fused map. For the reputation's checks: ``free_range`` (B,)
+        m, the scan's free-range profile (detection.free_range), and ``message``, the map as
+        received (fusion.ego_map.decode_ego_message), whose ROIs give the ego's boxes cheaply."""
+        return self.add_ego_detections(stamp_ns, _EgoMap(features, self.detector.grid(), float(sensor_height),
+                                                         free_range, message))
 
     def _ego_boxes(self, entry) -> Detections:
         if isinstance(entry, _EgoMap):
@@ -401,6 +414,7 @@ class CooperativeDetector:
             self._drop('ego_pose_unknown', str(exc))
             T_ego = None
         chosen = self._chosen(ego_stamp) if T_ego is not None else {}
+        chosen = self._vetted(det, chosen, T_ego, ego_stamp)
         ages = {a: (ego_stamp - s) / NS_PER_S for a, (s, _, _) in chosen.items()}
         agent_bits = source_bits((self.ego_id, *chosen))
         bits = {a: 1 << b for a, b in agent_bits.items()}
@@ -416,6 +430,7 @@ class CooperativeDetector:
         else:
             out = self._intermediate(det, chosen, T_ego, ego_stamp, ages, bits)
         out.agent_bits = agent_bits
+        self._add_vetting_time(out)
         return self._without_own_vehicle(out)
 
     def _chosen(self, ego_stamp: int) -> dict:
@@ -471,7 +486,7 @@ class CooperativeDetector:
             boxes, vel = warp_boxes(item.boxes, item.velocities, pose, T_ego, stamp, ego_stamp,
                                     motion_compensation=self.method.motion_compensation)
             parts.append(_Part(boxes, item.scores, item.labels, vel, 1.0, bits[agent]))
-        return self._merge(parts, ego_stamp, ages)
+        return self._merge(self._scaled_parts(parts, bits), ego_stamp, ages)
 
     def _merge(self, parts: list['_Part'], ego_stamp: int, ages: dict) -> FusedDetections:
         """Class-wise rotated NMS over every part's boxes; the higher score leads, the geometry is
@@ -520,6 +535,7 @@ class CooperativeDetector:
             warped.append(warp_to_ego(item, pose, T_ego, det.grid, ego_stamp,
                                       motion_compensation=method.motion_compensation))
             agents.append(agent)
+        self._scale_cells(warped, agents)
         clock.lap('warp')
         with torch.inference_mode():
             fused, trust = fuse_sparse(det.features, warped, method, self.cfg.slots, self.fusion, self.gate)
@@ -545,10 +561,84 @@ class CooperativeDetector:
                         self.cfg.velocity_std * ages[agent]) ** 2
                     parts.append(_Part(rb.boxes, score, rb.labels, rb.velocities, t, bits[agent], variance))
             clock.lap('roi_boxes')
-            result = self._merge(parts, ego_stamp, ages)
+            result = self._merge(self._scaled_parts(parts, bits), ego_stamp, ages)
             clock.lap('merge')
         result.timings_ms = clock.ms()
         return result
+
+    # ------------------------------------------------------------------ reputation
+    def _vetted(self, entry, chosen: dict, T_ego, ego_stamp: int) -> dict:
+        """Judge every chosen collaborator's new input against the ego's view (fusion.reputation)
+        and return ``chosen`` without the agents whose reputation is below the threshold
+        (drops['low_reputation']); the others' reputations scale their trust in this frame."""
+        self._scale = {}
+        self._vet_ms = 0.0
+        if not (self.reputation_on and chosen):
+            return chosen
+        start = time.perf_counter()
+        ego = None
+        for agent, (stamp, item, pose) in chosen.items():
+            if self.reputation.seen(agent, stamp):
+                continue
+            if ego is None:
+                ego = self._own_boxes(entry, T_ego, ego_stamp)
+            boxes, scores, labels, velocities = self._collaborator_boxes(item, pose, T_ego, stamp, ego_stamp,
+                                                                         entry.sensor_height)
+            evidence = consistency_evidence(boxes, scores, labels, velocities, (ego_stamp - stamp) / NS_PER_S,
+                                            ego.boxes, ego.scores, ego.labels, entry.free_range,
+                                            self.reputation.cfg)
+            self.reputation.observe(agent, stamp, ego_stamp, evidence)
+        kept = {}
+        for agent, picked in chosen.items():
+            if self.reputation.excluded(agent):
+                self._drop('low_reputation', f'agent {agent} excluded: reputation {self.reputation.value(agent):.2f}')
+            else:
+                kept[agent] = picked
+                self._scale[agent] = self.reputation.value(agent)
+        self._vet_ms = (time.perf_counter() - start) * 1e3
+        return kept
+
+    def _add_vetting_time(self, out: FusedDetections) -> None:
+        """The reputation's share of the frame in ``out.timings_ms`` ('reputation', in 'total')."""
+        if self._vet_ms and out.timings_ms:
+            out.timings_ms = {'reputation': self._vet_ms, **out.timings_ms,
+                              'total': out.timings_ms.get('total', 0.0) + self._vet_ms}
+
+    def _own_boxes(self, entry, T_ego, ego_stamp: int):
+        """The ego's boxes of a frame (boxes, scores, labels): an ego map's from the head at its ROI
+        peaks, which costs a fraction of decoding the whole map."""
+        if isinstance(entry, _EgoMap) and entry.message is not None:
+            return decode_roi_boxes(self.detector.head, entry.message, T_ego, T_ego, ego_stamp, entry.sensor_height)
+        return self._ego_boxes(entry)
+
+    def _collaborator_boxes(self, item, pose, T_ego, stamp: int, ego_stamp: int, sensor_height: float) -> tuple:
+        """A collaborator input's boxes at the ego stamp in the ego frame -> (boxes (N, 7), scores
+        (N,), labels (N,), velocities (N, 2) m/s): a feature message's ROI boxes, a box list's boxes."""
+        if isinstance(item, FeatureMessage):
+            rb = decode_roi_boxes(self.detector.head, item, pose, T_ego, ego_stamp, sensor_height)
+            return rb.boxes, rb.scores, rb.labels, rb.velocities
+        boxes, vel = warp_boxes(item.boxes, item.velocities, pose, T_ego, stamp, ego_stamp,
+                                motion_compensation=self.method.motion_compensation)
+        return boxes, item.scores, item.labels, vel
+
+    def _scale_cells(self, warped: list, agents: list) -> None:
+        """Scale each warped message's features by its sender's reputation (in place)."""
+        for w, agent in zip(warped, agents):
+            r = self._scale.get(agent, 1.0)
+            if r < 1.0:
+                w.features *= np.float32(r)
+
+    def _scaled_parts(self, parts: list['_Part'], bits: dict) -> list['_Part']:
+        """Each single collaborator's boxes with scores and trust scaled by its reputation."""
+        if not self._scale:
+            return parts
+        agent_of = {bits[a]: a for a in self._scale}
+        out = []
+        for p in parts:
+            r = self._scale.get(agent_of.get(p.sources), 1.0) if np.ndim(p.sources) == 0 else 1.0
+            out.append(replace(p, scores=np.asarray(p.scores) * np.float32(r), trust=np.asarray(p.trust) * r)
+                       if r < 1.0 else p)
+        return out
 
 
 @dataclass
@@ -557,6 +647,8 @@ class _EgoMap:
     features: np.ndarray      # (C, H, W) float32
     grid: BevGrid
     sensor_height: float      # m
+    free_range: np.ndarray | None = None   # (B,) m, detection.free_range
+    message: FeatureMessage | None = None  # the map's cells as received, ROI fields included
 
 
 class _StageClock:

@@ -19,6 +19,7 @@ FUSED_OBJECTS = '/coop/objects'
 FUSED_MARKERS = '/coop/detections'
 FUSED_DETECTION3D = '/coop/detections_3d'
 FUSION_STATUS = '/coop/status'
+REPUTATION_MARKERS = '/coop/reputation'
 
 
 def agent_topic(agent: int, name: str) -> str:

@@ -12,7 +12,9 @@ arrived by then and publishes, with the ego scan's header:
   (fully trusted collaborator evidence), labelled with score, trust and contributing agents;
 - ``/coop/detections_3d``: vision_msgs/Detection3DArray, when vision_msgs is installed;
 - ``/coop/status``: JSON with end-to-end latency (ROS time from scan stamp to publication),
-  per-agent input age, latency, trust and drops (wall-clock period).
+  per-agent input age, latency, trust, reputation and drops (wall-clock period);
+- ``/coop/reputation``: a text marker above every collaborator with a reputation below 1 (the
+  misbehaving-collaborator check, fusion.reputation), red when it is excluded.
 
 Inputs that cannot be used are rejected with a throttled warning and counted: unreadable clouds,
 non-finite or physically impossible values (fusion.codec, data.ros_msgs bounds), unknown agents or
@@ -42,14 +44,16 @@ from rclpy.node import Node
 from coop_perception.data import ros_msgs
 from coop_perception.data.bag import MARKER_ARRAY, ODOMETRY, POINTCLOUD2, agent_from_frame
 from coop_perception.data.labels import CLASSES
-from coop_perception.data.objects import MAX_AGENT_ID, MAX_BOX_ABS_Z_M, grid_extent
+from coop_perception.data.objects import MAX_AGENT_ID, MAX_BOX_ABS_Z_M, grid_extent, make_objects
 from coop_perception.errors import UserError
 from coop_perception.fusion.codec import FeatureMessageError, decode
-from coop_perception.fusion.ego_map import decode_ego_features, empty_ego_detections
+from coop_perception.detection.free_range import FREE_RANGE_BINS
+from coop_perception.fusion.ego_map import decode_ego_message, decode_free_range, ego_features, empty_ego_detections
 from coop_perception.fusion.methods import METHODS, ROS_METHODS
 from coop_perception.fusion.model import load_method_models
 from coop_perception.fusion.pipeline import BOX_CHOICES, CooperativeConfig, CooperativeDetector
-from coop_perception.fusion.pose_buffer import PoseBufferConfig
+from coop_perception.fusion.pose_buffer import PoseBufferConfig, PoseLookupError
+from coop_perception.fusion.reputation import ReputationConfig
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
 from coop_perception.ros.node import (LATEST_QOS, ODOM_QOS, RELIABLE_QOS, InputGuard, Param, Window, agent_id,
@@ -63,6 +67,8 @@ NS_PER_S = 1_000_000_000
 # overlaps the ego's sees that far, and anything further out is no use to the ego (or absurd).
 COOPERATIVE_RANGE_GRIDS = 1.0
 _DEFAULTS = CooperativeConfig()
+_REPUTATION = ReputationConfig()
+REPUTATION_MODES = ('auto', 'on', 'off')
 
 PARAMS = (
     Param('ego_id', -1, 'the ego agent; -1: k of the namespace /agent{k}', (-1, 1023)),
@@ -105,6 +111,16 @@ PARAMS = (
     Param('max_future_s', 0.5, "inputs stamped further ahead of the ego's newest stamp or of this node's "
                                'clock are rejected (s); keep it below the length of a looping bag, so that '
                                'messages from before a loop restart cannot pass', (0.0, 1e6)),
+    Param('reputation', 'auto', "misbehaving collaborators: check every collaborator's boxes against the ego's "
+                                "free space and boxes and exclude those with a low reputation; 'auto': on for "
+                                'method trust', choices=REPUTATION_MODES),
+    Param('reputation_exclude_below', _REPUTATION.exclude_below, 'a collaborator whose reputation (1: no '
+          'suspicion) is below this is not fused; above, its trust is scaled by it', (0.01, 0.99)),
+    Param('reputation_evidence_to_exclude', _REPUTATION.evidence_to_exclude, 'accumulated evidence '
+          '(log-likelihood ratio) at which the reputation reaches reputation_exclude_below', (0.01, 1e6)),
+    Param('reputation_check_range_m', _REPUTATION.check_range_m, "collaborator boxes are checked against the ego's "
+          'free space this far from the ego (m)', (1.0, 1000.0)),
+    Param('reputation_decay_s', _REPUTATION.decay_s, 'suspicion decays by e in this much ego time (s)', (0.01, 1e6)),
     Param('display_score_threshold', 0.3, 'lowest score drawn in /coop/detections', (0.0, 1.0)),
     Param('warn_period_s', 5.0, 'at most one warning per kind of bad input in this period (s)', (0.0, 1e6)),
     Param('status_period_s', 1.0, 'period of /coop/status (s, wall clock)', (0.01, 1e6)),
@@ -123,11 +139,12 @@ class _AgentStats:
         self.used_age_s = None          # age of the input used in the last fused frame
         self.boxes = 0                  # fused boxes of the last frame this agent contributed to
         self.mean_trust = None
+        self.reputation = None          # fusion.reputation.Reputation.summary, None without evidence
 
     def summary(self) -> dict:
         return {'inputs': self.inputs, 'last_stamp_ns': self.last_stamp_ns,
                 'arrival_latency_ms': self.arrival_ms.summary(), 'used_age_s': self.used_age_s,
-                'boxes': self.boxes, 'mean_trust': self.mean_trust}
+                'boxes': self.boxes, 'mean_trust': self.mean_trust, 'reputation': self.reputation}
 
 
 class TrustFusionNode(Node):
@@ -161,7 +178,8 @@ class TrustFusionNode(Node):
                               velocity_std=p['velocity_std'],
                               own_footprint_m=tuple(p['own_footprint_m']) or None,
                               forget_after_s=p['forget_after_s'], max_agents=p['max_agents'],
-                              time_jump_back_s=p['time_jump_back_s'], time_jump_confirm=p['time_jump_confirm']),
+                              time_jump_back_s=p['time_jump_back_s'], time_jump_confirm=p['time_jump_confirm'],
+                              reputation=_reputation_config(p)),
             fusion, PoseBufferConfig(time_jump_back_s=p['time_jump_back_s'], jump_confirm=p['time_jump_confirm']))
         self.max_agents, self.forget_s = p['max_agents'], max(p['forget_after_s'], p['max_age_s'])
         self.grid = self.detector.grid()
@@ -183,6 +201,7 @@ class TrustFusionNode(Node):
         cloud, odom, markers = (self.msgs.get_class(t) for t in (POINTCLOUD2, ODOMETRY, MARKER_ARRAY))
         self.pub_objects = self.create_publisher(cloud, topics.FUSED_OBJECTS, RELIABLE_QOS)
         self.pub_markers = self.create_publisher(markers, topics.FUSED_MARKERS, RELIABLE_QOS)
+        self.pub_reputation = self.create_publisher(markers, topics.REPUTATION_MARKERS, RELIABLE_QOS)
         self.pub_detection3d = None
         if self.msgs.has(cv.DETECTION3D_ARRAY):
             self.pub_detection3d = self.create_publisher(self.msgs.get_class(cv.DETECTION3D_ARRAY),
@@ -327,19 +346,25 @@ class TrustFusionNode(Node):
         if not self._ego_stamp_ok(stamp, 'map'):
             return
         try:
-            features, sensor_height = decode_ego_features(**cv.cloud_layout(msg), grid=self.grid,
-                                                          channels=self.channels, agent_id=self.ego, stamp_ns=stamp)
+            ego_map, sensor_height = decode_ego_message(**cv.cloud_layout(msg), grid=self.grid,
+                                                        channels=self.channels, agent_id=self.ego, stamp_ns=stamp)
+            features = ego_features(ego_map, self.grid, self.channels)
         except FeatureMessageError as e:
             self.guard.reject(f'bad_ego_map:{e.reason}', str(e))
             return
         if features is not None and not abs(sensor_height) <= MAX_BOX_ABS_Z_M:
             self.guard.reject('bad_ego_map:bad_sensor_height', f'sensor height {sensor_height:.3g} m')
             return
+        try:
+            free_range = decode_free_range(**cv.cloud_layout(msg), bins=FREE_RANGE_BINS)
+        except FeatureMessageError as e:
+            self.guard.reject(f'bad_ego_map:{e.reason}', str(e))
+            return
         resets = self.coop.resets
         if features is None:   # a scan without voxels: nothing of the ego's own
             taken = self.coop.add_ego_detections(stamp, empty_ego_detections(self.detector))
         else:
-            taken = self.coop.add_ego_map(stamp, features, sensor_height)
+            taken = self.coop.add_ego_map(stamp, features, sensor_height, free_range, ego_map)
         if not self._ego_taken(taken, stamp, resets):   # stale: counted in coop.drops
             return
         self.frames += 1
@@ -372,6 +397,7 @@ class TrustFusionNode(Node):
             return
         fused = self._publishable(fused)
         self._publish(fused, header)
+        self._publish_reputation(stamp, header)
         self.fused += 1
         self.latency_ms.add((ros_now_ns(self) - stamp) * 1e-6)
         self.processing_ms.add((time.perf_counter() - t0) * 1e3)
@@ -400,6 +426,26 @@ class TrustFusionNode(Node):
         if self.pub_detection3d is not None:
             self.pub_detection3d.publish(cv.objects_to_detection3d(objects, header, self.msgs))
 
+    def _publish_reputation(self, stamp: int, header) -> None:
+        """A text marker above every collaborator whose reputation is below 1, at its position at
+        the ego stamp (ego frame): yellow while its trust is only scaled, red once excluded."""
+        rep = self.coop.reputation
+        suspects = [k for k in rep.agents() if rep.value(k) < 1.0]
+        objects, texts, colors = [], [], []
+        for k in suspects:
+            try:
+                T = np.linalg.inv(self.coop.poses.lookup(self.ego, stamp)) @ self.coop.poses.lookup(k, stamp)
+            except PoseLookupError:
+                continue
+            objects.append((T[0, 3], T[1, 3], T[2, 3]))
+            texts.append(f'agent {k} reputation {rep.value(k):.2f}' + (' EXCLUDED' if rep.excluded(k) else ''))
+            colors.append((1.0, 0.1, 0.1, 1.0) if rep.excluded(k) else (1.0, 0.8, 0.1, 1.0))
+        xyz = np.asarray(objects, np.float64).reshape(-1, 3)
+        boxes = np.column_stack([xyz, np.tile([1.0, 1.0, 1.0, 0.0], (len(xyz), 1))])
+        markers = ros_msgs.objects_to_markers(make_objects(boxes, np.zeros((len(xyz), 2))), header, self.msgs,
+                                              ns='reputation', colors=np.asarray(colors).reshape(-1, 4), texts=texts)
+        self.pub_reputation.publish(markers)
+
     def _forget_agents(self, keep: int) -> None:
         """Forget the status of agents silent for forget_after_s (wall time) and, beyond ``keep``,
         of the longest-silent ones."""
@@ -416,6 +462,7 @@ class TrustFusionNode(Node):
             mine = fused.contributed(k)
             stats.boxes = int(mine.sum())
             stats.mean_trust = float(fused.trust[mine].mean()) if mine.any() else None
+            stats.reputation = self.coop.reputation.summary(k)
 
     def status(self) -> dict:
         return {'ego': self.ego, 'method': self.method, 'frames': self.frames, 'fused': self.fused,
@@ -424,7 +471,16 @@ class TrustFusionNode(Node):
                 'latency_ms': self.latency_ms.summary(), 'processing_ms': self.processing_ms.summary(),
                 'rejected': dict(self.guard.counts), 'pipeline_drops': dict(self.coop.drops),
                 'dropped_boxes': dict(self.dropped_boxes),
+                'reputation_on': self.coop.reputation_on,
+                'excluded_agents': sorted(k for k in self.coop.reputation.agents() if self.coop.reputation.excluded(k)),
                 'agents': {str(k): s.summary() for k, s in sorted(self.agents.items())}}
+
+
+def _reputation_config(p: dict) -> ReputationConfig:
+    enabled = {'auto': None, 'on': True, 'off': False}[p['reputation']]
+    return ReputationConfig(enabled=enabled, exclude_below=p['reputation_exclude_below'],
+                            evidence_to_exclude=p['reputation_evidence_to_exclude'],
+                            check_range_m=p['reputation_check_range_m'], decay_s=p['reputation_decay_s'])
 
 
 def main(argv: list[str] | None = None) -> int:

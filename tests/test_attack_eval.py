@@ -1,0 +1,107 @@
+"""``eval fusion --attack``: the attacks change what the attacker sends, and the evaluation runs
+every row on a tiny dataset."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ros_fixtures import TINY
+
+from coop_perception.data.v2xsim import V2XSimDataset
+from coop_perception.detection.config import load_config, with_overrides
+from coop_perception.detection.model import Detector
+from coop_perception.eval import attack_eval as A
+from coop_perception.eval.fusion_eval import _scene_payloads, scene_samples
+from coop_perception.fusion.cache import FeatureCache, build_cache
+from coop_perception.fusion.codec import FeatureMessage
+from coop_perception.fusion.model import FusionModel
+from coop_perception.fusion.payloads import BoxList
+from coop_perception.geometry import make_pose, matrix_yaw
+
+CFG = load_config(Path(__file__).parents[1] / 'models' / 'detector.yaml')
+LOW_ROI = {'score_threshold': 0.0}
+
+
+@pytest.fixture(scope='module')
+def setup(tiny_dataset, tmp_path_factory):
+    torch.manual_seed(0)
+    det = Detector(with_overrides(CFG, **TINY)).eval()
+    ds = V2XSimDataset(tiny_dataset)
+    root = tmp_path_factory.mktemp('attack_cache')
+    build_cache(ds, det, root, progress=False)
+    return det, ds, FeatureCache(root, det.grid())
+
+
+def test_lied_pose_moves_and_turns():
+    T = make_pose([10, 5, 1.8], yaw=0.3)
+    lied = A.lied_pose(T, 3.0, 0.0, 10.0)
+    assert lied[:3, 3] == pytest.approx([13, 5, 1.8])
+    assert matrix_yaw(lied) == pytest.approx(0.3 + np.deg2rad(10.0))
+
+
+@pytest.mark.parametrize('kind', [FeatureMessage, BoxList])
+def test_attacks_change_only_the_attacker(setup, kind):
+    det, ds, cache = setup
+    samples, egos = scene_samples(ds, 0)
+    payloads = _scene_payloads(cache, samples, kind, LOW_ROI)
+    ego, attacker = egos[0], 0
+    rng = np.random.default_rng(0)
+    for attack in A.ATTACKS:
+        out = A.attacked_payloads(payloads, cache, samples, attack, attacker, ego, rng)
+        honest = [key for key in payloads if key[1] != attacker]
+        assert all(out[key] is payloads[key] for key in honest), attack
+        _, pose, item, _ = out[(3, attacker)]
+        if attack == 'shift':
+            assert np.linalg.norm(pose[:2, 3] - payloads[(3, attacker)][1][:2, 3]) == pytest.approx(A.SHIFT_M)
+        if attack == 'drop':
+            assert (len(item.boxes) if kind is BoxList else (item.roi >= 0).sum()) == 0
+    # replay: REPLAY_FRAMES old, restamped; the tiny scene is shorter, so the attacker stays honest
+    out = A.attacked_payloads(payloads, cache, samples, 'replay', attacker, ego, rng)
+    assert out[(3, attacker)][2] is payloads[(3, attacker)][2]
+    noisy = A.attacked_payloads(payloads, cache, samples, 'pose_noise_0.5', attacker, ego, rng)
+    assert all(not np.allclose(noisy[k][1], payloads[k][1]) for k in payloads if k[1] != ego)
+
+
+def test_phantoms_are_copies_of_a_real_roi_at_free_places(setup):
+    det, ds, cache = setup
+    samples, _ = scene_samples(ds, 0)
+    payloads = _scene_payloads(cache, samples, FeatureMessage, LOW_ROI)
+    msg = payloads[(1, 0)][2]
+    assert (msg.roi >= 0).any()
+    places = np.array([[6.0, 6.0], [-6.0, -6.0]])
+    out = A.with_phantoms(msg, places)
+    new = np.setdiff1d(np.unique(out.roi), np.unique(msg.roi))
+    assert len(new) == 2 and out.num_cells > msg.num_cells
+    for r, place in zip(new, places):
+        cells = out.cells[out.roi == r]
+        peak = cells[np.argmax(out.confidence[out.roi == r])]
+        assert np.abs(peak - place).max() <= msg.grid.cell_size / 2 + 1e-6
+        assert (out.velocity[out.roi == r] == 0).all()
+    boxes = BoxList(np.array([[1.0, 2, 0, 4, 2, 1.5, 0]]), np.array([0.8]), np.array([0]), np.zeros((1, 2)))
+    got = A.with_phantoms(boxes, places)
+    assert len(got.boxes) == 3 and got.boxes[1:, :2] == pytest.approx(places)
+
+
+def test_evaluation_runs_every_row(setup):
+    det, ds, cache = setup
+    result = A.evaluate_attacks(ds, det, cache, FusionModel(TINY['model']['feature_channels']), 'trust', 100.0,
+                                list(A.ATTACKS), pose_noise=(0.2,), roi_policy=LOW_ROI, progress=False)
+    names = [r['attack'] for r in result['results']]
+    assert names == ['none', *A.ATTACKS, 'pose_noise_0.2']
+    assert set(result['attack']) == set(A.ATTACKS)
+    assert set(result['attack']['phantom']) == {'detection_rate', 'false_alarm_rate', 'ap70_gap_to_oracle'}
+    # the tiny scene is shorter than the warm-up: no frame is scored for flags
+    assert all(r['attacker_frames'] == 0 and r['detection_rate'] is None for r in result['results'])
+    assert 'phantom' in A.format_attacks(result)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--attack', 'phantom,teleport'], 'unknown attack(s) teleport; choose from phantom, shift, drop, replay or all'),
+    (['--attack', 'all', '--methods', 'early'], 'early: collaborators send no boxes or features'),
+    (['--attack', 'shift', '--pose-noise', '0.2,-1'], 'sigmas must be > 0'),
+])
+def test_cli_refuses_bad_attack_options(capsys, args, message):
+    from coop_perception.cli import main as cli_main
+
+    assert cli_main(['eval', 'fusion', '--data', 'nowhere', *args]) == 2
+    assert message in capsys.readouterr().err
