@@ -13,6 +13,8 @@ def _attributes(rng, n):
     a[:, 0] = rng.uniform(0.3, 1.0, n)                 # score
     a[:, 1:5] = rng.uniform(0.01, 1.0, (n, 4))          # uncertainties
     a[:, 5] = rng.uniform(0.0, 0.6, n)                  # age, s
+    a[:, 6] = 0.0                                       # displacement: BoxTrust takes the speeds
+    a[:, 7] = rng.uniform(0.0, 60.0, n)                 # range, m
     return a
 
 

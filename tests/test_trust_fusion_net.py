@@ -34,7 +34,7 @@ def test_threshold_calibration_uses_true_positive_quantiles():
 
 def test_learned_trust_starts_trusting_and_learns():
     net = LearnedTrust()
-    x = torch.tensor([[0.9, 0.1, 0.1, 0.1, 0.1, 0.0], [0.9, 0.1, 0.1, 5.0, 0.1, 0.0]])
+    x = torch.tensor([[0.9, 0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 20.0], [0.9, 0.1, 0.1, 5.0, 0.1, 0.0, 0.0, 20.0]])
     assert (net(x) > 0.8).all()
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     target = torch.tensor([1.0, 0.0])
@@ -89,8 +89,11 @@ def _warped_message(rng, C, H, W, cells, age_s):
     unc = np.where(roi[:, None] >= 0, rng.uniform(0.01, 2, (H * W, 4)), 0).astype(np.float32)
     occupied = np.zeros(H * W, bool)
     occupied[flat] = True
+    speed = np.where(roi >= 0, rng.uniform(0, 15, H * W), 0).astype(np.float32)
+    range_m = np.where(occupied, rng.uniform(0, 70, H * W), 0).astype(np.float32)
     return WarpedFeatures(features.reshape(C, H, W), occupied.reshape(H, W), score.reshape(H, W),
-                          score.reshape(H, W), unc.reshape(H, W, 4), roi.reshape(H, W), age_s, 0)
+                          score.reshape(H, W), unc.reshape(H, W, 4), roi.reshape(H, W), speed.reshape(H, W),
+                          range_m.reshape(H, W), age_s, 0)
 
 
 @pytest.mark.parametrize('method', ['trust', 'gate', 'max'])

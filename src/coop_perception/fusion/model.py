@@ -30,7 +30,7 @@ class FusionInputs:
     """Numpy inputs of one ego frame; K collaborator slots (unused ones have valid False)."""
     ego: np.ndarray          # (C, H, W) float32
     collab: np.ndarray       # (K, C, H, W) float32, warped into the ego grid
-    attributes: np.ndarray   # (K, H, W, 6) float32, columns trust.ROI_ATTRIBUTES
+    attributes: np.ndarray   # (K, H, W, 8) float32, columns trust.ROI_ATTRIBUTES
     roi: np.ndarray          # (K, H, W) bool, the cell carries a collaborator ROI
     valid: np.ndarray        # (K,) bool
 
@@ -44,7 +44,7 @@ def stack_inputs(ego_features: np.ndarray, warped: list[WarpedFeatures], slots: 
     valid = np.zeros(slots, bool)
     for i, w in enumerate(warped[:slots]):
         collab[i] = w.features
-        attributes[i] = roi_attributes(w.score, w.uncertainty, w.age_s).reshape(H, W, -1)
+        attributes[i] = roi_attributes(w.score, w.uncertainty, w.age_s, w.speed, w.range_m).reshape(H, W, -1)
         roi[i] = w.roi >= 0
         valid[i] = True
     return FusionInputs(ego_features.astype(np.float32, copy=False), collab, attributes, roi, valid)
@@ -78,8 +78,9 @@ def fuse(ego, collab, attributes, roi, valid, method: FusionMethod, model: 'Fusi
 
 
 def _cell_attributes(w: WarpedFeatures, cells: np.ndarray) -> np.ndarray:
-    """(n, 6) trust attributes of the flat ego cells ``cells`` of one warped message."""
-    return roi_attributes(w.score.reshape(-1)[cells], w.uncertainty.reshape(-1, 4)[cells], w.age_s)
+    """(n, 8) trust attributes of the flat ego cells ``cells`` of one warped message."""
+    return roi_attributes(w.score.reshape(-1)[cells], w.uncertainty.reshape(-1, 4)[cells], w.age_s,
+                          w.speed.reshape(-1)[cells], w.range_m.reshape(-1)[cells])
 
 
 def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: FusionMethod, slots: int,
@@ -132,6 +133,11 @@ class FusionModel(nn.Module):
     @classmethod
     def load(cls, path) -> 'FusionModel':
         ckpt = torch.load(Path(path), map_location='cpu', weights_only=False)
+        inputs = ckpt['state']['trust.net.0.weight'].shape[1]
+        if inputs != len(ROI_ATTRIBUTES):
+            raise UserError(path, f'its trust takes {inputs} ROI attributes, this version '
+                                  f'{len(ROI_ATTRIBUTES)} ({", ".join(ROI_ATTRIBUTES)}); train it again '
+                                  'with `train fusion`')
         model = cls(**ckpt['config'])
         model.load_state_dict(ckpt['state'])
         try:

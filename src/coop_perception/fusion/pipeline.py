@@ -443,10 +443,12 @@ class CooperativeDetector:
 
     def _fused_map_scores(self, out: Detections) -> np.ndarray:
         """(n,) scores of the fused map's boxes, on the scale of the ROI boxes they compete with:
-        with a calibrated box trust, its probability of a true positive (age 0, not moved)."""
+        with a calibrated box trust, its probability of a true positive (age 0, not moved, at its
+        range from the ego)."""
         if self.box_trust is None:
             return out.scores
-        attributes = roi_attributes(out.scores, message_uncertainty(out.uncertainty, out.boxes), 0.0)
+        attributes = roi_attributes(out.scores, message_uncertainty(out.uncertainty, out.boxes), 0.0, 0.0,
+                                    np.hypot(out.boxes[:, 0], out.boxes[:, 1]))
         return self.box_trust.trust(attributes, np.zeros(len(out.boxes))).astype(np.float32)
 
     def _without_own_vehicle(self, out: FusedDetections) -> FusedDetections:
