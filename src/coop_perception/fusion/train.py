@@ -26,6 +26,7 @@ from .align import warp_to_ego
 from .cache import FeatureCache
 from .model import FusionInputs, FusionModel, collate, stack_inputs
 from .pipeline import Sender, collaborator_message
+from .trust import BoxTrust
 
 log = logging.getLogger(__name__)
 CHECKPOINT = 'checkpoint.pt'
@@ -130,13 +131,16 @@ class FusionExamples:
 
 
 def train_fusion(detector, examples: FusionExamples, out_dir, cfg: FusionTrainConfig,
-                 resume: bool = True, progress: bool = True) -> Path:
-    """Train FusionModel with the detector frozen; resumable from out_dir/checkpoint.pt."""
+                 resume: bool = True, progress: bool = True, box_trust: BoxTrust | None = None) -> Path:
+    """Train FusionModel with the detector frozen; resumable from out_dir/checkpoint.pt.
+    ``box_trust`` (calibrated beforehand, fixed) weights the collaborators' cells with the learned
+    trust (FusionModel.cell_trust) and is stored with the weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     dcfg = detector.cfg
     model = FusionModel(dcfg.model.feature_channels, cfg.scales).train()
+    model.box_trust = box_trust
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     head = detector.head.eval()
     for p in detector.parameters():

@@ -104,31 +104,31 @@ BOX_TRUST_FEATURES = ('logit_score', 'log_cls_aleatoric', 'cls_epistemic', 'log_
                       'log_reg_epistemic', 'age', 'displacement', 'range')
 
 
-def box_trust_features(attributes: np.ndarray, speed: np.ndarray) -> np.ndarray:
-    """ROI attributes (n, 8) of boxes moved to the ego stamp and their speeds (n,) m/s ->
-    (n, len(BOX_TRUST_FEATURES)): the score as a logit, log variances, the age (s), how far
-    the motion compensation moved the box (speed x age, m), whose error grows with both, and its
-    range from the sender (m)."""
+def box_trust_features(attributes: np.ndarray) -> np.ndarray:
+    """ROI attributes (n, 8) of boxes (or cells) moved to the ego stamp -> (n,
+    len(BOX_TRUST_FEATURES)): the score as a logit, log variances, the age (s), how far the motion
+    compensation moved the box (speed x age, m), whose error grows with both, and its range from
+    the sender (m)."""
     a = np.asarray(attributes, np.float64).reshape(-1, len(ROI_ATTRIBUTES))
     score = np.clip(a[:, 0], 1e-4, 1 - 1e-4)
     logs = np.log(np.maximum(a[:, [1, 3, 4]], 1e-6))
     return np.column_stack([np.log(score / (1 - score)), logs[:, 0], a[:, 2], logs[:, 1], logs[:, 2], a[:, 5],
-                            np.asarray(speed, np.float64) * a[:, 5], a[:, 7]])
+                            a[:, 6], a[:, 7]])
 
 
 @dataclass
 class BoxTrust:
     """Trust of a collaborator's box at the ego stamp: the probability that it is a true positive
     at IoU 0.7, a logistic model of `box_trust_features` fitted on validation outcomes under
-    delay (eval.box_trust_calibration); it rescores the box."""
+    delay (eval.box_trust_calibration); it rescores the box and weights the ROI's cells."""
     mean: list[float]          # per feature, for standardisation
     std: list[float]
     weights: list[float]
     bias: float
 
-    def trust(self, attributes: np.ndarray, speed: np.ndarray) -> np.ndarray:
-        """(n, 8) attributes and (n,) speeds (m/s) -> (n,) trust in (0, 1)."""
-        x = (box_trust_features(attributes, speed) - np.asarray(self.mean)) / np.asarray(self.std)
+    def trust(self, attributes: np.ndarray) -> np.ndarray:
+        """(n, 8) attributes -> (n,) trust in (0, 1)."""
+        x = (box_trust_features(attributes) - np.asarray(self.mean)) / np.asarray(self.std)
         return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.weights) + self.bias)))
 
     @classmethod
