@@ -110,6 +110,9 @@ def test_motion_compensation_moves_roi_cells_by_v_dt_and_clears_the_old_place():
     assert len(r) == 24  # 8 rows x 3 columns in the ego grid
     assert np.array_equal(out.features[:, r + 5, c], static.features[:, r, c])
     assert (out.roi[r + 5, c] == 0).all()
+    assert np.allclose(out.speed[r + 5, c], 8.0) and not out.speed[out.roi < 0].any()
+    # the sender turned about the ego's place: a cell's range from it is its ego centre's norm
+    assert np.allclose(static.range_m[r, c], np.hypot(*GRID.centre_of(r, c)), atol=1e-4)
     old_only = moved.copy()
     old_only[r + 5, c] = False
     assert old_only.sum() == 15 and not out.occupied[old_only].any()  # 5 of 8 rows vacated

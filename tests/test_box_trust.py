@@ -13,24 +13,26 @@ def _attributes(rng, n):
     a[:, 0] = rng.uniform(0.3, 1.0, n)                 # score
     a[:, 1:5] = rng.uniform(0.01, 1.0, (n, 4))          # uncertainties
     a[:, 5] = rng.uniform(0.0, 0.6, n)                  # age, s
+    a[:, 6] = a[:, 5] * rng.uniform(0, 15, n)           # displacement: speed x age, m
+    a[:, 7] = rng.uniform(0.0, 60.0, n)                 # range, m
     return a
 
 
 def test_box_trust_learns_that_old_fast_boxes_miss():
     rng = np.random.default_rng(0)
-    a, speed = _attributes(rng, 4000), rng.uniform(0, 15, 4000)
+    a = _attributes(rng, 4000)
     # a box moved by speed x age misses IoU 0.7 when the displacement is large; score helps too
-    p = 1 / (1 + np.exp(-(4 * (a[:, 0] - 0.6) - 1.5 * speed * a[:, 5] + 2)))
+    p = 1 / (1 + np.exp(-(4 * (a[:, 0] - 0.6) - 1.5 * a[:, 6] + 2)))
     tp = rng.uniform(size=4000) < p
-    trust = BoxTrust.fit(box_trust_features(a, speed), tp)
-    t = trust.trust(a, speed)
+    trust = BoxTrust.fit(box_trust_features(a), tp)
+    t = trust.trust(a)
     assert t.shape == (4000,) and ((t > 0) & (t < 1)).all()
     assert auroc(t, tp) > auroc(a[:, 0], tp) + 0.1     # better than the score alone
     fresh, stale = a[:1].copy(), a[:1].copy()
-    fresh[0, 5], stale[0, 5] = 0.0, 0.5
-    assert trust.trust(stale, [10.0])[0] < trust.trust(fresh, [10.0])[0]
+    fresh[0, 5:7], stale[0, 5:7] = (0.0, 0.0), (0.5, 5.0)      # 10 m/s
+    assert trust.trust(stale)[0] < trust.trust(fresh)[0]
     again = BoxTrust.from_dict({**trust.to_dict(), 'calibrated_on': 'somewhere'})
-    assert np.array_equal(again.trust(a, speed), t)
+    assert np.array_equal(again.trust(a), t)
     with pytest.raises(ValueError, match='features'):
         BoxTrust.from_dict({**trust.to_dict(), 'features': list(BOX_TRUST_FEATURES[:-1])})
 

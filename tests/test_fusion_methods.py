@@ -70,3 +70,13 @@ def test_a_checkpoint_with_a_foreign_box_trust_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match='box trust unreadable'):
         load_method_models([METHODS['trust']], tmp_path / 'fusion.pt', tmp_path / 'none.yaml')
     assert FusionModel.load(MODELS / 'fusion.pt').box_trust is not None   # the shipped one carries it
+
+
+def test_a_checkpoint_whose_trust_takes_other_attributes_is_a_user_error(tmp_path):
+    import torch
+
+    ckpt = torch.load(MODELS / 'fusion.pt', map_location='cpu', weights_only=False)
+    ckpt['state']['trust.net.0.weight'] = ckpt['state']['trust.net.0.weight'][:, :-1]
+    torch.save(ckpt, tmp_path / 'fusion.pt')
+    with pytest.raises(UserError, match='train it again'):
+        FusionModel.load(tmp_path / 'fusion.pt')

@@ -68,3 +68,7 @@ def test_boxes_move_with_the_relative_pose_and_the_roi_velocity(sender):
     # z is measured from the ground below the ego, whatever the sender's height
     assert np.allclose(moved.boxes[:, 2], local.boxes[:, 2] - 1.8)
     assert np.allclose(moved.velocities, vel) and np.allclose(moved.attributes[:, 5], 0.2)
+    # displacement: how far the motion compensation moved each box
+    assert np.allclose(moved.attributes[:, 6], 0.2 * np.linalg.norm(msg.velocity[roi_peaks(msg)], axis=1), atol=1e-5)
+    # range: from the sender that saw the box, wherever the ego is
+    assert np.allclose(moved.attributes[:, 7], np.hypot(local.boxes[:, 0], local.boxes[:, 1]), atol=1e-4)

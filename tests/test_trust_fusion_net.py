@@ -4,7 +4,7 @@ import torch
 
 from coop_perception.fusion.methods import METHODS
 from coop_perception.fusion.network import MultiScaleFusion, max_fusion
-from coop_perception.fusion.trust import LearnedTrust, ThresholdTrust, decay
+from coop_perception.fusion.trust import BOX_TRUST_FEATURES, BoxTrust, LearnedTrust, ThresholdTrust, decay
 
 
 def attrs(score, unc, age):
@@ -34,7 +34,7 @@ def test_threshold_calibration_uses_true_positive_quantiles():
 
 def test_learned_trust_starts_trusting_and_learns():
     net = LearnedTrust()
-    x = torch.tensor([[0.9, 0.1, 0.1, 0.1, 0.1, 0.0], [0.9, 0.1, 0.1, 5.0, 0.1, 0.0]])
+    x = torch.tensor([[0.9, 0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 20.0], [0.9, 0.1, 0.1, 5.0, 0.1, 0.0, 0.0, 20.0]])
     assert (net(x) > 0.8).all()
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     target = torch.tensor([1.0, 0.0])
@@ -89,11 +89,14 @@ def _warped_message(rng, C, H, W, cells, age_s):
     unc = np.where(roi[:, None] >= 0, rng.uniform(0.01, 2, (H * W, 4)), 0).astype(np.float32)
     occupied = np.zeros(H * W, bool)
     occupied[flat] = True
+    speed = np.where(roi >= 0, rng.uniform(0, 15, H * W), 0).astype(np.float32)
+    range_m = np.where(occupied, rng.uniform(0, 70, H * W), 0).astype(np.float32)
     return WarpedFeatures(features.reshape(C, H, W), occupied.reshape(H, W), score.reshape(H, W),
-                          score.reshape(H, W), unc.reshape(H, W, 4), roi.reshape(H, W), age_s, 0)
+                          score.reshape(H, W), unc.reshape(H, W, 4), roi.reshape(H, W), speed.reshape(H, W),
+                          range_m.reshape(H, W), age_s, 0)
 
 
-@pytest.mark.parametrize('method', ['trust', 'gate', 'max'])
+@pytest.mark.parametrize('method', ['trust', 'trust+box', 'gate', 'max'])
 def test_sparse_run_time_fusion_equals_the_dense_training_fusion(method):
     from coop_perception.fusion.model import FusionModel, collate, fuse, fuse_sparse, stack_inputs
     rng = np.random.default_rng(3)
@@ -103,6 +106,10 @@ def test_sparse_run_time_fusion_equals_the_dense_training_fusion(method):
     for p in model.parameters():   # the projection starts at zero: give every layer a say
         torch.nn.init.normal_(p, std=0.3)
     gate = ThresholdTrust(min_score=0.5, thresholds={'reg_aleatoric': 1.0}, half_life_s=0.5)
+    if method == 'trust+box':   # the calibrated box trust also weights the cells
+        n = len(BOX_TRUST_FEATURES)
+        model.box_trust = BoxTrust([0.0] * n, [1.0] * n, rng.normal(0, 0.5, n).tolist(), 0.3)
+        method = 'trust'
     ego = rng.uniform(0, 3, (C, H, W)).astype(np.float32)
     ego[:, :4] = 0.0                                        # empty ego cells too
     warped = [_warped_message(rng, C, H, W, n, age) for n, age in ((40, 0.1), (90, 0.3), (10, 0.0))]
@@ -115,4 +122,9 @@ def test_sparse_run_time_fusion_equals_the_dense_training_fusion(method):
     assert sparse.shape == (1, C, H, W) and not torch.equal(sparse[0], torch.from_numpy(ego))
     assert torch.allclose(dense, sparse, atol=1e-5)
     assert np.allclose(dense_trust[0, :3].numpy(), sparse_trust, atol=1e-6)
+    if model.box_trust is not None:   # the cells' trust: learned x box trust of their attributes
+        attrs = stack_inputs(ego, warped, 4).attributes[0]
+        roi = warped[0].roi >= 0
+        expect = model.trust(torch.from_numpy(attrs[roi])).detach().numpy() * model.box_trust.trust(attrs[roi])
+        assert np.allclose(sparse_trust[0][roi], expect, atol=1e-5)
     assert torch.allclose(dense_two, two, atol=1e-5)

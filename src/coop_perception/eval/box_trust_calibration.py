@@ -47,9 +47,8 @@ def collect_box_outcomes(dataset, detector, cache, max_range: float = 50.0,
                         rb = decode_roi_boxes(detector.head, msg, pose, view.T_world_sensor, view.stamp_ns,
                                               view.detections.sensor_height)
                         keep = ~((np.abs(rb.boxes[:, 0]) < half[0]) & (np.abs(rb.boxes[:, 1]) < half[1]))
-                        speed = np.linalg.norm(rb.velocities, axis=1)
                         acc.add_frame(rb.boxes[keep], rb.scores[keep], rb.labels[keep], truth, truth_labels,
-                                      extra={'features': box_trust_features(rb.attributes, speed)[keep]})
+                                      extra={'features': box_trust_features(rb.attributes)[keep]})
     d = acc.detections()
     return d['features'], d['tp'][:, 0]
 

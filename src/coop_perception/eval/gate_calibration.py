@@ -31,7 +31,8 @@ def calibrate_gate(dataset, cache: FeatureCache, classes, *, quantile: float = 0
                           extra={'unc': message_uncertainty(det.uncertainty, det.boxes)[keep]})
     d = acc.detections()
     tp = d['tp'][:, 0]
-    attributes = np.concatenate([d['scores'][:, None], d['unc'], np.zeros((len(tp), 1))], 1)
+    # age, displacement and range 0: the gate's thresholds are on the detector's own values
+    attributes = np.concatenate([d['scores'][:, None], d['unc'], np.zeros((len(tp), 3))], 1)
     gate = ThresholdTrust.calibrate(attributes, tp, quantile, min_score=min_score, half_life_s=half_life_s)
     kept = gate.trust(attributes) > 0
     summary = {'true_positives': int(tp.sum()), 'false_positives': int((~tp).sum()),

@@ -33,6 +33,8 @@ class WarpedFeatures:
     score: np.ndarray         # (H, W) float32 score of the cell's ROI, 0 on background
     uncertainty: np.ndarray   # (H, W, 4) float32, columns codec.MESSAGE_UNCERTAINTY_FIELDS
     roi: np.ndarray           # (H, W) int16 sender ROI id, -1 background or empty
+    speed: np.ndarray         # (H, W) float32 the cell's ROI's tracked ground speed (m/s), 0 on background
+    range_m: np.ndarray       # (H, W) float32 the cell's distance from the sender's sensor (m, BEV), 0 where empty
     # Age of every cell (s): all cells of a message share one capture stamp, so a scalar holds it;
     # broadcast with ``np.where(occupied, age_s, 0)`` where a map is needed.
     age_s: float
@@ -122,11 +124,15 @@ def warp_to_ego(msg: FeatureMessage, T_world_sender: np.ndarray, T_world_ego: np
     uncertainty[flat] = msg.uncertainty[src]
     roi = np.full(H * W, -1, np.int16)
     roi[flat] = msg.roi[src]
+    speed = np.zeros(H * W, np.float32)
+    speed[flat] = np.where(msg.roi[src] >= 0, np.hypot(msg.velocity[src, 0], msg.velocity[src, 1]), 0.0)
+    range_m = np.zeros(H * W, np.float32)
+    range_m[flat] = np.hypot(msg.cells[src, 0], msg.cells[src, 1])
     return WarpedFeatures(
         features=features.reshape(C, H, W), occupied=occupied.reshape(H, W),
         confidence=confidence.reshape(H, W), score=score.reshape(H, W),
-        uncertainty=uncertainty.reshape(H, W, -1), roi=roi.reshape(H, W), age_s=age_s,
-        dropped=dropped)
+        uncertainty=uncertainty.reshape(H, W, -1), roi=roi.reshape(H, W), speed=speed.reshape(H, W),
+        range_m=range_m.reshape(H, W), age_s=age_s, dropped=dropped)
 
 
 def cell_index(msg: FeatureMessage) -> np.ndarray:

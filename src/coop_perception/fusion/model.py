@@ -30,7 +30,7 @@ class FusionInputs:
     """Numpy inputs of one ego frame; K collaborator slots (unused ones have valid False)."""
     ego: np.ndarray          # (C, H, W) float32
     collab: np.ndarray       # (K, C, H, W) float32, warped into the ego grid
-    attributes: np.ndarray   # (K, H, W, 6) float32, columns trust.ROI_ATTRIBUTES
+    attributes: np.ndarray   # (K, H, W, 8) float32, columns trust.ROI_ATTRIBUTES
     roi: np.ndarray          # (K, H, W) bool, the cell carries a collaborator ROI
     valid: np.ndarray        # (K,) bool
 
@@ -44,7 +44,7 @@ def stack_inputs(ego_features: np.ndarray, warped: list[WarpedFeatures], slots: 
     valid = np.zeros(slots, bool)
     for i, w in enumerate(warped[:slots]):
         collab[i] = w.features
-        attributes[i] = roi_attributes(w.score, w.uncertainty, w.age_s).reshape(H, W, -1)
+        attributes[i] = roi_attributes(w.score, w.uncertainty, w.age_s, w.speed, w.range_m).reshape(H, W, -1)
         roi[i] = w.roi >= 0
         valid[i] = True
     return FusionInputs(ego_features.astype(np.float32, copy=False), collab, attributes, roi, valid)
@@ -58,7 +58,7 @@ def collate(batch: list[FusionInputs]) -> dict[str, torch.Tensor]:
 def fuse(ego, collab, attributes, roi, valid, method: FusionMethod, model: 'FusionModel | None' = None,
          gate: 'ThresholdTrust | None' = None):
     """A feature method (fusion.methods) on a batch: each collaborator ROI cell weighted by the
-    method's trust (learned: ``model.trust``; gate: ``gate``; none: full weight), then fused by
+    method's trust (learned: ``model.cell_trust``; gate: ``gate``; none: full weight), then fused by
     ``model``'s multi-scale fusion or, without a fusion network, an element-wise max.
     Background cells of collaborators are suppressed either way; the ego is never masked.
     -> fused (B, C, H, W), trust (B, K, H, W)."""
@@ -69,7 +69,7 @@ def fuse(ego, collab, attributes, roi, valid, method: FusionMethod, model: 'Fusi
         flat = attributes.reshape(-1, attributes.shape[-1]).numpy()
         trust = torch.from_numpy(gate.trust(flat).astype(np.float32)).reshape(keep.shape) * keep
     else:
-        trust = model.trust(attributes) * keep
+        trust = model.cell_trust(attributes) * keep
     agents = torch.cat([ego[:, None], collab * trust[:, :, None]], 1)
     valid_all = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
     if not method.fusion_network:
@@ -78,8 +78,9 @@ def fuse(ego, collab, attributes, roi, valid, method: FusionMethod, model: 'Fusi
 
 
 def _cell_attributes(w: WarpedFeatures, cells: np.ndarray) -> np.ndarray:
-    """(n, 6) trust attributes of the flat ego cells ``cells`` of one warped message."""
-    return roi_attributes(w.score.reshape(-1)[cells], w.uncertainty.reshape(-1, 4)[cells], w.age_s)
+    """(n, 8) trust attributes of the flat ego cells ``cells`` of one warped message."""
+    return roi_attributes(w.score.reshape(-1)[cells], w.uncertainty.reshape(-1, 4)[cells], w.age_s,
+                          w.speed.reshape(-1)[cells], w.range_m.reshape(-1)[cells])
 
 
 def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: FusionMethod, slots: int,
@@ -97,7 +98,7 @@ def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: 
         elif method.trust == GATE:
             t = gate.trust(_cell_attributes(w, cells)).astype(np.float32)
         else:
-            t = model.trust(torch.from_numpy(_cell_attributes(w, cells))).numpy()
+            t = model.cell_trust(torch.from_numpy(_cell_attributes(w, cells))).numpy()
         trust[i, cells] = t
         values = w.features.reshape(C, -1)[:, cells] * t
         agents.append(SparseAgent(torch.from_numpy(cells), torch.from_numpy(np.ascontiguousarray(values))))
@@ -116,9 +117,21 @@ class FusionModel(nn.Module):
         self.trust = LearnedTrust(trust_hidden)
         self.fusion = MultiScaleFusion(channels, scales)
         self.config = {'channels': channels, 'scales': scales, 'trust_hidden': trust_hidden}
-        # calibrated after training (eval.box_trust_calibration); rescores the collaborators' ROI
-        # boxes, which the learned cell trust was not trained to rank
+        # calibrated on validation outcomes (eval.box_trust_calibration) and fixed before training:
+        # rescores the collaborators' ROI boxes and weights their cells (`cell_trust`)
         self.box_trust: BoxTrust | None = None
+
+    def cell_trust(self, attributes: torch.Tensor) -> torch.Tensor:
+        """(..., 8) ROI attributes of collaborator cells -> (...,) trust in (0, 1): the learned
+        trust times, where the model has one, the box trust of the cell's ROI (the probability that
+        its box is a true positive at the ego stamp), which ranks what the learned trust alone,
+        trained through the detection loss, leaves near 1."""
+        learned = self.trust(attributes)
+        if self.box_trust is None:
+            return learned
+        flat = attributes.detach().reshape(-1, attributes.shape[-1]).numpy()
+        box = torch.from_numpy(self.box_trust.trust(flat).astype(np.float32)).reshape(learned.shape)
+        return learned * box
 
     def forward(self, ego, collab, attributes, roi, valid):
         """Tensors as in `collate` (batched) -> fused (B, C, H, W) and trust (B, K, H, W), with the
@@ -132,6 +145,11 @@ class FusionModel(nn.Module):
     @classmethod
     def load(cls, path) -> 'FusionModel':
         ckpt = torch.load(Path(path), map_location='cpu', weights_only=False)
+        inputs = ckpt['state']['trust.net.0.weight'].shape[1]
+        if inputs != len(ROI_ATTRIBUTES):
+            raise UserError(path, f'its trust takes {inputs} ROI attributes, this version '
+                                  f'{len(ROI_ATTRIBUTES)} ({", ".join(ROI_ATTRIBUTES)}); train it again '
+                                  'with `train fusion`')
         model = cls(**ckpt['config'])
         model.load_state_dict(ckpt['state'])
         try:

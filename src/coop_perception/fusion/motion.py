@@ -26,6 +26,10 @@ class VelocityTrackerConfig:
     init_speed_std: float = 10.0  # m/s: velocity spread of a new track (sets its first gate)
     gate: float = 3.5             # Mahalanobis distance of a detection from a track's prediction
     max_gap_s: float = 0.5        # a track not seen for longer is dropped (occlusion, a lost burst)
+    # A track reports its velocity only once it is this many standard deviations (Mahalanobis, of
+    # the filtered velocity) away from standing still, else 0: most objects are parked, and a
+    # young track's velocity is mostly the detector's centre jitter divided by 0.1 s.
+    moving_gate: float = 1.0
 
 
 class VelocityTracker:
@@ -62,9 +66,17 @@ class VelocityTracker:
             t = track_of[hit]
             self._x[t], self._P[t] = self._correct(x[t], P[t], z[hit])
             self._seen_ns[t] = stamp_ns
-            vel_world[hit] = self._x[t, 2:]
+            vel_world[hit] = self._x[t, 2:] * self._moving(t)[:, None]
         self._start(z[~hit], labels[~hit], stamp_ns)
         return rotate_vectors_2d(invert_pose(T_world_sensor), vel_world)
+
+    def _moving(self, tracks: np.ndarray) -> np.ndarray:
+        """(k,) bool: the tracks' filtered velocities are moving_gate sigmas away from 0."""
+        if self.cfg.moving_gate <= 0:
+            return np.ones(len(tracks), bool)
+        v = self._x[tracks, 2:]
+        m2 = np.einsum('ki,kij,kj->k', v, np.linalg.inv(self._P[tracks, 2:, 2:]), v)
+        return m2 >= self.cfg.moving_gate ** 2
 
     def _keep(self, mask: np.ndarray) -> None:
         self._x, self._P, self._labels = self._x[mask], self._P[mask], self._labels[mask]

@@ -451,18 +451,20 @@ class CooperativeDetector:
         """A message's ROI boxes (fusion.roi_boxes.RoiBoxes) at the ego stamp -> (n,) trust and
         (n,) scores: the calibrated box trust's probability, else the score times the trust."""
         if self.box_trust is not None:
-            t = self.box_trust.trust(rb.attributes, np.linalg.norm(rb.velocities, axis=1))
+            t = self.box_trust.trust(rb.attributes)
             return t, t.astype(np.float32)
         t = self.roi_trust.trust(rb.attributes)
         return t, rb.scores * t
 
     def _fused_map_scores(self, out: Detections) -> np.ndarray:
         """(n,) scores of the fused map's boxes, on the scale of the ROI boxes they compete with:
-        with a calibrated box trust, its probability of a true positive (age 0, not moved)."""
+        with a calibrated box trust, its probability of a true positive (age 0, not moved, at its
+        range from the ego)."""
         if self.box_trust is None:
             return out.scores
-        attributes = roi_attributes(out.scores, message_uncertainty(out.uncertainty, out.boxes), 0.0)
-        return self.box_trust.trust(attributes, np.zeros(len(out.boxes))).astype(np.float32)
+        attributes = roi_attributes(out.scores, message_uncertainty(out.uncertainty, out.boxes), 0.0, 0.0,
+                                    np.hypot(out.boxes[:, 0], out.boxes[:, 1]))
+        return self.box_trust.trust(attributes).astype(np.float32)
 
     def _without_own_vehicle(self, out: FusedDetections) -> FusedDetections:
         """Collaborators see the ego's own vehicle; a box centred on its footprint is the ego."""

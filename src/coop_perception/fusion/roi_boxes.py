@@ -35,7 +35,7 @@ class RoiBoxes:
     scores: np.ndarray       # (N,) the head's class probability at the ROI's peak
     labels: np.ndarray       # (N,) int64
     velocities: np.ndarray   # (N, 2) m/s, ego axes (the ROI's tracked velocity)
-    attributes: np.ndarray   # (N, 6) float32, columns trust.ROI_ATTRIBUTES of the box's ROI
+    attributes: np.ndarray   # (N, 8) float32, columns trust.ROI_ATTRIBUTES of the box's ROI
 
 
 def roi_peaks(msg: FeatureMessage) -> np.ndarray:
@@ -79,8 +79,10 @@ def decode_roi_boxes(head, msg: FeatureMessage, T_world_sender: np.ndarray, T_wo
     # message does not carry (a road-side unit sits metres above a car's LiDAR).
     boxes, _ = boxes_from_regression(out['reg'].numpy(), rows, cols, msg.grid, 0.0)
     ground_z = boxes[:, 2].copy()
+    range_m = np.hypot(boxes[:, 0], boxes[:, 1])
     boxes, vel = warp_boxes(boxes, msg.velocity[peaks], T_world_sender, T_world_ego, msg.stamp_ns, ego_stamp_ns)
     boxes[:, 2] = ground_z - ego_sensor_height
     age_s = (int(ego_stamp_ns) - int(msg.stamp_ns)) / NS_PER_S
-    attributes = roi_attributes(msg.score[peaks], msg.uncertainty[peaks], age_s)
+    attributes = roi_attributes(msg.score[peaks], msg.uncertainty[peaks], age_s,
+                                np.hypot(msg.velocity[peaks, 0], msg.velocity[peaks, 1]), range_m)
     return RoiBoxes(boxes, scores.numpy().astype(np.float32), labels.numpy().astype(np.int64), vel, attributes)

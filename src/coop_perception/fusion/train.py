@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from .align import warp_to_ego
 from .cache import FeatureCache
 from .model import FusionInputs, FusionModel, collate, stack_inputs
 from .pipeline import Sender, collaborator_message
+from .trust import BoxTrust
 
 log = logging.getLogger(__name__)
 CHECKPOINT = 'checkpoint.pt'
@@ -72,6 +73,7 @@ class FusionExamples:
     def __init__(self, dataset, cache: FeatureCache, roi_policy: dict | None = None):
         self.dataset, self.cache = dataset, cache
         self.roi_policy = roi_policy or {}
+        self._velocities: dict = {}
         self.index = []
         # capture stamps (ns) per (scene, agent) and frame; missing scans never arrive
         self.stamps: dict[tuple[int, int], np.ndarray] = {}
@@ -87,6 +89,24 @@ class FusionExamples:
     def __len__(self) -> int:
         return len(self.index)
 
+    def tracked_velocities(self, scene: int, agent) -> list:
+        """Per frame of ``scene``, the (N, 2) velocities (m/s) ``agent``'s sender reports for its
+        detections: its tracker run over all its scans in capture order, as at run time and in
+        `eval fusion` (a tracker that had seen one previous scan would train the fusion on the
+        much worse velocities of young tracks). Computed once per (scene, agent)."""
+        key = (scene, agent)
+        if key not in self._velocities:
+            sender, name = Sender(), self.dataset.sample(scene, 0).scene_name
+            tracked = []
+            for f in range(self.dataset.num_frames(scene)):
+                if agent not in self.dataset.sample(scene, f).agents:
+                    tracked.append(None)
+                    continue
+                view = self.cache.load(name, f, agent)
+                tracked.append(sender.prepare(view.detections, view.T_world_sensor, view.stamp_ns).velocities)
+            self._velocities[key] = tracked
+        return self._velocities[key]
+
     def example(self, i: int, rng: np.random.Generator, cfg: FusionTrainConfig):
         s, f, ego = self.index[i]
         sample = self.dataset.sample(s, f)
@@ -101,11 +121,7 @@ class FusionExamples:
             if j is None:
                 continue
             view = self.cache.load(scene, j, k)
-            sender = Sender()
-            if j > 0:  # the sender tracks velocities from its previous scan, as at run time
-                prev = self.cache.load(scene, j - 1, k)
-                sender.prepare(prev.detections, prev.T_world_sensor, prev.stamp_ns)
-            det = sender.prepare(view.detections, view.T_world_sensor, view.stamp_ns)
+            det = replace(view.detections, velocities=self.tracked_velocities(s, k)[j])
             msg = collaborator_message(det, k, view.stamp_ns, self.roi_policy)
             warped.append(warp_to_ego(msg, view.T_world_sensor, ego_view.T_world_sensor, self.cache.grid,
                                       ego_view.stamp_ns, motion_compensation=True))
@@ -115,13 +131,16 @@ class FusionExamples:
 
 
 def train_fusion(detector, examples: FusionExamples, out_dir, cfg: FusionTrainConfig,
-                 resume: bool = True, progress: bool = True) -> Path:
-    """Train FusionModel with the detector frozen; resumable from out_dir/checkpoint.pt."""
+                 resume: bool = True, progress: bool = True, box_trust: BoxTrust | None = None) -> Path:
+    """Train FusionModel with the detector frozen; resumable from out_dir/checkpoint.pt.
+    ``box_trust`` (calibrated beforehand, fixed) weights the collaborators' cells with the learned
+    trust (FusionModel.cell_trust) and is stored with the weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     dcfg = detector.cfg
     model = FusionModel(dcfg.model.feature_channels, cfg.scales).train()
+    model.box_trust = box_trust
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     head = detector.head.eval()
     for p in detector.parameters():

@@ -19,19 +19,34 @@ import numpy as np
 import torch
 from torch import nn
 
-# score (0..1), the four uncertainties (codec order), age (s) = ego stamp - capture stamp
-ROI_ATTRIBUTES = ('score', 'cls_aleatoric', 'cls_epistemic', 'reg_aleatoric', 'reg_epistemic', 'age')
+# score (0..1), the four uncertainties (codec order), age (s) = ego stamp - capture stamp,
+# displacement (m) = the ROI's tracked speed x age: how far the motion compensation moved it,
+# which its misplacement grows with, and range (m): its distance from the sensor that saw it
+# (BEV), beyond which a 32-beam LiDAR puts few points on an object
+ROI_ATTRIBUTES = ('score', 'cls_aleatoric', 'cls_epistemic', 'reg_aleatoric', 'reg_epistemic', 'age',
+                  'displacement', 'range')
 UNCERTAINTIES = ROI_ATTRIBUTES[1:5]
 
 
-def roi_attributes(score: np.ndarray, uncertainty: np.ndarray, age_s: float) -> np.ndarray:
-    """score (n,), uncertainty (n, 4) (codec order, NaN = not estimated) and one age (s) ->
-    (n, len(ROI_ATTRIBUTES)) float32 rows; an unknown uncertainty counts as very uncertain."""
+def roi_attributes(score: np.ndarray, uncertainty: np.ndarray, age_s: float, speed=0.0,
+                   range_m=0.0) -> np.ndarray:
+    """score (n,), uncertainty (n, 4) (codec order, NaN = not estimated), one age (s), the ROIs'
+    speeds (m/s) and ranges from their sender's sensor (m), each (n,) or one for all ->
+    (n, len(ROI_ATTRIBUTES)) float32 rows; an unknown uncertainty counts as very uncertain, a
+    negative age (clock offset) moves nothing."""
     score = np.asarray(score, np.float32).reshape(-1)
     out = np.empty((len(score), len(ROI_ATTRIBUTES)), np.float32)
     out[:, 0] = score
     out[:, 1:5] = np.nan_to_num(np.asarray(uncertainty, np.float32).reshape(-1, 4), nan=1e3)
     out[:, 5] = age_s
+    out[:, 6] = _per_row(speed, len(score)) * max(float(age_s), 0.0)
+    out[:, 7] = _per_row(range_m, len(score))
+    return out
+
+
+def _per_row(value, n: int) -> np.ndarray:
+    """One value or (n,) values -> (n,) float32."""
+    return np.broadcast_to(np.asarray(value, np.float32).reshape(-1), n)
     return out
 
 
@@ -86,33 +101,34 @@ class ThresholdTrust:
 
 
 BOX_TRUST_FEATURES = ('logit_score', 'log_cls_aleatoric', 'cls_epistemic', 'log_reg_aleatoric',
-                      'log_reg_epistemic', 'age', 'displacement')
+                      'log_reg_epistemic', 'age', 'displacement', 'range')
 
 
-def box_trust_features(attributes: np.ndarray, speed: np.ndarray) -> np.ndarray:
-    """ROI attributes (n, 6) of boxes moved to the ego stamp and their speeds (n,) m/s ->
-    (n, len(BOX_TRUST_FEATURES)): the score as a logit, log variances, the age (s) and how far
-    the motion compensation moved the box (speed x age, m), whose error grows with both."""
+def box_trust_features(attributes: np.ndarray) -> np.ndarray:
+    """ROI attributes (n, 8) of boxes (or cells) moved to the ego stamp -> (n,
+    len(BOX_TRUST_FEATURES)): the score as a logit, log variances, the age (s), how far the motion
+    compensation moved the box (speed x age, m), whose error grows with both, and its range from
+    the sender (m)."""
     a = np.asarray(attributes, np.float64).reshape(-1, len(ROI_ATTRIBUTES))
     score = np.clip(a[:, 0], 1e-4, 1 - 1e-4)
     logs = np.log(np.maximum(a[:, [1, 3, 4]], 1e-6))
     return np.column_stack([np.log(score / (1 - score)), logs[:, 0], a[:, 2], logs[:, 1], logs[:, 2], a[:, 5],
-                            np.asarray(speed, np.float64) * a[:, 5]])
+                            a[:, 6], a[:, 7]])
 
 
 @dataclass
 class BoxTrust:
     """Trust of a collaborator's box at the ego stamp: the probability that it is a true positive
     at IoU 0.7, a logistic model of `box_trust_features` fitted on validation outcomes under
-    delay (eval.box_trust_calibration); it rescores the box."""
+    delay (eval.box_trust_calibration); it rescores the box and weights the ROI's cells."""
     mean: list[float]          # per feature, for standardisation
     std: list[float]
     weights: list[float]
     bias: float
 
-    def trust(self, attributes: np.ndarray, speed: np.ndarray) -> np.ndarray:
-        """(n, 6) attributes and (n,) speeds (m/s) -> (n,) trust in (0, 1)."""
-        x = (box_trust_features(attributes, speed) - np.asarray(self.mean)) / np.asarray(self.std)
+    def trust(self, attributes: np.ndarray) -> np.ndarray:
+        """(n, 8) attributes -> (n,) trust in (0, 1)."""
+        x = (box_trust_features(attributes) - np.asarray(self.mean)) / np.asarray(self.std)
         return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.weights) + self.bias)))
 
     @classmethod
@@ -158,14 +174,15 @@ def decay(age_s: np.ndarray, half_life_s: float) -> np.ndarray:
 
 
 def trust_features(attributes: torch.Tensor) -> torch.Tensor:
-    """(..., 6) raw attributes -> network inputs: score, log uncertainties, age (s)."""
+    """(..., 8) raw attributes -> network inputs: score, log uncertainties, age (s), displacement
+    (m), range (in 50 m, the scale of the others)."""
     score = attributes[..., :1]
     logs = torch.log(attributes[..., 1:5].clamp_min(1e-6))
-    return torch.cat([score, logs, attributes[..., 5:6]], -1)
+    return torch.cat([score, logs, attributes[..., 5:7], attributes[..., 7:8] / 50.0], -1)
 
 
 class LearnedTrust(nn.Module):
-    """MLP (6 -> hidden -> 1, sigmoid) on `trust_features`; learned jointly with the fusion."""
+    """MLP (8 -> hidden -> 1, sigmoid) on `trust_features`; learned jointly with the fusion."""
 
     def __init__(self, hidden: int = 16):
         super().__init__()
@@ -175,7 +192,7 @@ class LearnedTrust(nn.Module):
         nn.init.constant_(self.net[2].bias, 2.0)
 
     def forward(self, attributes: torch.Tensor) -> torch.Tensor:
-        """(..., 6) -> (...,) trust in (0, 1)."""
+        """(..., 8) -> (...,) trust in (0, 1)."""
         return torch.sigmoid(self.net(trust_features(attributes))[..., 0])
 
     @torch.inference_mode()
