@@ -11,6 +11,7 @@ from coop_perception.detection import commands as detection_commands
 from coop_perception.errors import UserError
 from coop_perception.fusion import commands as fusion_commands
 from coop_perception.fusion import train as fusion_train
+from coop_perception.fusion.model import FusionModel
 from coop_perception.fusion.train import FusionTrainConfig, load_fusion_config
 
 MODELS = Path(__file__).resolve().parents[1] / 'models'
@@ -72,8 +73,8 @@ def test_train_fusion_cli_trains_with_the_config_and_overrides_iterations(tmp_pa
 
     seen = {}
 
-    def train_fusion(model, examples, out, cfg, resume):
-        seen['cfg'] = cfg
+    def train_fusion(model, examples, out, cfg, resume, box_trust):
+        seen['cfg'], seen['box_trust'] = cfg, box_trust
         return Path(out) / 'fusion.pt'
 
     # everything but the settings is stubbed: no detector, data or training
@@ -86,6 +87,8 @@ def test_train_fusion_cli_trains_with_the_config_and_overrides_iterations(tmp_pa
     argv = ['train', 'fusion', '--data', str(tmp_path), '--out', str(tmp_path / 'run'), '--fusion-config', str(custom)]
     assert cli.main(argv + ['--iterations', '3']) == 0
     assert seen['cfg'] == FusionTrainConfig(**{**vars(load_fusion_config(SHIPPED)), 'seed': 5, 'iterations': 3})
+    # by default the shipped checkpoint's calibrated box trust weights the cells while training
+    assert seen['box_trust'] == FusionModel.load(SHIPPED.with_suffix('.pt')).box_trust is not None
 
     seen.clear()
     assert cli.main(argv) == 0
@@ -99,6 +102,15 @@ def test_train_fusion_cli_rejects_a_bad_config_before_any_work(tmp_path, monkeyp
                      '--fusion-config', str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "unknown keys ['sed']" in err
+
+
+def test_train_fusion_cli_needs_a_box_trust(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(detection_commands, 'detector_from_args', lambda args: pytest.fail('loaded the detector first'))
+    bare = tmp_path / 'bare.pt'
+    FusionModel(8).save(bare)
+    assert cli.main(['train', 'fusion', '--data', str(tmp_path), '--out', str(tmp_path / 'run'),
+                     '--box-trust', str(bare)]) == 2
+    assert f'{bare}: carries no box trust' in capsys.readouterr().err
 
 
 def test_every_setting_is_in_the_shipped_file():
