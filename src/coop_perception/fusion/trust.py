@@ -47,7 +47,6 @@ def roi_attributes(score: np.ndarray, uncertainty: np.ndarray, age_s: float, spe
 def _per_row(value, n: int) -> np.ndarray:
     """One value or (n,) values -> (n,) float32."""
     return np.broadcast_to(np.asarray(value, np.float32).reshape(-1), n)
-    return out
 
 
 @dataclass
