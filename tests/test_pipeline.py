@@ -184,6 +184,9 @@ def test_box_choice_takes_or_averages_the_geometry_of_the_least_uncertain_boxes(
     assert list(ref) == [0, 2]                      # no variances: plain NMS
     geometry, _ = _cluster_geometry(boxes, np.zeros(4), variance, clusters, overlaps, 0.5)
     assert np.allclose(geometry, boxes[[1, 2]])     # every weight 0: the reference, never NaN
+    # at a threshold of 1 (the choice oracle's NMS) every box is its own cluster, itself first
+    keep, clusters, _ = _cluster_nms(boxes, scores, labels, 1.0)
+    assert sorted(keep) == [0, 1, 2, 3] and all(list(c) == [k] for k, c in zip(keep, clusters))
 
 
 def _late_with_collaborators(detector, agents, ego=1):

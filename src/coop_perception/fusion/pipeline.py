@@ -693,7 +693,11 @@ def _cluster_nms(boxes, scores, labels, iou_threshold) -> tuple[np.ndarray, list
         for i in range(len(order)):
             if not free[i]:
                 continue
-            members = np.flatnonzero(free & (iou[i] > iou_threshold))   # i itself, the first
+            # i itself first, also at a threshold of 1 (the choice oracle's), which its own IoU
+            # of 1 does not exceed
+            over = iou[i] > iou_threshold
+            over[i] = True
+            members = np.flatnonzero(free & over)
             free[members] = False
             keep.append(order[i])
             clusters.append(order[members])
