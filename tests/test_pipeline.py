@@ -338,6 +338,10 @@ def test_duplicated_and_reordered_inputs_are_counted_and_the_newest_used(ego_det
     frame(50 * S)
     assert coop.detect(50 * S).ages_s == {2: 0.0}
     assert coop.drops['duplicate_input'] == 1 and len(coop._inputs[2]) == 3
+    # a diagnosis oracle that rewrote an input puts it in its place
+    rewritten = no_boxes()
+    coop.add_input(2, 50 * S, rewritten, replace=True)
+    assert coop.drops['duplicate_input'] == 1 and coop._inputs[2][50 * S] is rewritten
 
 
 def test_state_limits_are_checked():

@@ -156,7 +156,7 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
                 if p[1] not in newest or p[2] > newest[p[1]][2]:
                     newest[p[1]] = p
             for _, k, stamp, pose, item, f_sent in newest.values():
-                coop.add_input(k, stamp, oracle.predict(k, item, pose, samples[f_sent], smp, ego_view))
+                coop.add_input(k, stamp, oracle.predict(k, item, pose, samples[f_sent], smp, ego_view), replace=True)
         out = coop.detect(t_e)
         if observe is not None:
             observe(coop, f, t_e)

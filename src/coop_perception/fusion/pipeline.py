@@ -357,9 +357,11 @@ class CooperativeDetector:
             return self.detector.detect_from_features(entry.features, entry.sensor_height, mc_passes=0)
         return entry
 
-    def add_input(self, agent, stamp_ns: int, item) -> None:
+    def add_input(self, agent, stamp_ns: int, item, replace: bool = False) -> None:
         """A collaborator's payload captured at stamp_ns: an instance of the method's payload type
-        (FeatureMessage, BoxList or RawPoints); anything else is dropped."""
+        (FeatureMessage, BoxList or RawPoints); anything else is dropped. A second input with the
+        same stamp is dropped as a duplicate, unless ``replace`` (a diagnosis oracle that rewrote
+        it, eval.delay_diagnosis)."""
         if agent == self.ego_id:
             self._drop('ego_as_collaborator', f'agent {agent} is the ego')
             return
@@ -372,7 +374,7 @@ class CooperativeDetector:
             return
         self._heard_from(agent, int(stamp_ns))
         buf = self._inputs[agent]
-        if int(stamp_ns) in buf:
+        if int(stamp_ns) in buf and not replace:
             self._drop('duplicate_input', f'agent {agent} sent a second input stamped {int(stamp_ns)}')
             return
         buf[int(stamp_ns)] = item
