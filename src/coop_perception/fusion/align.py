@@ -76,7 +76,7 @@ def warp_to_ego(msg: FeatureMessage, T_world_sender: np.ndarray, T_world_ego: np
     P = _relative_planar(T_world_sender, T_world_ego)
     R, t = P[:2, :2], P[:2, 2]
     age_s = (int(ego_stamp_ns) - int(msg.stamp_ns)) / NS_PER_S
-    C, (H, W) = msg.channels, ego_grid.shape
+    H, W = ego_grid.shape
     src_grid = msg.grid
 
     shift = np.zeros((msg.num_cells, 2))                                       # (M, 2) m, ego frame
@@ -111,7 +111,15 @@ def warp_to_ego(msg: FeatureMessage, T_world_sender: np.ndarray, T_world_ego: np
     first = np.ones(len(flat), bool)
     first[1:] = flat[1:] != flat[:-1]
     src, flat = src[first], flat[first]
+    return _placed(msg, src, flat, (H, W), age_s, dropped)
 
+
+def _placed(msg: FeatureMessage, src: np.ndarray, flat: np.ndarray, shape: tuple[int, int], age_s: float,
+            dropped: int) -> WarpedFeatures:
+    """Message cells ``src`` (k,) placed at the flat ego cells ``flat`` (k,) of a grid of
+    ``shape`` (H, W) -> the warped maps, empty (0, roi -1) elsewhere."""
+    H, W = shape
+    C = msg.channels
     features = np.zeros((C, H * W), np.float32)
     features[:, flat] = msg.dequantised()[src].T
     occupied = np.zeros(H * W, bool)
