@@ -138,6 +138,13 @@ def test_truncated_data_is_rejected(msgs):
         ros_msgs.cloud_to_array(msg)
 
 
+def test_a_coordinate_with_several_values_a_point_is_rejected():
+    # found by `bench fuzz` (10,000 scans): a PointField count of 2 on x reached the detector
+    points = np.zeros(3, np.dtype([('x', '<f4', (2,)), ('y', '<f4'), ('z', '<f4')]))
+    with pytest.raises(pc.PointCloudError, match="field 'x' holds 2 values a point"):
+        pc.field_matrix(points, ('x', 'y', 'z'))
+
+
 def test_dtype_field_mapping_rejects_non_pointfield_types():
     with pytest.raises(pc.PointCloudError, match='not a PointField type'):
         pc.dtype_to_fields(np.dtype([('x', '<f4'), ('c', '<c8')]))

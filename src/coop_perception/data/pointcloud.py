@@ -142,9 +142,13 @@ def structured(columns: dict[str, np.ndarray], dtype: np.dtype) -> np.ndarray:
 
 
 def field_matrix(points: np.ndarray, names: Sequence[str], dtype=np.float32) -> np.ndarray:
-    """(N, len(names)) plain matrix of scalar fields of a structured array (copies)."""
+    """(N, len(names)) plain matrix of scalar fields of a structured array (copies); a
+    PointCloudError when one of them holds several values a point (a PointField count > 1)."""
     points = points.reshape(-1)
     out = np.empty((len(points), len(names)), dtype=dtype)
     for i, name in enumerate(names):
+        shape = points.dtype[name].shape
+        if shape:
+            raise PointCloudError(f'field {name!r} holds {int(np.prod(shape))} values a point (count); expected 1')
         out[:, i] = points[name]
     return out
