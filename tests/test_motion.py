@@ -82,3 +82,21 @@ def test_a_parked_car_stands_still_despite_centre_jitter():
         if step >= 2:
             assert np.linalg.norm(vel[0] - [10.0, 0.0]) < 3.0          # the driving car is reported
     assert np.mean(reported) < 0.5 * np.mean(raw) and np.median(reported) == 0.0
+
+
+def test_measured_velocities_move_a_track_from_its_first_scan():
+    """A multi-sweep detector's velocities (0.3 m/s noise) are measurements: a new track reports
+    them at once, in the sensor frame of a turned sensor; a parked car's stay gated at 0."""
+    rng = np.random.default_rng(1)
+    sensor = make_pose([2.0, -6.0, 1.8], yaw=0.4)
+    local = transform_boxes(invert_pose(sensor), boxes_world(0.0))
+    true_world = np.array([[10.0, 0.0], [0.0, 0.0], [0.0, 1.5]])
+    c, s = np.cos(-0.4), np.sin(-0.4)
+    true_local = true_world @ np.array([[c, s], [-s, c]])
+    measured = true_local + rng.normal(0, 0.1, (3, 2))
+    tracker = VelocityTracker()
+    vel = tracker.update(local, LABELS, sensor, 0, measured, velocity_std=0.3)
+    assert np.allclose(vel[0], measured[0]) and np.allclose(vel[2], measured[2])
+    assert np.all(vel[1] == 0)
+    # with velocity_std 0 the same call ignores them, as for a one-sweep detector
+    assert np.all(VelocityTracker().update(local, LABELS, sensor, 0, measured, velocity_std=0.0) == 0)

@@ -41,6 +41,8 @@ def check_config(ckpt_config: dict[str, Any], cfg: DetectorConfig, ckpt_path: st
                  cfg_source: str) -> None:
     """Raise if the architecture sections differ; log the other differences (the YAML wins)."""
     yaml_dict = cfg.to_dict()
+    # Through the dataclasses, so that keys added later with their default compare equal.
+    ckpt_config = DetectorConfig.from_dict(ckpt_config, str(ckpt_path), defaults_ok=True).to_dict()
     arch = config_diff({k: ckpt_config.get(k) for k in ARCHITECTURE_SECTIONS},
                        {k: yaml_dict[k] for k in ARCHITECTURE_SECTIONS})
     if arch:
@@ -58,7 +60,7 @@ def load_detector(path: str | Path, config: str | Path | DetectorConfig | None =
     with the checkpoint's architecture; without it the checkpoint's own config is used."""
     ckpt = read_checkpoint(path)
     if config is None:
-        cfg = DetectorConfig.from_dict(ckpt['config'], f'{path} (stored config)')
+        cfg = DetectorConfig.from_dict(ckpt['config'], f'{path} (stored config)', defaults_ok=True)
     else:
         cfg = config if isinstance(config, DetectorConfig) else load_config(config)
         check_config(ckpt['config'], cfg, path, 'the given config' if isinstance(config, DetectorConfig)

@@ -43,7 +43,8 @@ def cmd_train_detector(args) -> int:
     if args.iterations:
         cfg = with_overrides(cfg, train={'iterations': args.iterations})
     apply_threads(cfg)
-    examples = AgentViewExamples(dataset_from_args(args))
+    examples = AgentViewExamples(dataset_from_args(args), sweeps=cfg.voxel.sweeps,
+                                 max_age_s=cfg.voxel.sweep_max_age_s)
     print(f'training on {len(examples)} agent views from {args.data} -> {args.out}')
     summary = train(cfg, examples, args.out, resume=not args.restart)
     print(f'wrote {summary.weights} after {summary.iterations} iterations; losses {summary.final_losses}')

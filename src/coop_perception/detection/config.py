@@ -35,6 +35,10 @@ class VoxelConfig:
     max_voxels: int  # beyond this, voxels farthest from the sensor are dropped
     count_norm: float  # voxel point counts are divided by this (and clipped to 1) as a feature
     use_intensity: bool
+    # Sweeps stacked per detection (detection.sweeps), the newest included; 1: one scan. Each
+    # voxel then also carries its points' mean age over sweep_max_age_s, older sweeps are left out.
+    sweeps: int = 1
+    sweep_max_age_s: float = 0.25
 
     @property
     def grid_shape(self) -> tuple[int, int, int]:
@@ -46,8 +50,9 @@ class VoxelConfig:
 
     @property
     def num_features(self) -> int:
-        # offset from voxel centre (3), height above ground (1), point count (1), intensity (0/1)
-        return 5 + int(self.use_intensity)
+        # offset from voxel centre (3), height above ground (1), point count (1), intensity (0/1),
+        # age (0/1)
+        return 5 + int(self.use_intensity) + int(self.sweeps > 1)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,9 @@ class DecodeConfig:
     max_boxes: int
     mc_passes: int  # 0 disables MC dropout (epistemic columns become NaN)
     mc_seed: int  # MC masks are drawn from a seeded generator so detections are reproducible
+    # m/s: typical error of the velocity head on moving objects (measured on val, models/detector.md),
+    # the noise a tracker gives its velocities; 0: the head's velocity is not a measurement (one sweep)
+    velocity_std: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,9 @@ class AugmentConfig:
     rotation: float  # uniform global yaw in [-rotation, rotation] (rad)
     flip: bool  # random flips across the x and y axes
     scale: tuple[float, float]  # uniform global scale range
+    # With several sweeps: the chance that an example is trained on its newest sweep alone, so that
+    # the first scan of a run, a scan without a pose and a single file are still detected well.
+    single_sweep: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -144,8 +155,10 @@ class DetectorConfig:
         return _to_plain(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = '<dict>') -> 'DetectorConfig':
-        cfg = _build(cls, d, source, '')
+    def from_dict(cls, d: dict[str, Any], source: str = '<dict>', *, defaults_ok: bool = False) -> 'DetectorConfig':
+        """``defaults_ok``: keys added later with a default may be absent (a checkpoint's stored
+        config from before they existed); a YAML file must name every key."""
+        cfg = _build(cls, d, source, '', defaults_ok=defaults_ok)
         _validate(cfg, source)
         return cfg
 
@@ -213,22 +226,27 @@ def _to_plain(x: Any) -> Any:
     return x
 
 
-def _build(cls: type, d: Any, source: str, where: str, check_types: bool = False) -> Any:
+def _build(cls: type, d: Any, source: str, where: str, check_types: bool = False,
+           defaults_ok: bool = False) -> Any:
     if not isinstance(d, dict):
         raise UserError(source, f'{where or "config"}: expected a mapping, got {d!r}')
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown, missing = set(d) - set(fields), set(fields) - set(d)
+    optional = {n for n, f in fields.items() if defaults_ok and (
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)}
+    unknown, missing = set(d) - set(fields), set(fields) - set(d) - optional
     if unknown or missing:
         parts = ([f'unknown keys {sorted(unknown)}'] if unknown else []) + (
             [f'missing keys {sorted(missing)}'] if missing else [])
         raise UserError(source, f'{where or "config"}: ' + ', '.join(parts))
     kwargs = {}
     for name in fields:
+        if name not in d:
+            continue
         ftype = hints[name]
         value = d[name]
         if dataclasses.is_dataclass(ftype):
-            value = _build(ftype, value, source, f'{where}{name}.', check_types)
+            value = _build(ftype, value, source, f'{where}{name}.', check_types, defaults_ok)
         else:
             if check_types and not _fits(value, ftype):
                 raise UserError(source, f'{where}{name}: expected {_type_name(ftype)}, got {value!r}')
@@ -286,6 +304,8 @@ def _validate(cfg: DetectorConfig, source: str) -> None:
         fail('voxel: x and y voxel sizes must be equal (square BEV cells)')
     if not (v.sensor_height == 'auto' or isinstance(v.sensor_height, (int, float))):
         fail(f"voxel.sensor_height must be a number or 'auto', got {v.sensor_height!r}")
+    if v.sweeps < 1 or v.sweep_max_age_s <= 0 or not 0.0 <= cfg.train.augment.single_sweep <= 1.0:
+        fail('voxel.sweeps must be >= 1, voxel.sweep_max_age_s > 0 and train.augment.single_sweep in [0, 1]')
     if len(cfg.decode.nms_iou) != len(cfg.classes):
         fail(f'decode.nms_iou needs one threshold per class ({len(cfg.classes)})')
     if cfg.decode.mc_passes < 0 or not 0.0 <= cfg.model.dropout < 1.0:

@@ -60,6 +60,8 @@ class Detections:
     # (B,) float32 m: per azimuth bin the range of the nearest obstacle return of the scan
     # (detection.free_range); None where the scan was not at hand (a decoded map, an old cache)
     free_range: np.ndarray | None = None
+    # m/s: noise of ``velocities`` as measurements (DecodeConfig.velocity_std); 0: not measured
+    velocity_std: float = 0.0
 
 
 def class_probability(logit: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -105,7 +107,7 @@ def empty_detections(cfg: DetectorConfig, grid: BevGrid, sensor_height: float, s
         uncertainty=np.zeros((0, len(UNCERTAINTY_FIELDS)), np.float32),
         features=np.zeros((cfg.model.feature_channels, H, W), np.float32),
         confidence=np.zeros((H, W), np.float32), grid=grid, sensor_height=sensor_height,
-        stats=stats, timings_ms=timings_ms, note=note)
+        stats=stats, timings_ms=timings_ms, note=note, velocity_std=cfg.decode.velocity_std)
 
 
 @torch.inference_mode()
@@ -155,7 +157,7 @@ def decode(head, maps: dict[str, torch.Tensor], cfg: DetectorConfig,
         boxes=boxes[keep], scores=scores_np[keep].astype(np.float32), labels=labels_np[keep].astype(np.int64),
         velocities=vel[keep], uncertainty=np.concatenate([ale, epi], 1).astype(np.float32),
         features=maps['features'][b].numpy(), confidence=confidence.numpy(),
-        grid=grid, sensor_height=sensor_height)
+        grid=grid, sensor_height=sensor_height, velocity_std=dc.velocity_std)
 
 
 def _mc_uncertainty(head, cells: torch.Tensor, labels: torch.Tensor, passes: int, seed: int) -> np.ndarray:

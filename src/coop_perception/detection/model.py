@@ -218,15 +218,19 @@ class Detector(nn.Module):
 
     @torch.inference_mode()
     def detect(self, points: np.ndarray, sensor_height: float | None = None,
-               mc_passes: int | None = None) -> Detections:
+               mc_passes: int | None = None, ages: np.ndarray | None = None) -> Detections:
         """One sensor-frame scan (N, 3+) -> :class:`Detections`. Never raises on bad point values:
         an empty or clipped scan gives empty or partial output with the reason logged and stored
-        in ``Detections.note``. ``sensor_height`` (m above ground) overrides the config."""
+        in ``Detections.note``. ``sensor_height`` (m above ground) overrides the config. ``ages``
+        (N,) s: the points are several stacked sweeps (detection.sweeps), the newest at age 0;
+        the ground and the free range come from the newest alone."""
         self._check_eval()
         cfg = self.cfg
         t0 = time.perf_counter()
-        h = resolve_sensor_height(points, cfg.voxel, sensor_height)
-        vox = voxelize(points, cfg.voxel, h)
+        stacked = ages is not None and np.ndim(points) == 2 and np.shape(ages) == (len(points),)
+        newest = np.asarray(points)[np.asarray(ages) == 0] if stacked else points
+        h = resolve_sensor_height(newest, cfg.voxel, sensor_height)
+        vox = voxelize(points, cfg.voxel, h, ages)
         timings = {'voxelize': time.perf_counter() - t0}
         note = vox.stats.reason()
         if note:
@@ -234,7 +238,7 @@ class Detector(nn.Module):
         if vox.stats.voxels == 0:
             timings['total'] = time.perf_counter() - t0
             det = empty_detections(cfg, self.grid(), h, vox.stats, _to_ms(timings), note)
-            det.free_range = free_range_profile(points, h)
+            det.free_range = free_range_profile(newest, h)
             return det
 
         t = time.perf_counter()
@@ -248,7 +252,7 @@ class Detector(nn.Module):
         det = self._head_and_decode(feats, h, mc_passes, timings)
         det.stats, det.note = vox.stats, note
         t = time.perf_counter()
-        det.free_range = free_range_profile(points, h)
+        det.free_range = free_range_profile(newest, h)
         timings['free_range'] = time.perf_counter() - t
         timings['total'] = time.perf_counter() - t0
         det.timings_ms = _to_ms(timings)

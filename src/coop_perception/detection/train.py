@@ -37,6 +37,7 @@ class TrainExample(NamedTuple):
     labels: np.ndarray  # (M,) int indices into CLASSES, -1 = ignore
     velocities: np.ndarray  # (M, 2) m/s along the sensor axes
     sensor_height: float | None = None  # m above ground; None: resolved as at inference
+    ages: np.ndarray | None = None  # (N,) s before the newest sweep (detection.sweeps); None: one sweep
 
 
 @dataclass
@@ -60,11 +61,14 @@ def prepare_batch(examples: Sequence, cfg: DetectorConfig, rng: np.random.Genera
     coords, feats, per_example = [], [], []
     for b, ex in enumerate(examples):
         ex = TrainExample(*ex)
-        h = resolve_sensor_height(ex.points, cfg.voxel, ex.sensor_height)
-        pts, boxes, vel = ex.points, ex.boxes, ex.velocities
+        pts, ages = ex.points, ex.ages
+        if ages is not None and rng is not None and rng.random() < cfg.train.augment.single_sweep:
+            pts, ages = pts[ages == 0], ages[ages == 0]
+        h = resolve_sensor_height(pts if ages is None else pts[ages == 0], cfg.voxel, ex.sensor_height)
+        boxes, vel = ex.boxes, ex.velocities
         if rng is not None:
             pts, boxes, vel, h = augment_scene(pts, boxes, vel, h, cfg.train.augment, rng)
-        vox = voxelize(pts, cfg.voxel, h)
+        vox = voxelize(pts, cfg.voxel, h, ages)
         coords.append(np.pad(vox.coords, ((0, 0), (1, 0)), constant_values=b))
         feats.append(vox.features)
         per_example.append(example_targets(boxes, ex.labels, vel, h, cfg))

@@ -101,8 +101,11 @@ def resolve_sensor_height(points: np.ndarray, cfg: VoxelConfig, sensor_height: f
     return estimate_sensor_height(points, cfg.default_sensor_height)
 
 
-def voxelize(points: np.ndarray, cfg: VoxelConfig, sensor_height: float) -> Voxels:
-    """(N, 3+) sensor-frame points [x, y, z, (intensity, ...)] -> sparse voxels.
+def voxelize(points: np.ndarray, cfg: VoxelConfig, sensor_height: float,
+             ages: np.ndarray | None = None) -> Voxels:
+    """(N, 3+) sensor-frame points [x, y, z, (intensity, ...)] -> sparse voxels. ``ages`` (N,):
+    seconds before the newest sweep of each point (detection.sweeps), used when ``cfg.sweeps`` > 1;
+    None means one sweep (all 0).
 
     Non-finite and out-of-range points are dropped and counted in ``stats``; never raises on bad
     values, only on a wrong array shape.
@@ -112,9 +115,15 @@ def voxelize(points: np.ndarray, cfg: VoxelConfig, sensor_height: float) -> Voxe
         pts = np.zeros((0, 4), np.float32)
     if pts.ndim != 2 or pts.shape[1] < 3 or (cfg.use_intensity and pts.shape[1] < 4):
         raise ValueError(f'points must be (N, {4 if cfg.use_intensity else 3}+), got {pts.shape}')
+    if ages is not None and np.shape(ages) != (len(pts),):
+        raise ValueError(f'ages must be ({len(pts)},), got {np.shape(ages)}')
     stats = VoxelStats(points_in=len(pts))
     ncols = 4 if cfg.use_intensity else 3
     pts = pts[:, :ncols].astype(np.float32, copy=False)
+    if cfg.sweeps > 1:
+        age = np.zeros(len(pts), np.float32) if ages is None else np.asarray(ages, np.float32)
+        pts = np.concatenate([pts, (age / np.float32(cfg.sweep_max_age_s))[:, None]], 1)
+        ncols += 1
 
     D, H, W = cfg.grid_shape
     lo = np.array([cfg.range_xy[0], cfg.range_xy[1], cfg.z_range[0] - sensor_height], np.float64)
@@ -123,8 +132,7 @@ def voxelize(points: np.ndarray, cfg: VoxelConfig, sensor_height: float) -> Voxe
     # out-of-range rows only among the (few) rejected ones.
     ijk = np.floor((pts[:, :3] - lo.astype(np.float32)) * (1.0 / size).astype(np.float32))
     inside = (ijk >= 0).all(axis=1) & (ijk < np.array([W, H, D], np.float32)).all(axis=1)
-    if cfg.use_intensity:
-        inside &= np.isfinite(pts[:, 3])
+    inside &= np.isfinite(pts[:, 3:]).all(axis=1)
     rejected = pts[~inside]
     stats.dropped_nonfinite = int((~np.isfinite(rejected).all(axis=1)).sum())
     stats.dropped_out_of_range = len(rejected) - stats.dropped_nonfinite
@@ -164,7 +172,6 @@ def voxelize(points: np.ndarray, cfg: VoxelConfig, sensor_height: float) -> Voxe
     feats = [(mean[:, :3] - centre) / size,
              ((mean[:, 2] - lo[2]) / z_extent)[:, None],
              np.minimum(counts / cfg.count_norm, 1.0)[:, None]]
-    if cfg.use_intensity:
-        feats.append(mean[:, 3:4])
+    feats.append(mean[:, 3:])  # intensity and age, where configured
     stats.voxels = V
     return Voxels(coords.astype(np.int32), np.concatenate(feats, 1).astype(np.float32), stats)

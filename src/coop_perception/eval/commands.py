@@ -136,7 +136,8 @@ def cmd_eval_detector(args) -> int:
 
     model = detector_from_args(args)
     agents = _comma_list('--agents', args.agents, int, 'agent ids') if args.agents else None
-    examples = AgentViewExamples(dataset_from_args(args), agents=agents)
+    examples = AgentViewExamples(dataset_from_args(args), agents=agents, sweeps=model.cfg.voxel.sweeps,
+                                 max_age_s=model.cfg.voxel.sweep_max_age_s)
     result = evaluate_detector(model, examples, max_range=args.range)
     print(format_ap_table(result))
     q = result['uncertainty']

@@ -35,7 +35,7 @@ def evaluate_detector(model: Detector, examples: Sequence, *, max_range: float |
     totals = []
     for i in tqdm(range(len(examples)), desc='eval detector', unit='scan', disable=not progress):
         ex = TrainExample(*examples[i])
-        det = model.detect(ex.points, ex.sensor_height)
+        det = model.detect(ex.points, ex.sensor_height, ages=ex.ages)
         totals.append(det.timings_ms['total'])
         acc.add_frame(det.boxes, det.scores, det.labels, ex.boxes, ex.labels,
                       extra={**{name: det.uncertainty[:, j] for j, name in enumerate(UNCERTAINTY_FIELDS)},

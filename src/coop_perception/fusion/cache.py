@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..bev_grid import BevGrid
+from ..detection.dataset import agent_sweeps
 from ..detection.decode import Detections
 from ..detection.free_range import free_range_profile
 from .codec import dequantise, quantise
@@ -49,7 +50,7 @@ def save_view(path: Path, det: Detections, T_world_sensor: np.ndarray, stamp_ns:
     free = {} if det.free_range is None else {'free_range': np.asarray(det.free_range, np.float32)}
     np.savez(tmp, q=q.reshape(H, W, C), scale=scale.reshape(H, W), confidence=det.confidence.astype(np.float16),
              boxes=det.boxes, scores=det.scores, labels=det.labels, velocities=det.velocities,
-             uncertainty=det.uncertainty, sensor_height=det.sensor_height,
+             uncertainty=det.uncertainty, sensor_height=det.sensor_height, velocity_std=det.velocity_std,
              T_world_sensor=T_world_sensor, stamp_ns=np.int64(stamp_ns), **free)
     tmp.replace(path)  # a killed run never leaves a half-written view behind
 
@@ -68,7 +69,8 @@ def load_view(path: Path, grid: BevGrid) -> CachedView:
     det = Detections(boxes=z['boxes'], scores=z['scores'], labels=z['labels'], velocities=z['velocities'],
                      uncertainty=z['uncertainty'], features=np.ascontiguousarray(features),
                      confidence=z['confidence'].astype(np.float32), grid=grid,
-                     sensor_height=float(z['sensor_height']), free_range=_load_free_range(z, path))
+                     sensor_height=float(z['sensor_height']), free_range=_load_free_range(z, path),
+                     velocity_std=float(z['velocity_std']) if 'velocity_std' in z.files else 0.0)
     return CachedView(det, z['T_world_sensor'], int(z['stamp_ns']))
 
 
@@ -93,13 +95,15 @@ def build_cache(dataset, detector, root, progress: bool = True) -> int:
     cache = FeatureCache(root, detector.grid())
     todo = [(s, f) for s in range(len(dataset.scenes)) for f in range(dataset.num_frames(s))]
     written = 0
+    vox = detector.cfg.voxel
     for s, f in tqdm(todo, desc='cache features', unit='frame', disable=not progress):
         sample = dataset.sample(s, f)
         for k, agent in sample.agents.items():
             path = cache.path(sample.scene_name, f, k)
             if path.exists():
                 continue
-            det = detector.detect(agent.load_points()[:, :4])
+            points, ages = agent_sweeps(dataset, s, f, k, vox.sweeps, vox.sweep_max_age_s)
+            det = detector.detect(points, ages=ages)
             save_view(path, det, agent.T_world_sensor, agent.timestamp_us * 1000)
             written += 1
     return written

@@ -7,6 +7,10 @@ associated with the tracks' predicted positions (same class, Mahalanobis gate, o
 the filtered velocity is what the receiver's motion compensation uses. Differentiating centres
 from one scan to the next (what this did before) turns 10-20 cm of detector centre noise into
 1-2 m/s of velocity noise at 10 Hz; the filter averages it out over the track.
+
+A detector that sees several sweeps (detection.sweeps) measures velocity itself
+(``Detections.velocity_std`` > 0): its velocities are then a second measurement of each track,
+and a new track starts from them, so that an object is moved correctly from its first scan on.
 """
 from __future__ import annotations
 
@@ -47,9 +51,11 @@ class VelocityTracker:
         self._newest_ns = None
 
     def update(self, boxes: np.ndarray, labels: np.ndarray, T_world_sensor: np.ndarray,
-               stamp_ns: int) -> np.ndarray:
+               stamp_ns: int, velocities: np.ndarray | None = None, velocity_std: float = 0.0) -> np.ndarray:
         """boxes (N, 7) and labels (N,) in the sensor frame at stamp_ns -> velocities (N, 2) m/s
-        along the sensor axes (0 for an object seen for the first time)."""
+        along the sensor axes (0 for an object seen for the first time, unless measured).
+        ``velocities`` (N, 2) m/s along the sensor axes: the detector's own, used as measurements
+        with noise ``velocity_std`` (m/s) when that is > 0."""
         stamp_ns = int(stamp_ns)
         if self._newest_ns is not None and stamp_ns < self._newest_ns:   # time went back (bag loop)
             self.reset()
@@ -58,16 +64,23 @@ class VelocityTracker:
         self._keep(alive)
         labels = np.asarray(labels, np.int64)
         z = transform_boxes(T_world_sensor, np.asarray(boxes, np.float64).reshape(-1, 7))[:, :2]
+        v_std = float(velocity_std) if velocities is not None else 0.0
+        if v_std > 0:
+            z = np.column_stack([z, rotate_vectors_2d(T_world_sensor, np.asarray(velocities, np.float64).reshape(-1, 2))])
         x, P = self._predict(stamp_ns)
-        track_of = self._associate(z, labels, x, P)
-        vel_world = np.zeros((len(z), 2))
+        track_of = self._associate(z[:, :2], labels, x, P)
         hit = track_of >= 0
+        t = track_of[hit]
         if hit.any():
-            t = track_of[hit]
-            self._x[t], self._P[t] = self._correct(x[t], P[t], z[hit])
+            self._x[t], self._P[t] = self._correct(x[t], P[t], z[hit], v_std)
             self._seen_ns[t] = stamp_ns
-            vel_world[hit] = self._x[t, 2:] * self._moving(t)[:, None]
-        self._start(z[~hit], labels[~hit], stamp_ns)
+        first = len(self._x)
+        self._start(z[~hit], labels[~hit], stamp_ns, v_std)
+        rows = np.empty(len(z), np.int64)
+        rows[hit], rows[~hit] = t, np.arange(first, len(self._x))
+        vel_world = self._x[rows, 2:] * self._moving(rows)[:, None]
+        if v_std <= 0:
+            vel_world[~hit] = 0.0  # a new track's velocity is only its prior, 0
         return rotate_vectors_2d(invert_pose(T_world_sensor), vel_world)
 
     def _moving(self, tracks: np.ndarray) -> np.ndarray:
@@ -115,17 +128,23 @@ class VelocityTracker:
         out[rows[ok]] = cols[ok]
         return out
 
-    def _correct(self, x: np.ndarray, P: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Kalman update of tracks (k, 4), (k, 4, 4) with their detected centres (k, 2)."""
-        K = P[:, :, :2] @ np.linalg.inv(self._innovation_cov(P))      # (k, 4, 2)
-        x = x + np.einsum('kij,kj->ki', K, z - x[:, :2])
-        P = P - K @ P[:, :2, :]
+    def _correct(self, x: np.ndarray, P: np.ndarray, z: np.ndarray,
+                 velocity_std: float) -> tuple[np.ndarray, np.ndarray]:
+        """Kalman update of tracks (k, 4), (k, 4, 4) with their detected centres (k, 2), or
+        centres and velocities (k, 4) measured with noise velocity_std (m/s)."""
+        m = z.shape[1]
+        R = np.diag([self.cfg.position_std ** 2] * 2 + [velocity_std ** 2] * (m - 2))
+        K = P[:, :, :m] @ np.linalg.inv(P[:, :m, :m] + R)              # (k, 4, m)
+        x = x + np.einsum('kij,kj->ki', K, z - x[:, :m])
+        P = P - K @ P[:, :m, :]
         return x, P
 
-    def _start(self, z: np.ndarray, labels: np.ndarray, stamp_ns: int) -> None:
+    def _start(self, z: np.ndarray, labels: np.ndarray, stamp_ns: int, velocity_std: float) -> None:
         n = len(z)
-        P0 = np.diag([self.cfg.position_std ** 2] * 2 + [self.cfg.init_speed_std ** 2] * 2)
-        self._x = np.concatenate([self._x, np.column_stack([z, np.zeros((n, 2))])])
+        speed_std = velocity_std if z.shape[1] == 4 else self.cfg.init_speed_std
+        P0 = np.diag([self.cfg.position_std ** 2] * 2 + [speed_std ** 2] * 2)
+        v0 = z[:, 2:4] if z.shape[1] == 4 else np.zeros((n, 2))
+        self._x = np.concatenate([self._x, np.column_stack([z[:, :2], v0])])
         self._P = np.concatenate([self._P, np.broadcast_to(P0, (n, 4, 4))])
         self._labels = np.concatenate([self._labels, labels])
         self._seen_ns = np.concatenate([self._seen_ns, np.full(n, stamp_ns, np.int64)])

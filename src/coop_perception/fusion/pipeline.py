@@ -157,15 +157,16 @@ def collaborator_message(det: Detections, agent, stamp_ns: int, roi_policy: dict
 
 
 class Sender:
-    """A collaborator's side: replaces the detector's single-sweep velocities by velocities tracked
-    over its own scans (fusion.motion), which the receiver's motion compensation relies on."""
+    """A collaborator's side: replaces the detector's velocities by velocities tracked over its own
+    scans (fusion.motion), the detector's own among the measurements where it measures them (several
+    sweeps); the receiver's motion compensation relies on them."""
 
     def __init__(self, tracker: VelocityTrackerConfig | None = None):
         self.tracker = VelocityTracker(tracker)
 
     def prepare(self, det: Detections, T_world_sensor: np.ndarray, stamp_ns: int) -> Detections:
         """Call once per scan, in capture order."""
-        vel = self.tracker.update(det.boxes, det.labels, T_world_sensor, stamp_ns)
+        vel = self.tracker.update(det.boxes, det.labels, T_world_sensor, stamp_ns, det.velocities, det.velocity_std)
         return replace(det, velocities=vel.astype(np.float32))
 
 

@@ -26,6 +26,7 @@ from rclpy.node import Node
 from coop_perception.data import ros_msgs
 from coop_perception.data.bag import MARKER_ARRAY, ODOMETRY, POINTCLOUD2
 from coop_perception.data.objects import grid_extent, make_objects
+from coop_perception.detection.sweeps import SweepHistory
 from coop_perception.fusion import codec, sharing
 from coop_perception.fusion.ego_map import encode_ego_map
 from coop_perception.fusion.pipeline import Sender, collaborator_message
@@ -96,6 +97,9 @@ class LidarDetectorNode(Node):
         # (fusion.motion), exactly as offline evaluation does; that needs this agent's odometry.
         self.sender = Sender()
         self.poses = PoseBuffer()
+        # The detector may see this agent's previous sweeps too, moved with the same odometry.
+        vox = self.detector.cfg.voxel
+        self.sweeps = SweepHistory(vox.sweeps, vox.sweep_max_age_s)
 
         cloud = self.msgs.get_class(POINTCLOUD2)
         self.pub_features = self.create_publisher(cloud, topics.FEATURES, RELIABLE_QOS)
@@ -117,8 +121,9 @@ class LidarDetectorNode(Node):
         except ValueError as e:
             self.guard.reject('bad_pose', f'odometry: {e}')
             return
-        if jumped:  # the clock went back (bag loop): old tracks mean nothing now
+        if jumped:  # the clock went back (bag loop): old tracks and sweeps mean nothing now
             self.sender.tracker.reset()
+            self.sweeps.reset()
 
     def on_scan(self, msg) -> None:
         stamp = ros_msgs.stamp_ns(msg.header.stamp)
@@ -131,16 +136,21 @@ class LidarDetectorNode(Node):
         except ros_msgs.PointCloudError as e:
             self.guard.reject('malformed_scan', str(e))
             return
+        try:
+            T_world_sensor = self.poses.lookup(stamp)
+        except PoseLookupError as e:
+            T_world_sensor = None
+            self.guard.reject('no_pose_for_velocity', f'scan detected alone and shared with the detector\'s '
+                                                      f'own velocities: {e}')
         t0 = time.perf_counter()
-        det = self.detector.detect(points)
+        stacked, ages = self.sweeps.stack(points, T_world_sensor, stamp)
+        det = self.detector.detect(stacked, ages=ages)
         self.detect_ms.add((time.perf_counter() - t0) * 1e3)
         if det.stats.dropped_nonfinite:
-            self.guard.reject('nonfinite_points', f'{det.stats.dropped_nonfinite} of {len(points)} points '
+            self.guard.reject('nonfinite_points', f'{det.stats.dropped_nonfinite} of {len(stacked)} points '
                                                   'are NaN or infinite (dropped, scan used)')
-        try:
-            det = self.sender.prepare(det, self.poses.lookup(stamp), stamp)
-        except PoseLookupError as e:
-            self.guard.reject('no_pose_for_velocity', f'scan shared with the detector\'s own velocities: {e}')
+        if T_world_sensor is not None:
+            det = self.sender.prepare(det, T_world_sensor, stamp)
         self.scans += 1
         self.last_stamp_ns = stamp
         header = msg.header
