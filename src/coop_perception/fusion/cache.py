@@ -50,7 +50,7 @@ def save_view(path: Path, det: Detections, T_world_sensor: np.ndarray, stamp_ns:
     free = {} if det.free_range is None else {'free_range': np.asarray(det.free_range, np.float32)}
     np.savez(tmp, q=q.reshape(H, W, C), scale=scale.reshape(H, W), confidence=det.confidence.astype(np.float16),
              boxes=det.boxes, scores=det.scores, labels=det.labels, velocities=det.velocities,
-             uncertainty=det.uncertainty, sensor_height=det.sensor_height, velocity_std=det.velocity_std,
+             uncertainty=det.uncertainty, sensor_height=det.sensor_height,
              T_world_sensor=T_world_sensor, stamp_ns=np.int64(stamp_ns), **free)
     tmp.replace(path)  # a killed run never leaves a half-written view behind
 
@@ -62,7 +62,9 @@ def _load_free_range(z, path: Path) -> np.ndarray | None:
     return np.load(side) if side.exists() else None
 
 
-def load_view(path: Path, grid: BevGrid) -> CachedView:
+def load_view(path: Path, grid: BevGrid, velocity_std: float = 0.0) -> CachedView:
+    """``velocity_std``: the detector config's (``Detections.velocity_std``), not stored, so that
+    setting it after measuring it on cached views needs no new cache."""
     z = np.load(path)
     H, W, C = z['q'].shape
     features = dequantise(z['q'].reshape(H * W, C), z['scale'].reshape(H * W)).T.reshape(C, H, W)
@@ -70,14 +72,14 @@ def load_view(path: Path, grid: BevGrid) -> CachedView:
                      uncertainty=z['uncertainty'], features=np.ascontiguousarray(features),
                      confidence=z['confidence'].astype(np.float32), grid=grid,
                      sensor_height=float(z['sensor_height']), free_range=_load_free_range(z, path),
-                     velocity_std=float(z['velocity_std']) if 'velocity_std' in z.files else 0.0)
+                     velocity_std=velocity_std)
     return CachedView(det, z['T_world_sensor'], int(z['stamp_ns']))
 
 
 class FeatureCache:
-    def __init__(self, root, grid: BevGrid):
+    def __init__(self, root, grid: BevGrid, velocity_std: float = 0.0):
         self.root = Path(root)
-        self.grid = grid
+        self.grid, self.velocity_std = grid, velocity_std
 
     def path(self, scene: str, frame: int, agent: int) -> Path:
         return _path(self.root, scene, frame, agent)
@@ -86,7 +88,7 @@ class FeatureCache:
         return self.path(scene, frame, agent).exists()
 
     def load(self, scene: str, frame: int, agent: int) -> CachedView:
-        return load_view(self.path(scene, frame, agent), self.grid)
+        return load_view(self.path(scene, frame, agent), self.grid, self.velocity_std)
 
 
 def build_cache(dataset, detector, root, progress: bool = True) -> int:
@@ -142,4 +144,4 @@ def feature_cache(dataset, detector, weights, root, progress: bool = True) -> tu
     folder = Path(root) / weights_id
     written = build_cache(dataset, detector, folder, progress=progress)
     add_free_ranges(dataset, folder, progress=progress)
-    return FeatureCache(folder, detector.grid()), written
+    return FeatureCache(folder, detector.grid(), detector.cfg.decode.velocity_std), written
