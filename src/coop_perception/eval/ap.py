@@ -77,17 +77,21 @@ class APAccumulator:
     frames: int = 0
     _gt_count: np.ndarray = field(init=False, repr=False)
     _rows: list = field(default_factory=list, init=False, repr=False)
+    # per group (add_frame's ``group``): ground-truth count per class, for resampling (eval.bootstrap)
+    group_gt: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         self._gt_count = np.zeros(len(self.classes), np.int64)
 
     def add_frame(self, det_boxes: np.ndarray, det_scores: np.ndarray, det_labels: np.ndarray,
                   gt_boxes: np.ndarray, gt_labels: np.ndarray,
-                  extra: dict[str, np.ndarray] | None = None) -> None:
+                  extra: dict[str, np.ndarray] | None = None, group=None) -> None:
         """One frame, everything in the same (ego) frame: detections (N, 7), (N,), (N,) and ground
         truth (M, 7), (M,) with labels indexing ``classes`` (others, e.g. -1, are ignored).
         ``extra``: per-detection arrays (N, ...) kept alongside for :meth:`detections`, e.g.
-        uncertainty values."""
+        uncertainty values. ``group``: a hashable naming the unit the frame belongs to (e.g. one
+        scene seen by one ego), given for every frame or none; the detections' ``group`` is its
+        index in ``group_gt`` (insertion order), for resampling."""
         det_boxes = np.asarray(det_boxes, np.float64).reshape(-1, 7)
         det_scores = np.asarray(det_scores, np.float64).reshape(-1)
         det_labels = np.asarray(det_labels, np.int64).reshape(-1)
@@ -96,9 +100,14 @@ class APAccumulator:
         extra = {k: np.asarray(v) for k, v in (extra or {}).items()}
         det_in, gt_in = self._in_range(det_boxes), self._in_range(gt_boxes)
         self.frames += 1
+        if group is not None:
+            counts = self.group_gt.setdefault(group, np.zeros(len(self.classes), np.int64))
+            extra['group'] = np.full(len(det_boxes), list(self.group_gt).index(group))
         for k in range(len(self.classes)):
             g = gt_in & (gt_labels == k)
             self._gt_count[k] += int(g.sum())
+            if group is not None:
+                counts[k] += int(g.sum())
             d = np.flatnonzero(det_in & (det_labels == k))
             if len(d) == 0:
                 continue

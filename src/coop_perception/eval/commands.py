@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from coop_perception.commands import (MODELS, Commands, add_cache_arg, add_detector_args, add_fusion_model_args,
-                                      add_json, output_file, positive, print_stage_table, reading, require_checkpoint,
-                                      write_json)
+                                      add_json, non_negative, output_file, positive, print_stage_table, reading,
+                                      require_checkpoint, write_json)
 from coop_perception.data.channel import MEAN_LATENCY_MODELS
 from coop_perception.data.commands import add_dataset_args, add_reading_args, dataset_from_args
 from coop_perception.errors import UserError
@@ -38,6 +38,9 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--range', type=positive(float), default=50.0, help='evaluate within this of the ego, m')
     p.add_argument('--plot', metavar='FILE.png', type=output_file,
                    help='also draw AP@0.7 against the mean latency for every method')
+    p.add_argument('--bootstrap', type=non_negative(int), default=1000, metavar='N',
+                   help='resamples of the (scene, ego) pairs for 90 %% intervals of trust - late and trust - '
+                        'trust_flat (car AP@0.7, paired); 0: none')
     _add_attack_args(p)
     add_fusion_model_args(p)
     add_json(p)
@@ -168,7 +171,7 @@ def cmd_eval_fusion(args) -> int:
         return _eval_attacks(args, methods, delays, egos)
     model, fusion, gate, ds, cache = _fusion_setup(args, methods)
     result = evaluate_fusion(ds, model, cache, fusion, methods, delays, channel_model=args.channel,
-                             seed=args.seed, max_range=args.range, egos=egos, gate=gate)
+                             seed=args.seed, max_range=args.range, egos=egos, gate=gate, bootstrap=args.bootstrap)
     print(format_results(result))
     write_json(args, result)
     if args.plot:

@@ -23,6 +23,7 @@ from ..fusion.payloads import BoxList, RawPoints
 from ..fusion.pipeline import CooperativeConfig, CooperativeDetector, Sender, collaborator_message
 from ..fusion.sharing import ROI_SCORE_THRESHOLD
 from .ap import HEADLINE_CLASS, APAccumulator
+from .bootstrap import ap_difference
 
 
 def _payload(kind: type, view, agent, points_fn, roi_policy):
@@ -81,7 +82,11 @@ class _Tally:
 def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, methods, delays_ms, *,
                     channel_model: str = 'uniform', seed: int = 0, max_range: float = 50.0,
                     egos=None, roi_policy: dict | None = None, gate: dict | None = None,
-                    progress: bool = True) -> dict:
+                    bootstrap: int = 0, progress: bool = True) -> dict:
+    """AP of every method at every mean delay -> {'results': one row per (method, delay), ...}.
+    With ``bootstrap`` resamples, also 'differences': trust's car AP@0.7 minus late's and
+    trust_flat's (where evaluated) per delay, with 90 % paired-bootstrap intervals over the
+    (scene, ego) pairs (eval.bootstrap)."""
     classes = detector.cfg.classes
     # a method without delay (early fusion, the upper bound) runs once; its row repeats for every delay
     runs = [(m, float(d)) for m in methods for d in (delays_ms if METHODS[m].delayed else delays_ms[:1])]
@@ -110,8 +115,27 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
                             'ap30': head['0.3'], 'mean_ap': summary['mean'], 'ap': summary['ap'],
                             'bytes_per_agent_frame': t.sent_bytes / t.sent if t.sent else 0.0,
                             'frames': summary['frames'], 'drops': dict(t.drops)})
-    return {'results': results, 'headline_class': HEADLINE_CLASS, 'max_range_m': max_range,
-            'channel': channel_model, 'seed': seed}
+    out = {'results': results, 'headline_class': HEADLINE_CLASS, 'max_range_m': max_range,
+           'channel': channel_model, 'seed': seed}
+    if bootstrap:
+        out['differences'] = _differences(tallies, methods, delays_ms, bootstrap, seed)
+    return out
+
+
+# (a, b): the comparisons the latency issue's targets are stated in
+COMPARISONS = (('trust', 'late'), ('trust', 'trust_flat'))
+
+
+def _differences(tallies: dict, methods, delays_ms, resamples: int, seed: int) -> list[dict]:
+    rows = []
+    for a, b in COMPARISONS:
+        if a not in methods or b not in methods:
+            continue
+        for delay in delays_ms:
+            diff = ap_difference(tallies[(a, float(delay))].acc, tallies[(b, float(delay))].acc, HEADLINE_CLASS, 0.7,
+                                 resamples=resamples, seed=seed)
+            rows.append({'a': a, 'b': b, 'delay_ms': float(delay), 'iou': 0.7, **diff})
+    return rows
 
 
 def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, payloads: dict,
@@ -164,7 +188,7 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
         if out is not None and oracle is not None:
             out = oracle.choose(out, boxes, labels)
         if out is not None:
-            tally.acc.add_frame(out.boxes, out.scores, out.labels, boxes, labels)
+            tally.acc.add_frame(out.boxes, out.scores, out.labels, boxes, labels, group=(scene, ego))
     tally.drops.update(coop.drops)
 
 
@@ -179,4 +203,10 @@ def format_results(result: dict) -> str:
         lines.append(f"{r['method']:<{w}}{r['delay_ms']:>9.0f}{ap50:>8}{ap70:>8}{r['bytes_per_agent_frame']:>19.0f}")
     lines.append(f"({result['headline_class']} AP in %, BEV rotated IoU, within {result['max_range_m']:g} m of the "
                  f"ego; {result['channel']} latency channel, seed {result['seed']})")
+    for d in result.get('differences', []):
+        interval = (f"{100 * d['level']:.0f} % interval {100 * d['low']:+.1f} to {100 * d['high']:+.1f}"
+                    if d['low'] is not None else 'no interval')
+        value = f"{100 * d['difference']:+.1f}" if d['difference'] is not None else 'n/a'
+        lines.append(f"{d['a']} - {d['b']} at {d['delay_ms']:.0f} ms: {value} {result['headline_class']} AP@0.7 "
+                     f"({interval}; paired bootstrap, {d['resamples']} resamples of {d['groups']} scene-ego pairs)")
     return '\n'.join(lines)
