@@ -145,6 +145,25 @@ def test_detector_outputs_carry_the_scan_header_and_bad_scans_are_counted(ros, m
     assert status['scans'] == 2 and status['agent'] == 2
 
 
+def test_one_stale_odometry_keeps_the_detectors_pose_history(ros, models):
+    node = ros.add(LidarDetectorNode(context=ros.context, namespace='agent2', parameter_overrides=params(
+        detector_config=models['detector_config'], detector_weights=models['detector_weights'],
+        status_period_s=0.1)))
+    statuses, features = ros.collect('/agent2/coop/detector_status', STRING), ros.collect('/agent2/coop/features')
+    odom, lidar = ros.publisher('/agent2/odom', ODOM), ros.publisher('/agent2/lidar', CLOUD)
+    ros.connect(odom, lidar)
+    now = ros.node.get_clock().now().nanoseconds - S
+    for i in range(3):
+        odom.publish(odom_msg(2, now + i * S // 10))
+    assert ros.spin(lambda: len(node.poses) == 3)
+    odom.publish(odom_msg(2, now - 5 * S))    # one stray message from 5 s ago (late, replayed or forged)
+    assert ros.spin(lambda: last_status(statuses).get('rejected', {}).get('stale_odometry') == 1)
+    assert len(node.poses) == 3
+    lidar.publish(scan_msg(valid_scan(0), now + 2 * S // 10, 'agent2/lidar'))
+    assert ros.spin(lambda: features and last_status(statuses).get('scans') == 1)
+    assert 'no_pose_for_velocity' not in last_status(statuses)['rejected']
+
+
 def test_input_guard_counts_everything_and_warns_once_per_period():
     class Logger:
         def __init__(self):

@@ -30,7 +30,7 @@ from coop_perception.detection.sweeps import SweepHistory
 from coop_perception.fusion import codec, sharing
 from coop_perception.fusion.ego_map import encode_ego_map
 from coop_perception.fusion.pipeline import Sender, collaborator_message
-from coop_perception.fusion.pose_buffer import PoseBuffer, PoseLookupError
+from coop_perception.fusion.pose_buffer import PoseBuffer, PoseBufferConfig, PoseLookupError
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
 from coop_perception.ros.node import (LATEST_QOS, ODOM_QOS, RELIABLE_QOS, SCAN_QOS, InputGuard, Param, Window, agent_id,
@@ -66,6 +66,9 @@ PARAMS = (
     Param('display_score_threshold', 0.3, 'lowest score drawn in coop/detections', (0.0, 1.0)),
     Param('max_future_s', 1.0, "scans stamped further ahead of this node's clock are rejected (s)",
           (0.0, 1e6)),
+    Param('time_jump_confirm', 3, 'this many odometry messages in a row more than 1 s behind the newest (each '
+                                  'near the one before) restart the pose history, the tracks and the sweeps; '
+                                  'a single one is dropped as stale', (1, 1000)),
     Param('warn_period_s', 5.0, 'at most one warning per kind of bad input in this period (s)', (0.0, 1e6)),
     Param('status_period_s', 1.0, 'period of coop/detector_status (s, wall clock)', (0.01, 1e6)),
 )
@@ -96,7 +99,7 @@ class LidarDetectorNode(Node):
         # Shared ROI velocities come from tracking this agent's own detections in the map frame
         # (fusion.motion), exactly as offline evaluation does; that needs this agent's odometry.
         self.sender = Sender()
-        self.poses = PoseBuffer()
+        self.poses = PoseBuffer(PoseBufferConfig(jump_confirm=p['time_jump_confirm']))
         # The detector may see this agent's previous sweeps too, moved with the same odometry.
         vox = self.detector.cfg.voxel
         self.sweeps = SweepHistory(vox.sweeps, vox.sweep_max_age_s)
@@ -116,11 +119,15 @@ class LidarDetectorNode(Node):
                                f'{"on" if self.pub_bev else "off"}')
 
     def on_odom(self, msg) -> None:
+        stale = self.poses.stale
         try:
             jumped = self.poses.insert(ros_msgs.stamp_ns(msg.header.stamp), ros_msgs.odometry_to_pose(msg))
         except ValueError as e:
             self.guard.reject('bad_pose', f'odometry: {e}')
             return
+        if self.poses.stale > stale:
+            self.guard.reject('stale_odometry', 'odometry stamped more than 1 s behind the newest dropped (the '
+                                                'history restarts only after time_jump_confirm in a row)')
         if jumped:  # the clock went back (bag loop): old tracks and sweeps mean nothing now
             self.sender.tracker.reset()
             self.sweeps.reset()
