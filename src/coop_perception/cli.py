@@ -16,13 +16,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import commands as data_commands
     from .detection import commands as detection_commands
     from .eval import commands as eval_commands
+    from .eval import detect_file
     from .fusion import commands as fusion_commands
     from .ros import bag_player, demo, fuzz_bench, launcher, replay_bench, soak
 
     parser = argparse.ArgumentParser(prog='coop-perception', description=__doc__.split('\n\n')[0])
     commands = Commands(parser)
-    for module in (data_commands, detection_commands, fusion_commands, eval_commands, bag_player, launcher,
-                   replay_bench, fuzz_bench, soak, demo):
+    for module in (data_commands, detection_commands, fusion_commands, eval_commands, detect_file, bag_player,
+                   launcher, replay_bench, fuzz_bench, soak, demo):
         module.add_cli(commands)
     return parser
 

@@ -66,7 +66,8 @@ class VelocityTracker:
         z = transform_boxes(T_world_sensor, np.asarray(boxes, np.float64).reshape(-1, 7))[:, :2]
         v_std = float(velocity_std) if velocities is not None else 0.0
         if v_std > 0:
-            z = np.column_stack([z, rotate_vectors_2d(T_world_sensor, np.asarray(velocities, np.float64).reshape(-1, 2))])
+            measured = np.asarray(velocities, np.float64).reshape(-1, 2)
+            z = np.column_stack([z, rotate_vectors_2d(T_world_sensor, measured)])
         x, P = self._predict(stamp_ns)
         track_of = self._associate(z[:, :2], labels, x, P)
         hit = track_of >= 0
