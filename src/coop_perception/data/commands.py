@@ -9,6 +9,7 @@ from coop_perception.errors import UserError
 
 from .bag import STORAGES
 from .mimic import MIMICS
+from .sensor_profiles import DEFAULT_PROFILE, MIXED, PROFILES, parse_profiles
 from .synth import PRESETS
 from .v2xsim import DEFAULT_VERSION, OWN_LAYOUT, VERSIONS
 
@@ -35,6 +36,26 @@ def dataset_from_args(args, check_sweeps: bool = False):
     return V2XSimDataset(args.data, args.version, frame_period_s=args.frame_period, check_sweeps=check_sweeps)
 
 
+def lidar_profiles(text: str) -> tuple[str, ...]:
+    """argparse type of ``--lidar``: the profile names (`sensor_profiles.parse_profiles`); an unknown
+    one is a one-line UserError, not argparse's usage message."""
+    try:
+        return parse_profiles(text)
+    except ValueError as err:
+        raise UserError('--lidar', str(err)) from None
+
+
+def height_range(text: str) -> tuple[float, float]:
+    """argparse type of ``--sensor-height``: ``H`` or ``LOW:HIGH`` metres (> 0) -> (low, high)."""
+    try:
+        low, high = (float(v) for v in (text.split(':') if ':' in text else (text, text)))
+    except ValueError:
+        raise UserError('--sensor-height', f'expected metres H or LOW:HIGH, got {text!r}') from None
+    if not 0 < low <= high < float('inf'):
+        raise UserError('--sensor-height', f'need 0 < LOW <= HIGH, got {text!r}')
+    return low, high
+
+
 def add_cli(commands: Commands) -> None:
     p = commands.add('synth', cmd_synth, 'generate synthetic multi-agent V2X scenes (V2X-Sim format)')
     p.add_argument('--out', required=True, type=output_folder, help='dataset root to write')
@@ -47,6 +68,15 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--rate', type=positive(float), default=10.0, help='LiDAR rate in Hz')
     p.add_argument('--synchronous', action='store_true',
                    help='every agent captures at the frame time (default: each at its own phase)')
+    p.add_argument('--lidar', type=lidar_profiles, default=(DEFAULT_PROFILE,), metavar='PROFILE',
+                   help=f'LiDAR model: {", ".join(PROFILES)} (default {DEFAULT_PROFILE}); {MIXED} (all of them) '
+                        'or a comma-separated list: each agent draws one per scene')
+    p.add_argument('--sensor-height', type=height_range, metavar='H|LOW:HIGH',
+                   help='vehicle LiDAR height above the ground in metres, or a range drawn per agent and '
+                        'scene (default: each profile\'s; always above the vehicle\'s roof; the road-side unit '
+                        'keeps its own)')
+    p.add_argument('--own-body', action='store_true',
+                   help='rays can hit the scanning vehicle\'s own body: roof/hood returns and a blind zone around it')
     p.add_argument('--mimic', choices=sorted(MIMICS),
                    help='write the scenes as that producer lays them out (v2xsim-real: the real V2X-Sim 2.0 '
                         'download; implies --synchronous and --version v2.0)')
@@ -82,7 +112,8 @@ def cmd_synth(args) -> int:
     cfg = ScenarioConfig(seed=args.seed if args.seed is not None else preset.get('seed', 0),
                          vehicles=args.agents - 1,
                          frames=args.frames or preset.get('frames', 40),
-                         rate_hz=args.rate, synchronous=args.synchronous or layout.frame_counters)
+                         rate_hz=args.rate, synchronous=args.synchronous or layout.frame_counters,
+                         lidar_profiles=args.lidar, sensor_height=args.sensor_height, own_body=args.own_body)
     out = Path(args.out)
     if (out / version).exists() and not args.overwrite:
         raise UserError(out / version, 'already exists (use --overwrite to replace it)')

@@ -1,4 +1,4 @@
-"""Spinning-LiDAR model with V2X-Sim-like characteristics, ray-cast with Open3D.
+"""Spinning-LiDAR model ray-cast with Open3D; the published sensor models are in `sensor_profiles`.
 
 The scan is treated as instantaneous at its capture time (no rolling shutter); each agent casts
 against the world posed at its own capture time.
@@ -11,22 +11,45 @@ import numpy as np
 
 from .town import REFLECTIVITY
 
+# Rays rotated per BLAS call. OpenBLAS splits a larger (R, 3) x (3, 3) product over threads, and
+# waking them costs tens of milliseconds a scan on a busy machine; below this it stays on one.
+ROTATE_CHUNK = 1 << 15
+
+
+def uniform_beams(top_deg: float, bottom_deg: float, beams: int) -> tuple[float, ...]:
+    """Elevations (degrees) of ``beams`` evenly spaced beams from ``top_deg`` down to ``bottom_deg``."""
+    return tuple(np.linspace(top_deg, bottom_deg, beams).tolist())
+
 
 @dataclass(frozen=True)
 class LidarConfig:
-    beams: int = 32
-    elevation_max_deg: float = 10.67    # HDL-32E-like vertical field of view
-    elevation_min_deg: float = -30.67
-    azimuth_res_deg: float = 0.2
-    max_range: float = 70.0             # m
-    min_range: float = 1.0              # m
-    range_noise: float = 0.02           # m, std of the Gaussian range error
-    dropout: float = 0.01               # probability that a return is lost
-    intensity_noise: float = 0.03       # std, relative to full scale
+    """One LiDAR model. Ring ids are elevation ranks (ring 0 = the top beam), not a maker's laser
+    ids, so every profile's rings mean the same thing."""
+    elevations_deg: tuple[float, ...]   # (beams,) beam table in degrees, top beam first
+    azimuth_res_deg: float              # degrees between firings of one beam
+    max_range: float                    # m
+    min_range: float                    # m, closer returns are discarded (as the sensors do)
+    range_noise: float                  # m, std of the Gaussian range error
+    dropout: float                      # probability that a return is lost at random
+    intensity_noise: float              # std, relative to full scale
+    # Datasheets state the maximum range for a reflective target; the returned power falls as
+    # reflectivity / range^2, so a surface of reflectivity rho is seen out to
+    # max_range * sqrt(rho / reference_reflectivity). None: every surface out to max_range.
+    reference_reflectivity: float | None = None
+
+    def __post_init__(self):
+        if np.any(np.diff(self.elevations_deg) >= 0):
+            raise ValueError('elevations_deg must be strictly decreasing (ring 0 is the top beam)')
+        if not 0 < self.min_range < self.max_range:
+            raise ValueError(f'need 0 < min_range < max_range, got {self.min_range}, {self.max_range}')
+
+    @property
+    def beams(self) -> int:
+        return len(self.elevations_deg)
 
     def elevations(self) -> np.ndarray:
         """(beams,) elevation angles in radians, top beam first (ring 0)."""
-        return np.deg2rad(np.linspace(self.elevation_max_deg, self.elevation_min_deg, self.beams))
+        return np.deg2rad(np.asarray(self.elevations_deg, dtype=np.float64))
 
     def directions(self):
         """Unit ray directions in the sensor frame (R, 3) float32 and their ring ids (R,)."""
@@ -41,7 +64,8 @@ class LidarConfig:
 @dataclass
 class Hits:
     """One scan. points: (N, 5) float32 [x, y, z, intensity 0..255, ring] in the sensor frame;
-    owner: (N,) int index of the dynamic object hit, -1 for the static world."""
+    owner: (N,) int index of the dynamic object hit, -1 for the static world (and for the
+    sensor's own vehicle, which is no object to detect)."""
     points: np.ndarray
     owner: np.ndarray
 
@@ -69,7 +93,8 @@ class LidarSimulator:
         if len(dt):
             scene.add_triangles(o3d.core.Tensor(dv), o3d.core.Tensor(dt))
         R = T_world_sensor[:3, :3].astype(np.float32)
-        dirs_world = self.dirs @ R.T
+        chunks = np.split(self.dirs, range(ROTATE_CHUNK, len(self.dirs), ROTATE_CHUNK))
+        dirs_world = np.concatenate([d @ R.T for d in chunks])
         origin = np.broadcast_to(T_world_sensor[:3, 3].astype(np.float32), dirs_world.shape)
         rays = o3d.core.Tensor(np.ascontiguousarray(np.concatenate([origin, dirs_world], 1)))
         ans = scene.cast_rays(rays)
@@ -86,6 +111,10 @@ class LidarSimulator:
         material = np.where(is_static, smat[np.where(is_static, prim_idx, 0)],
                             dmat[np.where(is_static, 0, prim_idx)] if len(dt) else 0)
         owner = np.where(is_static, -1, downer[np.where(is_static, 0, prim_idx)] if len(dt) else -1)
+        if cfg.reference_reflectivity is not None:
+            reach = cfg.max_range * np.sqrt(REFLECTIVITY[material] / cfg.reference_reflectivity)
+            seen = t[idx] <= reach
+            idx, material, owner = idx[seen], material[seen], owner[seen]
 
         rng_m = t[idx] + rng.normal(0.0, cfg.range_noise, len(idx)).astype(np.float32)
         xyz = self.dirs[idx] * rng_m[:, None]

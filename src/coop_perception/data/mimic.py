@@ -30,5 +30,6 @@ def carla_name(category: str, instance: int) -> str:
 
 MIMICS = {
     'v2xsim-real': Layout(version='v2.0', frame_counters=True, category_name=carla_name,
-                          width_is_point_count=False, agent_points=False, velocity=False, first_scene=9),
+                          width_is_point_count=False, agent_points=False, velocity=False, first_scene=9,
+                          lidar_profile=False),
 }

@@ -3,7 +3,8 @@
 Agent 0 is a road-side unit (elevated LiDAR on the intersection corner), agents 1..N are
 connected vehicles driving in the traffic. LiDARs are not phase-aligned: agent 1 captures at the
 frame's reference time (when the ground truth is annotated), every other agent at a fixed random
-phase within the frame period. Deterministic from the seed.
+phase within the frame period. Each agent's LiDAR is a `sensor_profiles` model, drawn per scene
+when several are allowed. Deterministic from the seed.
 """
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ import numpy as np
 
 from ..geometry import make_pose
 from . import roads
-from .lidar import LidarConfig, LidarSimulator
+from .lidar import LidarSimulator
+from .sensor_profiles import DEFAULT_PROFILE, PROFILES, SensorProfile
 from .town import MATERIAL, TRIANGLES_PER_BOX, boxes_to_mesh, build_town
 from .traffic import Actor, TrafficConfig, TrafficSimulator
 
 RSU_AGENT = 0
 SCENE_EPOCH_US = 1_700_000_000_000_000  # arbitrary recording epoch; scenes are 1000 s apart
+# Seeds the draw of the agents' sensors apart from the world's generator, so that choosing other
+# profiles or heights never changes a scene's town or traffic.
+SENSOR_STREAM = 1
 
 
 @dataclass
@@ -30,9 +35,20 @@ class ScenarioConfig:
     rate_hz: float = 10.0
     synchronous: bool = False         # every agent captures at the frame time (CARLA's synchronous mode)
     rsu_height: float = 5.5           # m, LiDAR above the ground at the corner
-    roof_clearance: float = 0.25      # m, vehicle LiDAR above the roof
+    roof_clearance: float = 0.25      # m, vehicle LiDAR above the roof (profiles without a mount height)
+    # m, a LiDAR mounted at a fixed height still sits at least this far above its own roof (its
+    # housing stands on the roof), so a tall van raises it
+    min_roof_clearance: float = 0.1
     agent_radius: float = 60.0        # m, connected vehicles start within this of the centre
-    lidar: LidarConfig = field(default_factory=LidarConfig)
+    # sensor_profiles names; every agent draws one per scene (one name: all agents have it)
+    lidar_profiles: tuple[str, ...] = (DEFAULT_PROFILE,)
+    # (low, high) m above the ground for the vehicles' LiDARs, drawn uniformly per agent and scene
+    # (low == high: fixed); None: each profile's own mount height. The RSU keeps rsu_height.
+    sensor_height: tuple[float, float] | None = None
+    # The vehicle's own body in its scans (roof/hood returns, a blind zone around it). Off by default:
+    # bodies are boxes as wide as the car, which hide far more of the near ground from a low roof
+    # mount than a real, rounded roof does.
+    own_body: bool = False
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
     layout: roads.RoadLayout = field(default_factory=roads.RoadLayout)
 
@@ -44,6 +60,7 @@ class AgentScan:
     T_world_ego: np.ndarray           # (4, 4) vehicle / RSU base on the ground
     T_ego_sensor: np.ndarray          # (4, 4) LiDAR mount
     points: np.ndarray                # (N, 5) float32 [x, y, z, intensity, ring], sensor frame
+    lidar_profile: str                # sensor_profiles name of the LiDAR that took the scan
 
 
 @dataclass
@@ -81,6 +98,15 @@ def actor_parts(actor: Actor) -> np.ndarray:
 _KIND_MATERIAL = {'pedestrian': MATERIAL['pedestrian'], 'cyclist': MATERIAL['cyclist']}
 
 
+@dataclass(frozen=True)
+class AgentSensor:
+    """An agent's LiDAR for one scene."""
+    profile: SensorProfile
+    # m above the ground for a vehicle; None: roof + roof_clearance (always None for the RSU, which
+    # stands at rsu_height)
+    height: float | None
+
+
 class Scenario:
     """One scene: call `frames()` to iterate over its frames (ray casting happens lazily)."""
 
@@ -99,7 +125,9 @@ class Scenario:
         self.phase = {k: (0.0 if k == 1 else float(self.rng.uniform(0, period))) for k in self.agent_ids}
         if cfg.synchronous:  # after the draws, so the seed gives the same town and traffic either way
             self.phase = dict.fromkeys(self.agent_ids, 0.0)
-        self.lidar = LidarSimulator(cfg.lidar)
+        self.sensors = self._draw_sensors()
+        self.simulators = {name: LidarSimulator(PROFILES[name].lidar)
+                           for name in sorted({s.profile.name for s in self.sensors.values()})}
         lay = cfg.layout
         corner = np.array([lay.half_width('N') + 1.5, lay.half_width('E') + 1.5])
         self.rsu_pose = make_pose([corner[0], corner[1], 0.0], yaw=-0.75 * np.pi)
@@ -131,11 +159,29 @@ class Scenario:
                 break
         return chosen
 
+    def _draw_sensors(self) -> dict[int, AgentSensor]:
+        """Each agent's LiDAR profile and mount height for this scene."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, self.scene_index, SENSOR_STREAM])
+        sensors = {}
+        for k in self.agent_ids:
+            profile = PROFILES[cfg.lidar_profiles[rng.integers(len(cfg.lidar_profiles))]]
+            if k == RSU_AGENT:        # up on its pole at rsu_height
+                height = None
+            elif cfg.sensor_height is None:
+                height = profile.mount_height
+            else:
+                height = float(rng.uniform(*cfg.sensor_height))
+            sensors[k] = AgentSensor(profile, height)
+        return sensors
+
     # ------------------------------------------------------------------ world at a time
-    def _dynamic_mesh(self, ids, xy, yaw, exclude: int | None):
+    def _dynamic_mesh(self, ids, xy, yaw, own: int | None, own_body: bool):
+        """Mesh of the road users at a time; the actor ``own`` (the scanning vehicle) is left out,
+        or with ``own_body`` kept as a body that belongs to no object (its returns are clutter)."""
         boxes, mats, owners = [], [], []
         for i, (aid, p, h) in enumerate(zip(ids, xy, yaw)):
-            if aid == exclude:
+            if aid == own and not own_body:
                 continue
             parts = self.parts[aid]
             c, s = np.cos(h), np.sin(h)
@@ -146,7 +192,7 @@ class Scenario:
             boxes.append(world)
             kind = self.traffic.actors[aid].kind
             mats.append(np.full(len(parts), _KIND_MATERIAL.get(kind, MATERIAL['vehicle'])))
-            owners.append(np.full(len(parts), i))
+            owners.append(np.full(len(parts), -1 if aid == own else i))
         if not boxes:
             z = np.zeros(0, np.int64)
             return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint32), z, z
@@ -163,7 +209,9 @@ class Scenario:
         ids, xy, yaw, _ = state
         k = int(np.nonzero(ids == actor.id)[0][0])
         ego = make_pose([xy[k, 0], xy[k, 1], 0.0], yaw=yaw[k])
-        return ego, make_pose([0.0, 0.0, actor.size[2] + self.cfg.roof_clearance])
+        roof, height = actor.size[2], self.sensors[agent].height
+        z = roof + self.cfg.roof_clearance if height is None else max(height, roof + self.cfg.min_roof_clearance)
+        return ego, make_pose([0.0, 0.0, z])
 
     def _boxes(self, ids, xy, yaw) -> np.ndarray:
         size = np.stack([self.traffic.actors[a].size for a in ids]) if len(ids) else np.zeros((0, 3))
@@ -184,15 +232,18 @@ class Scenario:
             T_we, T_es = self.agent_pose(k, state)
             a_ids, a_xy, a_yaw, _ = state
             own = None if k == RSU_AGENT else self.vehicle_agents[k - 1]
-            hits = self.lidar.scan(self.static_mesh, self._dynamic_mesh(a_ids, a_xy, a_yaw, own),
-                                   T_we @ T_es, self.rng)
+            sensor = self.sensors[k]
+            hits = self.simulators[sensor.profile.name].scan(
+                self.static_mesh, self._dynamic_mesh(a_ids, a_xy, a_yaw, own, self.cfg.own_body),
+                T_we @ T_es, self.rng)
             per_actor = np.bincount(hits.owner[hits.owner >= 0], minlength=len(a_ids))
             c = np.zeros(len(ids), np.int64)
             for aid, n in zip(a_ids.tolist(), per_actor.tolist()):
                 if aid in gt_index:
                     c[gt_index[aid]] = n
             counts[k] = c
-            scans.append(AgentScan(k, self.start_us + int(round(t * 1e6)), T_we, T_es, hits.points))
+            scans.append(AgentScan(k, self.start_us + int(round(t * 1e6)), T_we, T_es, hits.points,
+                                   sensor.profile.name))
         actors = [self.traffic.actors[a] for a in ids]
         speed = np.linalg.norm(vel, axis=1)
         attributes = []

@@ -6,7 +6,8 @@ Layout under the dataset root::
     sweeps/LIDAR_TOP_id_{k}/scene_{n}_{frame:06d}.pcd.bin                   (float32 N x 5)
 
 Our writer stores timestamps in microseconds, quaternions ``[w, x, y, z]``, annotation ``size`` as
-``[w, l, h]`` and ``translation`` as the box centre in the global frame. The reader serves our
+``[w, l, h]``, ``translation`` as the box centre in the global frame and, in each
+``calibrated_sensor`` row, the LiDAR model as ``lidar_profile`` (`sensor_profiles`). The reader serves our
 scenes and the real V2X-Sim download alike: what differs between them (timestamp unit, category
 vocabulary, ``sample_data.width``, per-agent point counts, 4- or 5-column sweeps) is detected when
 a dataset is opened (`conventions`), and its API always gives microseconds. It also copes with
@@ -64,6 +65,7 @@ class Layout:
     agent_points: bool = True          # annotations carry agent_lidar_pts
     velocity: bool = True              # annotations carry velocity
     first_scene: int = 0               # scenes are named scene_{first_scene + n}
+    lidar_profile: bool = True         # calibrated_sensor rows name the LiDAR model (our field)
 
 
 OWN_LAYOUT = Layout()
@@ -164,11 +166,12 @@ class V2XSimWriter:
             'rotation': matrix_to_quat_wxyz(scan.T_world_ego[:3, :3]).tolist(),
             'translation': scan.T_world_ego[:3, 3].tolist()})
         if k not in self._prev_sd:  # the mount is fixed within a scene
+            profile = {'lidar_profile': scan.lidar_profile} if self.layout.lidar_profile else {}
             self.tables['calibrated_sensor'].append({
                 'token': cs, 'sensor_token': self._sensor(k),
                 'translation': scan.T_ego_sensor[:3, 3].tolist(),
                 'rotation': matrix_to_quat_wxyz(scan.T_ego_sensor[:3, :3]).tolist(),
-                'camera_intrinsic': []})
+                'camera_intrinsic': [], **profile})
         prev = self._prev_sd.get(k, '')
         self.tables['sample_data'].append({
             'token': sd, 'sample_token': sample, 'ego_pose_token': ep,
@@ -254,6 +257,7 @@ class AgentFrame:
     expected_points: int              # 0 when the dataset does not state it reliably (real V2X-Sim)
     sample_data_token: str
     row_length_hint: int | None = None  # the dataset's values per point, for files too small to tell
+    lidar_profile: str | None = None  # sensor_profiles name of the LiDAR; None when not recorded
 
     @property
     def T_world_sensor(self) -> np.ndarray:
@@ -563,7 +567,8 @@ class V2XSimDataset:
             T_ego_sensor=make_pose(cs['translation'], quat_wxyz=cs['rotation']),
             path=self.root / sd['filename'],
             expected_points=int(sd.get('width') or 0) if self._width_is_count else 0,
-            sample_data_token=sd['token'], row_length_hint=self._row_hint)
+            sample_data_token=sd['token'], row_length_hint=self._row_hint,
+            lidar_profile=cs.get('lidar_profile'))
 
     def _ground_truth(self, sample_token: str) -> GroundTruth:
         """Without per-agent counts when the dataset does not store them (`sample` adds them)."""
