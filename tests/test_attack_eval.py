@@ -9,6 +9,7 @@ from ros_fixtures import TINY
 
 from coop_perception.data.v2xsim import V2XSimDataset
 from coop_perception.detection.config import load_config, with_overrides
+from coop_perception.detection.free_range import azimuth_bins
 from coop_perception.detection.model import Detector
 from coop_perception.eval import attack_eval as A
 from coop_perception.eval.fusion_eval import _scene_payloads, scene_samples
@@ -77,6 +78,10 @@ def test_phantoms_are_copies_of_a_real_roi_at_free_places(setup):
         peak = cells[np.argmax(out.confidence[out.roi == r])]
         assert np.abs(peak - place).max() <= msg.grid.cell_size / 2 + 1e-6
         assert (out.velocity[out.roi == r] == 0).all()
+        # the profile it sends lies too: every phantom cell stands in front of the first return
+        bins = azimuth_bins(cells[:, 0], cells[:, 1], len(out.free_range))
+        assert (out.free_range[bins] < np.hypot(cells[:, 0], cells[:, 1])).all()
+    assert msg.free_range is not None and (out.free_range <= msg.free_range).all()
     boxes = BoxList(np.array([[1.0, 2, 0, 4, 2, 1.5, 0]]), np.array([0.8]), np.array([0]), np.zeros((1, 2)))
     got = A.with_phantoms(boxes, places)
     assert len(got.boxes) == 3 and got.boxes[1:, :2] == pytest.approx(places)

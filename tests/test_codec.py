@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from coop_perception.bev_grid import BevGrid
 from coop_perception.data.pointcloud import FLOAT64, INT8, Field, dtype_to_fields
 from coop_perception.detection.decode import Detections
+from coop_perception.detection.free_range import FREE_RANGE_BINS
 from coop_perception.fusion.codec import (MESSAGE_UNCERTAINTY_FIELDS, FeatureMessageError, cell_bytes, decode,
                                           dequantise, encode, make_message, message_dtype, message_uncertainty,
                                           quantise)
@@ -305,6 +308,11 @@ def test_roi_policy_thresholds_caps_and_skips_empty_cells():
     capped = select_roi_cells(det, score_threshold=0.0, min_confidence=0.0, max_bytes=budget)
     assert set(capped.roi) == {0} and len(capped.roi) == n0
     assert len(encode(make_message(det, capped, 0, 0))[1]) <= budget
+    # the free-range profile counts against the budget too
+    with_profile = replace(det, free_range=np.full(FREE_RANGE_BINS, 20.0, np.float32))
+    for budget in (2000, 5000, 20000):
+        sel = select_roi_cells(with_profile, score_threshold=0.0, min_confidence=0.0, max_bytes=budget)
+        assert len(encode(make_message(with_profile, sel, 0, 0))[1]) <= budget
 
 
 def test_cells_carry_their_roi_attributes_and_background_is_zero():
@@ -367,4 +375,50 @@ def test_a_point_step_numpy_cannot_hold_is_a_layout_error():
     fields, data, step = encode(roi_message()[1])
     with pytest.raises(FeatureMessageError) as info:
         decode_(fields, data, 2**32 - 1, width=0)
+    assert info.value.reason == E.LAYOUT
+
+
+# ------------------------------------------------------------------ the sender's free-range profile
+def test_free_range_profile_rides_as_one_byte_a_bin():
+    from coop_perception.detection.free_range import FREE_RANGE_MAX_M, WIRE_STEP_M, to_wire
+    from coop_perception.fusion.codec import FREE_RANGE_Q_FIELD, free_range_count
+
+    rng = np.random.default_rng(3)
+    free = rng.uniform(1.0, 80.0, FREE_RANGE_BINS).astype(np.float32)
+    free[:5] = FREE_RANGE_MAX_M
+    det = replace(make_det(BOXES, SCORES), free_range=free)
+    msg = make_message(det, select_roi_cells(det), agent_id=2, stamp_ns=7)
+    # rounded down to the wire's steps, saturating: never more free space than the sender saw
+    assert (msg.free_range <= np.minimum(free, 255 * WIRE_STEP_M) + 1e-6).all()
+    assert (msg.free_range > np.minimum(free, 255 * WIRE_STEP_M) - WIRE_STEP_M).all()
+    fields, data, step = encode(msg)
+    k = free_range_count(FREE_RANGE_BINS, msg.num_cells)
+    assert step == cell_bytes(C) + k and len(data) == msg.num_cells * cell_bytes(C) + msg.num_cells * k
+    assert [f for f in fields if f.name == FREE_RANGE_Q_FIELD][0].count == k
+    out = decode_(fields, data, step)
+    np.testing.assert_array_equal(out.free_range, msg.free_range)
+    assert encode(out)[1] == data
+    # a sensor above the obstacle band says nothing about bins without an obstacle return
+    assert (to_wire(free, sensor_height=5.5)[:5] == 0).all() and (to_wire(free, 1.8)[:5] == 255).all()
+    # a message from a sender without a profile, or without cells, carries none
+    assert decode_(*encode(replace(msg, free_range=None))).free_range is None
+    empty = make_message(det, select_roi_cells(det, score_threshold=0.95), 1, 0)
+    assert empty.num_cells == 0 and decode_(*encode(empty)).free_range is None
+
+
+@pytest.mark.parametrize('case', ['too few bytes', 'as float32'])
+def test_a_malformed_profile_is_a_layout_error(case):
+    from coop_perception.data.pointcloud import FLOAT32
+    from coop_perception.detection.free_range import FREE_RANGE_BINS
+    from coop_perception.fusion.codec import FREE_RANGE_Q_FIELD
+
+    det = replace(make_det(BOXES, SCORES), free_range=np.full(FREE_RANGE_BINS, 20.0, np.float32))
+    fields, data, step = encode(make_message(det, select_roi_cells(det), agent_id=2, stamp_ns=7))
+    f = [x for x in fields if x.name == FREE_RANGE_Q_FIELD][0]
+    if case == 'too few bytes':
+        fields = [x if x is not f else Field(f.name, f.offset, f.datatype, 1) for x in fields]
+    else:
+        fields = [x if x is not f else Field(f.name, f.offset, FLOAT32, 1) for x in fields]
+    with pytest.raises(FeatureMessageError) as info:
+        decode_(fields, data, step)
     assert info.value.reason == E.LAYOUT

@@ -15,7 +15,7 @@ from coop_perception.detection.voxelize import VoxelStats
 from coop_perception.fusion.payloads import BoxList
 from coop_perception.fusion.pipeline import CooperativeConfig, CooperativeDetector
 from coop_perception.fusion.reputation import (Evidence, Reputation, ReputationConfig, consistency_evidence,
-                                               free_space_conflicts, matched_offset)
+                                               free_space_conflicts, make_witness, matched_offset)
 from coop_perception.geometry import make_pose
 
 CFG = load_config(Path(__file__).parents[1] / 'models' / 'detector.yaml')
@@ -121,6 +121,60 @@ def test_consistency_evidence_leaves_out_low_scores_and_the_ego_itself():
     no_free = consistency_evidence(boxes, np.ones(3), np.zeros(3, int), np.zeros((3, 2)), 0.1,
                                    np.zeros((0, 7)), np.zeros(0), np.zeros(0, int), None, cfg)
     assert no_free.checked == 0
+
+
+def _witness(free, boxes=np.zeros((0, 7)), at=(40.0, 0.0), trusted=True, ego_boxes=np.zeros((0, 7))):
+    """A witness whose sensor sits at ``at`` (ego frame, same heading) with profile ``free``."""
+    T = make_pose([-at[0], -at[1], 0.0], yaw=0.0)          # ego frame -> its frame
+    n = len(boxes)
+    return make_witness(7, boxes, np.full(n, 0.9), np.zeros(n, int), free, T, 0.05, trusted,
+                        ego_boxes, np.full(len(ego_boxes), 0.9), np.zeros((len(ego_boxes), 2)), ReputationConfig())
+
+
+def _judge(boxes, witnesses, ego_free=None, ego_boxes=np.zeros((0, 7))):
+    n = len(boxes)
+    return consistency_evidence(boxes, np.full(n, 0.9), np.zeros(n, int), np.zeros((n, 2)), 0.1, ego_boxes,
+                                np.full(len(ego_boxes), 0.9), np.zeros(len(ego_boxes), int), ego_free,
+                                ReputationConfig(), witnesses)
+
+
+def test_a_witness_free_space_speaks_where_the_ego_cannot_see():
+    phantom = car(55.0, 0.0)                         # beyond the ego's check range, 15 m before the witness
+    ego_free = np.full(FREE_RANGE_BINS, 5.0, np.float32)   # the ego is walled in: it checks nothing
+    seen_through = np.full(FREE_RANGE_BINS, 40.0, np.float32)
+    ev = _judge(phantom[None], [_witness(seen_through)], ego_free)
+    assert (ev.checked, ev.peer_checked, ev.peer_conflicts) == (0, 1, 1)
+    assert ev.llr(ReputationConfig()) == pytest.approx(ReputationConfig().peer_conflict_llr)
+    # a witness that saw something at the box's near face: checked, no conflict
+    blocked = seen_through.copy()
+    blocked[azimuth_bins(15.0, 0.0)] = 12.5
+    ev = _judge(phantom[None], [_witness(blocked)], ego_free)
+    assert (ev.peer_checked, ev.peer_conflicts) == (1, 0)
+    # another agent reports the box too: seen by two, not invented, whatever the witness says
+    other = _witness(None, boxes=car(55.5, 0.3)[None], at=(0.0, 30.0))
+    ev = _judge(phantom[None], [_witness(seen_through), other], ego_free)
+    assert (ev.peer_checked, ev.peer_conflicts) == (1, 0)
+    # an excluded witness testifies nothing, and neither does one whose free space holds the
+    # ego's own confident box (a lying or misplaced profile)
+    assert _judge(phantom[None], [_witness(seen_through, trusted=False)], ego_free).peer_checked == 0
+    liar = _witness(seen_through, ego_boxes=car(30.0, 0.0)[None])
+    assert liar.free_range is None and _judge(phantom[None], [liar], ego_free).peer_checked == 0
+    # the witness's own vehicle, reported by the judged collaborator, is not in its free space
+    assert _judge(car(40.0, 0.5)[None], [_witness(seen_through)], ego_free).peer_checked == 0
+
+
+def test_offset_against_witnesses_takes_the_best_agreeing_reference():
+    cfg = ReputationConfig()
+    real = np.stack([car(30, 5), car(42, -8), car(50, 12)])
+    shifted = real + [3.0, 0, 0, 0, 0, 0, 0]
+    # no ego match: a witness's matching boxes give the offset
+    honest_witness = _witness(None, boxes=real)
+    ev = _judge(shifted, [honest_witness])
+    assert ev.matches == 3 and ev.offset_m == pytest.approx(3.0) and ev.llr(cfg) > 0
+    # an agreeing reference clears it; an excluded witness is no reference
+    ev = _judge(real, [_witness(None, boxes=shifted), honest_witness])
+    assert ev.offset_m == pytest.approx(0.0)
+    assert np.isnan(_judge(shifted, [_witness(None, boxes=real, trusted=False)]).offset_m)
 
 
 @pytest.fixture(scope='module')

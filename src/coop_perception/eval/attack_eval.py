@@ -9,7 +9,8 @@ attacker puts on the air (its message and the pose it reports), after its sender
 * ``phantom``: ``PHANTOMS`` fake objects a frame, each a copy of its highest-scoring ROI (its
   cells, features and attributes; a box list: the box) moved by whole cells to a place it sees
   as free itself (its own free range) within ``PHANTOM_RANGE_M`` of it and 45 m of the ego,
-  standing still;
+  standing still; the free-range profile it sends lies consistently (cut at each phantom's near
+  side), so its own message never contradicts itself;
 * ``shift``: its reported pose is off by ``SHIFT_M`` in a seeded direction and ``SHIFT_DEG``;
 * ``drop``: its ROIs (boxes) removed, background cells kept;
 * ``replay``: the message of ``REPLAY_FRAMES`` frames earlier, restamped with the current stamp
@@ -150,7 +151,8 @@ def with_phantoms(item, places: np.ndarray):
         return item
     reps = len(parts)
     cat = np.concatenate
-    return replace(item, cells=cat([item.cells, *(p[0] for p in parts)]),
+    free = None if item.free_range is None else hidden_behind(item.free_range, [p[0] for p in parts], size)
+    return replace(item, cells=cat([item.cells, *(p[0] for p in parts)]), free_range=free,
                    features=cat([item.features, np.tile(item.features[cells], (reps, 1))]),
                    scale=cat([item.scale, np.tile(item.scale[cells], reps)]),
                    confidence=cat([item.confidence, np.tile(item.confidence[cells], reps)]),
@@ -158,6 +160,18 @@ def with_phantoms(item, places: np.ndarray):
                    velocity=cat([item.velocity, np.zeros((len(cells) * reps, 2), np.float32)]),
                    roi=cat([item.roi, *(p[1] for p in parts)]),
                    score=cat([item.score, np.tile(item.score[cells], reps)]))
+
+
+def hidden_behind(free_range: np.ndarray, objects: list, cell_size: float) -> np.ndarray:
+    """A profile (B,) m cut so that each object (its cells, (n, 2) m, sender frame) stands in
+    front of the first return: what a phantom sender reports to be consistent with its lie."""
+    out = np.array(free_range, np.float32)
+    for cells in objects:
+        corners = (cells[:, None, :] + np.array([[-1, -1], [-1, 1], [1, -1], [1, 1]]) * cell_size / 2).reshape(-1, 2)
+        r = np.hypot(corners[:, 0], corners[:, 1])
+        bins = azimuth_bins(corners[:, 0], corners[:, 1], len(out))
+        np.minimum.at(out, bins, np.maximum(r.min() - cell_size, 0.0).astype(np.float32))
+    return out
 
 
 def restamped(item, stamp_ns: int):

@@ -23,12 +23,17 @@ Wire layout (little endian, packed, ``point_step = 46 + C`` bytes; 110 for C = 6
     score                 float32  the ROI's detection score
     roi                   int16    index of the ROI in the sender's Detections, -1 = background
     features              int8 x C the quantised feature vector
+    free_range_q          uint8 x k  optional: the sender's free-range profile (detection.free_range),
+                          one byte a bin (``free_range.to_wire``); cell i carries bins i*k .. i*k+k-1,
+                          k = ceil(B / M), the bytes past bin B are 0: B + (k*M - B) bytes a message
 
 Per-ROI values are repeated on every cell of the ROI because a PointCloud2 has one record type.
 They stay float32 rather than being squeezed into bespoke integer codes: they cost 28 of 110
 bytes a cell, every consumer (RViz included) reads float32 fields as they are, and the variances
 span many decades, which a linear 8- or 16-bit code would not hold. ``vx``/``vy`` are optional on
 decode (the contract makes velocity optional); a message without them decodes with zero velocity.
+A message without ``free_range_q`` (or without cells) carries no profile; the receiver's fusion
+then takes no free-space testimony from that sender (fusion.reputation).
 
 The grid (cell size, extent) is not on the wire: every agent runs the same detector config, so a
 receiver decodes against its own copy and rejects cells that are not centres of that grid.
@@ -41,8 +46,9 @@ from typing import TYPE_CHECKING, Hashable, Sequence
 import numpy as np
 
 from coop_perception.data.objects import MAX_SPEED_MPS   # |vx|, |vy| bound (m/s)
-from coop_perception.data.pointcloud import (FLOAT32, INT8, INT16, Field, array_to_buffer,
+from coop_perception.data.pointcloud import (FLOAT32, INT8, INT16, UINT8, Field, array_to_buffer,
                                              buffer_to_array, check_layout)
+from coop_perception.detection.free_range import FREE_RANGE_BINS, from_wire, to_wire
 
 if TYPE_CHECKING:  # only for annotations: decoding needs no torch
     from coop_perception.bev_grid import BevGrid
@@ -108,6 +114,9 @@ class FeatureMessage:
     velocity: np.ndarray          # (M, 2) float32 ground velocity along the sender's axes (m/s)
     roi: np.ndarray               # (M,) int16 index of the ROI in the sender's Detections
     score: np.ndarray             # (M,) float32 detection score
+    # the sender's free-range profile (B,) float32 m as it reads after the wire's quantisation
+    # (detection.free_range.from_wire); None: the sender sent none
+    free_range: np.ndarray | None = None
 
     @property
     def num_cells(self) -> int:
@@ -178,30 +187,41 @@ def make_message(det: Detections, selection: CellSelection, agent_id: Hashable,
     velocity[fg] = det.velocities[r]
     score = np.zeros(len(roi), np.float32)
     score[fg] = det.scores[r]
+    free = None if det.free_range is None else from_wire(to_wire(det.free_range, det.sensor_height))
     return FeatureMessage(
         agent_id=agent_id, stamp_ns=int(stamp_ns), grid=grid, cells=cells, features=q, scale=scale,
         confidence=det.confidence[rows, cols].astype(np.float32), uncertainty=uncertainty,
-        velocity=velocity, roi=roi.astype(np.int16), score=score)
+        velocity=velocity, roi=roi.astype(np.int16), score=score, free_range=free)
 
 
 # --------------------------------------------------------------------------- wire format
 _FLOAT_FIELDS = ('x', 'y', 'scale', 'confidence', *MESSAGE_UNCERTAINTY_FIELDS, 'vx', 'vy', 'score')
-_OPTIONAL_FIELDS = ('vx', 'vy')
-_EXPECTED_TYPES = {**{name: FLOAT32 for name in _FLOAT_FIELDS}, 'roi': INT16, 'features': INT8}
+FREE_RANGE_Q_FIELD = 'free_range_q'
+_OPTIONAL_FIELDS = ('vx', 'vy', FREE_RANGE_Q_FIELD)
+_EXPECTED_TYPES = {**{name: FLOAT32 for name in _FLOAT_FIELDS}, 'roi': INT16, 'features': INT8,
+                   FREE_RANGE_Q_FIELD: UINT8}
 _REQUIRED_FIELDS = tuple(n for n in _EXPECTED_TYPES if n not in _OPTIONAL_FIELDS)
 
 
-def message_dtype(channels: int, extra_floats: Sequence[str] = ()) -> np.dtype:
-    """Packed little-endian record of one cell (the layout in the module docstring), plus
-    ``extra_floats`` float32 fields at the end (which codec consumers ignore)."""
+def message_dtype(channels: int, extra_floats: Sequence[str] = (), free_range_count: int = 0) -> np.dtype:
+    """Packed little-endian record of one cell (the layout in the module docstring), with
+    ``free_range_count`` profile bytes (none when 0), plus ``extra_floats`` float32 fields at the
+    end (which codec consumers ignore)."""
     return np.dtype([(name, '<f4') for name in _FLOAT_FIELDS]
                     + [('roi', '<i2'), ('features', 'i1', (channels,))]
+                    + ([(FREE_RANGE_Q_FIELD, 'u1', (free_range_count,))] if free_range_count else [])
                     + [(name, '<f4') for name in extra_floats])
 
 
 def cell_bytes(channels: int) -> int:
-    """Bytes per shared cell on the wire (the PointCloud2 point_step)."""
+    """Bytes per shared cell on the wire without the free-range profile (whose bytes are per
+    message, ``free_range_count`` each of M cells)."""
     return message_dtype(channels).itemsize
+
+
+def free_range_count(bins: int, cells: int) -> int:
+    """Profile bytes each of ``cells`` cells carries for a profile of ``bins`` bins (0: none)."""
+    return -(-bins // cells) if cells else 0
 
 
 def encode(msg: FeatureMessage, extra_floats: dict[str, float] | None = None) -> tuple[list[Field], bytes, int]:
@@ -209,9 +229,14 @@ def encode(msg: FeatureMessage, extra_floats: dict[str, float] | None = None) ->
     row_step = len(data). Header stamp = ``msg.stamp_ns``, frame = the sender's sensor frame.
     ``extra_floats``: name -> value of float32 fields appended to every cell."""
     extra_floats = extra_floats or {}
-    rec = np.zeros(msg.num_cells, dtype=message_dtype(msg.channels, tuple(extra_floats)))
+    k = 0 if msg.free_range is None else free_range_count(len(msg.free_range), msg.num_cells)
+    rec = np.zeros(msg.num_cells, dtype=message_dtype(msg.channels, tuple(extra_floats), k))
     for name, value in extra_floats.items():
         rec[name] = value
+    if k:
+        codes = np.zeros(k * msg.num_cells, np.uint8)
+        codes[:len(msg.free_range)] = to_wire(msg.free_range, 0.0)   # already on the wire's steps
+        rec[FREE_RANGE_Q_FIELD] = codes.reshape(msg.num_cells, k)
     rec['x'], rec['y'] = msg.cells[:, 0], msg.cells[:, 1]
     rec['scale'] = msg.scale
     rec['confidence'] = msg.confidence
@@ -244,7 +269,7 @@ def _check_fields(fields: Sequence, channels: int) -> None:
         if name == 'features' and count != channels:
             raise FeatureMessageError(FeatureMessageError.CHANNELS, f'features has count {count}, '
                                                                     f'this detector has {channels} channels')
-        if name != 'features' and count != 1:
+        if name not in ('features', FREE_RANGE_Q_FIELD) and count != 1:
             raise FeatureMessageError(FeatureMessageError.LAYOUT,
                                       f'field {name!r} has count {count}, expected 1')
 
@@ -329,6 +354,20 @@ def decode(fields: Sequence, data, point_step: int, *, width: int, grid: BevGrid
         features=rec['features'].astype(np.int8).reshape(m, channels),
         scale=column('scale'), confidence=column('confidence'),
         uncertainty=np.stack([column(n) for n in MESSAGE_UNCERTAINTY_FIELDS], axis=1).reshape(m, 4),
-        velocity=velocity.reshape(m, 2), roi=rec['roi'].astype(np.int16), score=column('score'))
+        velocity=velocity.reshape(m, 2), roi=rec['roi'].astype(np.int16), score=column('score'),
+        free_range=_free_range(rec, m))
     _check_values(msg)
     return msg
+
+
+def _free_range(rec: np.ndarray, cells: int) -> np.ndarray | None:
+    """The profile (FREE_RANGE_BINS,) m of a decoded record array, None when it carries none
+    (no field, no cells, all 0); FeatureMessageError when its bytes cannot hold every bin."""
+    if FREE_RANGE_Q_FIELD not in rec.dtype.names or cells == 0:
+        return None
+    codes = rec[FREE_RANGE_Q_FIELD].reshape(-1)
+    if len(codes) < FREE_RANGE_BINS:
+        raise FeatureMessageError(FeatureMessageError.LAYOUT, f'{FREE_RANGE_Q_FIELD} holds {len(codes)} bytes '
+                                                              f'for {FREE_RANGE_BINS} bins')
+    codes = codes[:FREE_RANGE_BINS]
+    return from_wire(codes) if codes.any() else None

@@ -18,6 +18,7 @@ carries none (``decode_free_range`` gives None), and the fusion then checks no f
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Hashable, Sequence
 
 import numpy as np
@@ -35,7 +36,8 @@ MAX_FREE_RANGE_M = 1000.0
 
 def encode_ego_map(det, agent_id: Hashable, stamp_ns: int) -> tuple[list, bytes, int]:
     """Detections of one scan -> (fields, data, point_step) of the ``coop/bev`` PointCloud2."""
-    msg = make_message(det, select_occupied_cells(det), agent_id, stamp_ns)
+    # the profile rides at full resolution in its own field here, not as a collaborator's bytes
+    msg = replace(make_message(det, select_occupied_cells(det), agent_id, stamp_ns), free_range=None)
     free = np.zeros(msg.num_cells, np.float32)
     if det.free_range is not None and msg.num_cells >= len(det.free_range):
         free[:len(det.free_range)] = det.free_range

@@ -33,7 +33,7 @@ from .model import FusionModel, fuse_sparse
 from .motion import VelocityTracker, VelocityTrackerConfig
 from .payloads import BoxList, RawPoints
 from .pose_buffer import NS_PER_S, BackJump, PoseBufferConfig, PoseBuffers, PoseLookupError
-from .reputation import Reputation, ReputationConfig, consistency_evidence
+from .reputation import Reputation, ReputationConfig, consistency_evidence, make_witness
 from .roi_boxes import decode_roi_boxes
 from .sharing import select_roi_cells
 from .trust import ROI_ATTRIBUTES, FlatTrust, ThresholdTrust, roi_attributes
@@ -581,17 +581,23 @@ class CooperativeDetector:
         if not (self.reputation_on and chosen):
             return chosen
         start = time.perf_counter()
-        ego = None
-        for agent, (stamp, item, pose) in chosen.items():
-            if self.reputation.seen(agent, stamp):
-                continue
-            if ego is None:
-                ego = self._own_boxes(entry, T_ego, ego_stamp)
-            boxes, scores, labels, velocities = self._collaborator_boxes(item, pose, T_ego, stamp, ego_stamp,
-                                                                         entry.sensor_height)
-            evidence = consistency_evidence(boxes, scores, labels, velocities, (ego_stamp - stamp) / NS_PER_S,
-                                            ego.boxes, ego.scores, ego.labels, entry.free_range,
-                                            self.reputation.cfg)
+        judged = [agent for agent, (stamp, _, _) in chosen.items() if not self.reputation.seen(agent, stamp)]
+        if judged:
+            # every collaborator of the frame testifies about the others (fusion.reputation.Witness)
+            cfg = self.reputation.cfg
+            ego = self._own_boxes(entry, T_ego, ego_stamp)
+            views = {agent: self._collaborator_boxes(item, pose, T_ego, stamp, ego_stamp, entry.sensor_height)
+                     for agent, (stamp, item, pose) in chosen.items()}
+            witnesses = {agent: make_witness(agent, *views[agent][:3], getattr(item, 'free_range', None),
+                                             invert_pose(pose) @ T_ego, (ego_stamp - stamp) / NS_PER_S,
+                                             not self.reputation.excluded(agent), ego.boxes, ego.scores,
+                                             ego.velocities, cfg)
+                         for agent, (stamp, item, pose) in chosen.items()}
+        for agent in judged:
+            stamp = chosen[agent][0]
+            evidence = consistency_evidence(*views[agent], (ego_stamp - stamp) / NS_PER_S, ego.boxes, ego.scores,
+                                            ego.labels, entry.free_range, cfg,
+                                            [w for other, w in witnesses.items() if other != agent])
             self.reputation.observe(agent, stamp, ego_stamp, evidence)
         kept = {}
         for agent, picked in chosen.items():

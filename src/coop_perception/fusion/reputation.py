@@ -11,6 +11,21 @@ replays old messages sends boxes the ego can check against what it sees itself:
   class should lie on them up to detection, timing and motion-compensation errors; a median
   distance of the matched pairs beyond ``offset_m`` is what a wrong pose (every box moved) gives.
 
+The other collaborators of the same ego frame testify too (``Witness``), where the ego cannot see
+(behind obstacles, beyond its range, another part of the town):
+
+* **their free space**: a box moved to a witness's stamp (with its velocity) and into its sensor
+  frame that lies where the witness's profile (sent on its message, fusion.codec) saw through.
+  Two reported poses place the box there, so the margin is ``peer_margin_m``. Only boxes the ego
+  could not check itself, and only boxes no other agent (the ego or another collaborator) reports
+  within ``corroborate_m``: a box two agents see is not invented, and a lying witness cannot
+  then frame it. A witness speaks only while it is not excluded and while its own profile leaves
+  the ego's confident boxes where they are (an attacker's profile, placed with its false pose or
+  claiming free space it did not see, contradicts what the ego sees);
+* **their boxes**: the offset is the smallest median matched distance over the ego and the
+  trusted witnesses with ``min_matches`` pairs each: one honest agent that agrees suffices to
+  clear a collaborator, and a shifted one disagrees with everyone.
+
 Each new message of an agent gives one log-likelihood ratio (misbehaving vs honest), added to
 the agent's suspicion, which never goes below 0 (a CUSUM test), decays with ``decay_s`` of ego
 time and is capped where the reputation reaches 0. The reputation falls linearly from 1 (no
@@ -21,7 +36,7 @@ an excluded agent's messages, so it is readmitted once it behaves.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -51,6 +66,11 @@ class ReputationConfig:
     evidence_to_exclude: float = 6.0   # suspicion at which the reputation reaches exclude_below
     exclude_below: float = 0.5
     decay_s: float = 5.0               # suspicion decays by e in this much ego time
+    # The other collaborators as witnesses
+    peer_margin_m: float = 2.5         # margin_m for a witness's free space (two reported poses place the box)
+    corroborate_m: float = 3.0         # a box another agent reports this close is seen by two: not checked
+    peer_conflict_llr: float = 5.0     # evidence per box in a witness's free space
+    peer_clear_llr: float = 0.1        # evidence against per box witnesses checked without conflict
 
     def __post_init__(self):
         if not 0.0 < self.exclude_below < 1.0:
@@ -71,12 +91,17 @@ class Evidence:
     """What one message of a collaborator says about it."""
     checked: int = 0                   # its confident boxes the ego's free range could check
     conflicts: int = 0                 # of those, boxes in the ego's free space
-    matches: int = 0                   # its confident boxes matched to the ego's
-    offset_m: float = math.nan         # median distance of the matched pairs (m), NaN below min_matches
+    matches: int = 0                   # its confident boxes matched to the reference giving offset_m
+    offset_m: float = math.nan         # median distance of the matched pairs (m), NaN below min_matches;
+    #                                    the smallest over the ego and the trusted witnesses
+    peer_checked: int = 0              # its boxes witnesses' free ranges checked (the ego could not)
+    peer_conflicts: int = 0            # of those, boxes in a witness's free space, seen by no other agent
 
     def llr(self, cfg: ReputationConfig) -> float:
         """Log-likelihood ratio misbehaving vs honest."""
         out = cfg.conflict_llr * self.conflicts - cfg.clear_llr * (self.checked - self.conflicts)
+        out += cfg.peer_conflict_llr * self.peer_conflicts - cfg.peer_clear_llr * (self.peer_checked -
+                                                                                   self.peer_conflicts)
         if self.matches >= cfg.min_matches and math.isfinite(self.offset_m):
             out += cfg.offset_llr * float(np.clip((self.offset_m - cfg.offset_m) / cfg.offset_scale_m,
                                                   cfg.offset_floor, 2.0))
@@ -130,23 +155,107 @@ def matched_offset(boxes: np.ndarray, labels: np.ndarray, ego_boxes: np.ndarray,
     return len(pairs), float(np.median(pairs)) if pairs else math.nan
 
 
+@dataclass
+class Witness:
+    """Another collaborator of the same ego frame, testifying about the one judged."""
+    agent: object
+    boxes: np.ndarray                  # (K, 7) its confident boxes at the ego stamp, ego frame
+    labels: np.ndarray                 # (K,)
+    free_range: np.ndarray | None      # (B,) m, its profile in its sensor frame; None: no free-space testimony
+    T_witness_ego: np.ndarray          # (4, 4) ego sensor frame -> its sensor frame at its stamp
+    age_s: float                       # its stamp's age at the ego stamp (s)
+    trusted: bool                      # not excluded: its boxes and free space may speak against others
+
+
+def _into_witness(boxes: np.ndarray, velocities: np.ndarray, w: Witness) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (N, 7) and velocities (N, 2) m/s at the ego stamp, ego frame -> the same at the
+    witness's stamp in its sensor frame (moved back by velocity x its age)."""
+    T = np.asarray(w.T_witness_ego, np.float64)
+    out = np.asarray(boxes, np.float64).reshape(-1, 7).copy()
+    vel = np.asarray(velocities, np.float64).reshape(-1, 2) @ T[:2, :2].T
+    out[:, :3] = out[:, :3] @ T[:3, :3].T + T[:3, 3]
+    out[:, :2] -= vel * w.age_s
+    out[:, 6] += math.atan2(T[1, 0], T[0, 0])
+    return out, vel
+
+
+def _witness_conflicts(boxes: np.ndarray, velocities: np.ndarray, age_s: float, w: Witness,
+                       cfg: ReputationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """free_space_conflicts of boxes at the ego stamp (ego frame, the input's age) against a
+    witness's profile; boxes on the witness's own vehicle are not checked."""
+    moved, vel = _into_witness(boxes, velocities, w)
+    checked, conflict = free_space_conflicts(moved, vel, age_s + w.age_s, w.free_range,
+                                             replace(cfg, margin_m=cfg.peer_margin_m))
+    far = np.hypot(moved[:, 0], moved[:, 1]) > cfg.own_radius_m
+    return checked & far, conflict & far
+
+
+def make_witness(agent, boxes, scores, labels, free_range: np.ndarray | None, T_witness_ego: np.ndarray,
+                 age_s: float, trusted: bool, ego_boxes, ego_scores, ego_velocities,
+                 cfg: ReputationConfig) -> Witness:
+    """A collaborator of this ego frame (boxes (K, 7) at the ego stamp in the ego frame, scores,
+    labels; its profile (B,) m or None; ego frame -> its sensor frame (4, 4); its age in s;
+    whether it is not excluded) as a witness. Its free-space testimony is void when it is not
+    trusted or when the ego's confident boxes (N, 7), with their scores and velocities (N, 2) m/s,
+    lie in its free space."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
+    confident = np.asarray(scores) >= cfg.min_score
+    w = Witness(agent, boxes[confident], np.asarray(labels)[confident], free_range if trusted else None,
+                T_witness_ego, float(age_s), bool(trusted))
+    if w.free_range is not None:
+        ego = np.asarray(ego_scores) >= cfg.min_score
+        _, conflict = _witness_conflicts(np.asarray(ego_boxes, np.float64).reshape(-1, 7)[ego],
+                                         np.asarray(ego_velocities).reshape(-1, 2)[ego], 0.0, w, cfg)
+        if conflict.any():
+            w.free_range = None
+    return w
+
+
 def consistency_evidence(boxes, scores, labels, velocities, age_s: float, ego_boxes, ego_scores, ego_labels,
-                         free_range: np.ndarray | None, cfg: ReputationConfig) -> Evidence:
+                         free_range: np.ndarray | None, cfg: ReputationConfig, witnesses=()) -> Evidence:
     """One collaborator message's boxes at the ego stamp (ego frame: boxes (N, 7), scores (N,),
-    labels (N,), velocities (N, 2) m/s; its age in s) against the ego's own boxes of that frame
-    and its scan's free range (B,) m (None: no free-space check)."""
+    labels (N,), velocities (N, 2) m/s; its age in s) against the ego's own boxes of that frame,
+    its scan's free range (B,) m (None: no free-space check) and the other collaborators of the
+    frame (``Witness``, not the one judged)."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
     mine = (np.asarray(scores) >= cfg.min_score) & (np.hypot(boxes[:, 0], boxes[:, 1]) > cfg.own_radius_m)
     boxes, labels = boxes[mine], np.asarray(labels)[mine]
+    velocities = np.asarray(velocities).reshape(-1, 2)[mine]
     ev = Evidence()
+    checked = np.zeros(len(boxes), bool)
     if free_range is not None:
-        checked, conflict = free_space_conflicts(boxes, np.asarray(velocities).reshape(-1, 2)[mine], age_s,
-                                                 free_range, cfg)
+        checked, conflict = free_space_conflicts(boxes, velocities, age_s, free_range, cfg)
         ev.checked, ev.conflicts = int(checked.sum()), int(conflict.sum())
     ego = np.asarray(ego_scores) >= cfg.min_score
-    ev.matches, ev.offset_m = matched_offset(boxes, labels, np.asarray(ego_boxes).reshape(-1, 7)[ego],
-                                             np.asarray(ego_labels)[ego], cfg)
+    ego_boxes, ego_labels = np.asarray(ego_boxes).reshape(-1, 7)[ego], np.asarray(ego_labels)[ego]
+    ev.matches, ev.offset_m = matched_offset(boxes, labels, ego_boxes, ego_labels, cfg)
+    if ev.matches < cfg.min_matches:
+        ev.matches, ev.offset_m = 0, math.nan
+    _add_testimony(ev, boxes, labels, velocities, age_s, checked, ego_boxes, witnesses, cfg)
     return ev
+
+
+def _add_testimony(ev: Evidence, boxes: np.ndarray, labels: np.ndarray, velocities: np.ndarray, age_s: float,
+                   ego_checked: np.ndarray, ego_boxes: np.ndarray, witnesses, cfg: ReputationConfig) -> None:
+    """The witnesses' evidence about confident boxes (N, 7) at the ego stamp (ego frame; labels,
+    velocities (N, 2) m/s, the input's age in s), of which the ego checked ``ego_checked`` (N,)
+    itself: free-space conflicts of the boxes no other agent (the ego's confident ``ego_boxes``
+    (M, 7) or a witness's) reports within corroborate_m, and a smaller matched offset."""
+    seen = np.zeros(len(boxes), bool)
+    for xy in (ego_boxes[:, :2], *(w.boxes[:, :2] for w in witnesses)):
+        if len(xy) and len(boxes):
+            seen |= np.linalg.norm(boxes[:, None, :2] - xy[None], axis=2).min(1) < cfg.corroborate_m
+    checked, conflict = np.zeros(len(boxes), bool), np.zeros(len(boxes), bool)
+    for w in witnesses:
+        if w.free_range is not None and len(boxes):
+            c, x = _witness_conflicts(boxes, velocities, age_s, w, cfg)
+            checked |= c & ~ego_checked
+            conflict |= x & ~ego_checked
+        if w.trusted:
+            n, offset = matched_offset(boxes, labels, w.boxes, w.labels, cfg)
+            if n >= cfg.min_matches and not offset >= ev.offset_m:   # NaN: none yet
+                ev.matches, ev.offset_m = n, offset
+    ev.peer_checked, ev.peer_conflicts = int(checked.sum()), int((conflict & ~seen).sum())
 
 
 @dataclass
@@ -208,4 +317,5 @@ class Reputation:
         ev = state.last
         return {'reputation': round(self.value(agent), 4), 'excluded': self.excluded(agent),
                 'messages': state.messages, 'checked': ev.checked, 'conflicts': ev.conflicts,
+                'peer_checked': ev.peer_checked, 'peer_conflicts': ev.peer_conflicts,
                 'matches': ev.matches, 'offset_m': None if math.isnan(ev.offset_m) else round(ev.offset_m, 3)}

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from ..detection.free_range import FREE_RANGE_BINS
 from .codec import cell_bytes
 
 if TYPE_CHECKING:  # only for annotations: selecting cells needs no torch
@@ -95,8 +96,9 @@ def select_roi_cells(det: Detections, score_threshold: float = ROI_SCORE_THRESHO
     evidence, and the threshold drops the low-evidence fringe of large boxes). All-zero cells are
     left out: the receiver fills missing cells with zeros, so that costs nothing. A cell inside
     several ROIs belongs to the one with the higher score. ROIs are then kept in score order while
-    the message's data stays within ``max_bytes`` (None: no limit); the first ROI that does not
-    fit ends the message, so a lower-score ROI is never sent in place of a higher one.
+    the message's data (with the free-range profile, when the scan has one) stays within
+    ``max_bytes`` (None: no limit); the first ROI that does not fit ends the message, so a
+    lower-score ROI is never sent in place of a higher one.
     """
     scores = np.asarray(det.scores, dtype=np.float64)
     cand = np.flatnonzero(scores >= score_threshold)
@@ -109,7 +111,10 @@ def select_roi_cells(det: Detections, score_threshold: float = ROI_SCORE_THRESHO
     occupied = _occupied(det).reshape(-1)[flat]
     b, flat = _assign_by_score(b[occupied], flat[occupied], scores[cand])
     if max_bytes is not None:
-        max_cells = max_bytes // cell_bytes(det.features.shape[0])
+        # The free-range profile rides along (codec): FREE_RANGE_BINS bytes, padded by < 1 byte a cell.
+        profile = det.free_range is not None
+        room = max(max_bytes - (FREE_RANGE_BINS if profile else 0), 0)
+        max_cells = room // (cell_bytes(det.features.shape[0]) + int(profile))
         fits = np.cumsum(np.bincount(b, minlength=len(cand))) <= max_cells
         b, flat = b[fits[b]], flat[fits[b]]
     rows, cols = det.grid.unflatten(flat)
