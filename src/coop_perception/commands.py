@@ -189,10 +189,13 @@ def write_json(args: argparse.Namespace, result) -> None:
 
 
 def add_detector_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    from .torch_device import DEVICE_HELP
+
     p.add_argument('--config', type=yaml_file('detector config'), default=str(MODELS / 'detector.yaml'),
                    help='detector config YAML')
     if weights:
         p.add_argument('--weights', default=str(MODELS / 'detector.pt'), help='detector checkpoint')
+    p.add_argument('--device', default='cpu', help=DEVICE_HELP + '; default cpu')
 
 
 def add_fusion_model_args(p: argparse.ArgumentParser) -> None:

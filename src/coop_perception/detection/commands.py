@@ -5,6 +5,7 @@ from __future__ import annotations
 from coop_perception.commands import (Commands, add_detector_args, add_json, add_run_folder_args, positive,
                                       print_stage_table, reading, require_checkpoint, write_json)
 from coop_perception.data.commands import add_dataset_args, dataset_from_args
+from coop_perception.torch_device import resolve_device
 
 
 def add_cli(commands: Commands) -> None:
@@ -27,10 +28,11 @@ def detector_from_args(args):
     from .model import apply_threads
 
     require_checkpoint(args.weights, 'detector checkpoint', ' (train one with `train detector`)')
+    device = resolve_device(args.device)
     with reading(args.weights, 'detector checkpoint'):
         model = load_detector(args.weights, args.config)
     apply_threads(model.cfg)
-    return model
+    return model.to(device)
 
 
 def cmd_train_detector(args) -> int:
@@ -46,7 +48,7 @@ def cmd_train_detector(args) -> int:
     examples = AgentViewExamples(dataset_from_args(args), sweeps=cfg.voxel.sweeps,
                                  max_age_s=cfg.voxel.sweep_max_age_s)
     print(f'training on {len(examples)} agent views from {args.data} -> {args.out}')
-    summary = train(cfg, examples, args.out, resume=not args.restart)
+    summary = train(cfg, examples, args.out, resume=not args.restart, device=resolve_device(args.device))
     print(f'wrote {summary.weights} after {summary.iterations} iterations; losses {summary.final_losses}')
     return 0
 

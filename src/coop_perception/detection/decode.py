@@ -132,21 +132,21 @@ def decode(head, maps: dict[str, torch.Tensor], cfg: DetectorConfig,
     scores, flat = scores[sel], flat[sel]
     labels, rows, cols = flat // (H * W), (flat % (H * W)) // W, flat % W
 
-    reg = maps['reg'][b][:, rows, cols].T.numpy()
-    boxes, vel = boxes_from_regression(reg, rows.numpy(), cols.numpy(), grid, sensor_height)
-    scores_np, labels_np = scores.numpy(), labels.numpy()
+    reg = maps['reg'][b][:, rows, cols].T.cpu().numpy()
+    boxes, vel = boxes_from_regression(reg, rows.cpu().numpy(), cols.cpu().numpy(), grid, sensor_height)
+    scores_np, labels_np = scores.cpu().numpy(), labels.cpu().numpy()
     keep = []
     for k in range(K):
         members = np.flatnonzero(labels_np == k)
         keep.append(members[rotated_nms(boxes[members], scores_np[members], dc.nms_iou[k])])
     keep = np.concatenate(keep)
     keep = keep[np.argsort(-scores_np[keep], kind='stable')][:dc.max_boxes]
-    keep_t = torch.from_numpy(keep)
+    keep_t = torch.from_numpy(keep).to(rows.device)
     rows, cols, labels = rows[keep_t], cols[keep_t], labels[keep_t]
 
     ale = torch.cat([maps['reg_logvar'][b][:, rows, cols].T,
                      maps['cls_logvar'][b][labels, rows, cols][:, None]], 1)
-    ale = torch.exp(ale.clamp(*LOGVAR_CLAMP)).numpy()
+    ale = torch.exp(ale.clamp(*LOGVAR_CLAMP)).cpu().numpy()
     timings['decode'] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -156,7 +156,7 @@ def decode(head, maps: dict[str, torch.Tensor], cfg: DetectorConfig,
     return Detections(
         boxes=boxes[keep], scores=scores_np[keep].astype(np.float32), labels=labels_np[keep].astype(np.int64),
         velocities=vel[keep], uncertainty=np.concatenate([ale, epi], 1).astype(np.float32),
-        features=maps['features'][b].numpy(), confidence=confidence.numpy(),
+        features=maps['features'][b].cpu().numpy(), confidence=confidence.cpu().numpy(),
         grid=grid, sensor_height=sensor_height, velocity_std=dc.velocity_std)
 
 
@@ -172,10 +172,10 @@ def _mc_uncertainty(head, cells: torch.Tensor, labels: torch.Tensor, passes: int
     if n == 0:
         return np.zeros((0, 2), np.float32)
     gen = torch.Generator().manual_seed(seed)
-    out = head.pointwise(cells.expand(passes, n, cells.shape[-1]), head.mc_masks((passes, n), gen))
-    idx = torch.arange(n)
+    out = head.pointwise(cells.expand(passes, n, cells.shape[-1]), head.mc_masks((passes, n), gen, cells.device))
+    idx = torch.arange(n, device=cells.device)
     p = class_probability(out['heatmap'][:, idx, labels], out['cls_logvar'][:, idx, labels]).mean(0)
     p = p.clamp(1e-6, 1 - 1e-6)
     entropy = -(p * p.log() + (1 - p) * (1 - p).log())
     centre_var = out['reg'][..., :2].var(0, unbiased=False).sum(-1)
-    return torch.stack([entropy, centre_var], 1).numpy()
+    return torch.stack([entropy, centre_var], 1).cpu().numpy()

@@ -128,15 +128,19 @@ class PointwiseMLP(nn.Module):
         of fc1 and fc2) that replace the module's own dropout, for reproducible MC passes."""
         if masks is None and self.training and self.p > 0:
             shape = (x.shape[0],) + (1,) * (x.dim() - 2)
-            masks = (self.keep_mask(shape + (self.fc1.in_features,)),
-                     self.keep_mask(shape + (self.fc1.out_features,)))
+            masks = (self.keep_mask(shape + (self.fc1.in_features,), device=x.device),
+                     self.keep_mask(shape + (self.fc1.out_features,), device=x.device))
         if masks is None:
             return self.fc2(F.relu(self.fc1(x)))
         return self.fc2(F.relu(self.fc1(x * masks[0])) * masks[1])
 
-    def keep_mask(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    def keep_mask(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                  device: torch.device | str = 'cpu') -> torch.Tensor:
+        """Scaled keep mask; with a ``generator`` drawn on its device (the CPU for MC passes, so
+        that they are the same masks on any device)."""
         keep = 1.0 - self.p
-        return (torch.rand(shape, generator=generator) < keep).float() / keep
+        where = generator.device if generator is not None else device
+        return (torch.rand(shape, generator=generator, device=where) < keep).float().to(device) / keep
 
 
 class CenterHead(nn.Module):
@@ -161,10 +165,11 @@ class CenterHead(nn.Module):
         K, R = self.num_classes, len(REG_FIELDS)
         return {'heatmap': cls[..., :K], 'cls_logvar': cls[..., K:], 'reg': box[..., :R], 'reg_logvar': box[..., R:]}
 
-    def mc_masks(self, shape: tuple[int, ...], generator: torch.Generator) -> dict:
+    def mc_masks(self, shape: tuple[int, ...], generator: torch.Generator,
+                 device: torch.device | str = 'cpu') -> dict:
         """Independent keep masks of leading ``shape`` for every dropout in the pointwise MLPs."""
-        return {name: (mlp.keep_mask(shape + (mlp.fc1.in_features,), generator),
-                       mlp.keep_mask(shape + (mlp.fc1.out_features,), generator))
+        return {name: (mlp.keep_mask(shape + (mlp.fc1.in_features,), generator, device),
+                       mlp.keep_mask(shape + (mlp.fc1.out_features,), generator, device))
                 for name, mlp in (('cls', self.cls), ('box', self.box))}
 
     def forward(self, bev: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -202,7 +207,15 @@ class Detector(nn.Module):
             dense.to(memory_format=torch.channels_last)
         self.bf16 = native_bf16() if cfg.runtime.bf16 == 'auto' else bool(cfg.runtime.bf16)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def _autocast(self):
+        device = self.device
+        if device.type == 'cuda':
+            enabled = self.cfg.runtime.bf16 is not False and torch.cuda.is_bf16_supported()
+            return torch.autocast('cuda', dtype=torch.bfloat16, enabled=enabled)
         return torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.bf16)
 
     def forward(self, coords: torch.Tensor, features: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
@@ -242,8 +255,8 @@ class Detector(nn.Module):
             return det
 
         t = time.perf_counter()
-        coords = torch.from_numpy(np.pad(vox.coords, ((0, 0), (1, 0))))
-        bev = self.encoder(coords, torch.from_numpy(vox.features), 1)
+        coords = torch.from_numpy(np.pad(vox.coords, ((0, 0), (1, 0)))).to(self.device)
+        bev = self.encoder(coords, torch.from_numpy(vox.features).to(self.device), 1)
         timings['encoder'] = time.perf_counter() - t
         t = time.perf_counter()
         with self._autocast():
@@ -264,7 +277,8 @@ class Detector(nn.Module):
         """(C, H, W) BEV features in this detector's grid -> Detections (head, decode, MC)."""
         self._check_eval()
         t0 = time.perf_counter()
-        feats = torch.as_tensor(features, dtype=torch.float32)[None].contiguous(memory_format=torch.channels_last)
+        feats = torch.as_tensor(features, dtype=torch.float32, device=self.device)[None].contiguous(
+            memory_format=torch.channels_last)
         timings = {'backbone_head': 0.0}
         det = self._head_and_decode(feats, float(sensor_height), mc_passes, timings)
         timings['total'] = time.perf_counter() - t0

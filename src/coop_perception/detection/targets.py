@@ -22,6 +22,9 @@ class Targets:
     mask: torch.Tensor  # (B, M) bool, which of the M slots hold an object
     reg: torch.Tensor  # (B, M, len(REG_FIELDS)) float32
 
+    def to(self, device) -> 'Targets':
+        return Targets(*(t.to(device) for t in (self.heatmap, self.index, self.mask, self.reg)))
+
 
 def gaussian_radius(l_cells: np.ndarray, w_cells: np.ndarray, min_overlap: float) -> np.ndarray:
     """CenterNet/CenterPoint radius (cells) within which a shifted box keeps IoU >= min_overlap."""
@@ -124,7 +127,7 @@ def detection_loss(maps: dict[str, torch.Tensor], t: Targets, cfg: DetectorConfi
     pred, logvar = gather(maps['reg']), gather(maps['reg_logvar'])
     mask = t.mask[..., None].float()
     n = t.mask.sum().clamp(min=1)
-    code_w = torch.tensor(cfg.train.code_weights, dtype=pred.dtype)
+    code_w = torch.tensor(cfg.train.code_weights, dtype=pred.dtype, device=pred.device)
     l1 = ((pred - t.reg).abs() * code_w * mask).sum() / n
 
     s_p, c_p, s_t, c_t = pred[..., 6], pred[..., 7], t.reg[..., 6], t.reg[..., 7]

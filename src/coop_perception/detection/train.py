@@ -95,17 +95,19 @@ def batch_indices(it: int, n: int, batch_size: int, seed: int) -> list[int]:
 
 
 def train(cfg: DetectorConfig, examples: Sequence, out_dir: str | Path, *, resume: bool = True,
-          progress: bool = True) -> TrainSummary:
+          progress: bool = True, device: str | torch.device = 'cpu') -> TrainSummary:
     """Train for ``cfg.train.iterations`` on ``examples`` (len + indexing, items TrainExample or
     4/5-tuples), checkpointing to ``out_dir`` every ``cfg.train.checkpoint_every`` iterations.
-    With ``resume`` an existing checkpoint there is continued (its architecture must match)."""
+    With ``resume`` an existing checkpoint there is continued (its architecture must match).
+    ``device``: where the network trains (batches are prepared on the CPU)."""
     tc = cfg.train
     if len(examples) == 0:
         raise ValueError('no training examples')
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tc.seed)
-    model = Detector(cfg).train()
+    device = torch.device(device)
+    model = Detector(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     start = 0
     if resume and (out / CHECKPOINT).exists():
@@ -114,13 +116,17 @@ def train(cfg: DetectorConfig, examples: Sequence, out_dir: str | Path, *, resum
         model.load_state_dict(ckpt['model'])
         opt.load_state_dict(ckpt['optimizer'])
         torch.set_rng_state(ckpt['torch_rng'])
+        if device.type == 'cuda' and 'cuda_rng' in ckpt:
+            torch.cuda.set_rng_state(ckpt['cuda_rng'], device)
         start = int(ckpt['iteration'])
         log.info('resuming %s at iteration %d', out / CHECKPOINT, start)
         _truncate_log(out / LOG, start)
 
     def checkpoint(it: int) -> None:
+        # the training dropout masks are drawn on the device: its generator state resumes too
+        cuda_rng = {'cuda_rng': torch.cuda.get_rng_state(device)} if device.type == 'cuda' else {}
         save_checkpoint(out / CHECKPOINT, model, optimizer=opt.state_dict(), iteration=it,
-                        torch_rng=torch.get_rng_state())
+                        torch_rng=torch.get_rng_state(), **cuda_rng)
 
     losses: dict[str, float] = {}
     bar = tqdm(total=tc.iterations, initial=start, unit='it', desc='train detector', disable=not progress)
@@ -134,8 +140,8 @@ def train(cfg: DetectorConfig, examples: Sequence, out_dir: str | Path, *, resum
             if len(batch.features) == 0:
                 log.warning('iteration %d: batch %s has no points in range, skipped', it, idx)
             else:
-                maps = model(batch.coords, batch.features, batch.size)
-                loss, parts = detection_loss(maps, batch.targets, cfg)
+                maps = model(batch.coords.to(device), batch.features.to(device), batch.size)
+                loss, parts = detection_loss(maps, batch.targets.to(device), cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -151,7 +157,7 @@ def train(cfg: DetectorConfig, examples: Sequence, out_dir: str | Path, *, resum
             if done % tc.checkpoint_every == 0 or done == tc.iterations:
                 checkpoint(done)
     bar.close()
-    save_checkpoint(out / FINAL, model.eval())
+    save_checkpoint(out / FINAL, model.eval().cpu())
     return TrainSummary(tc.iterations, losses, out / CHECKPOINT, out / FINAL)
 
 

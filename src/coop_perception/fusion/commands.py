@@ -41,8 +41,9 @@ def fusion_models_from_args(args, detector, methods: list[str]) -> tuple:
     from .methods import METHODS
     from .model import load_method_models
 
-    return load_method_models([METHODS[m] for m in methods], args.fusion, args.gate,
-                              channels=detector.cfg.model.feature_channels)
+    fusion, gate = load_method_models([METHODS[m] for m in methods], args.fusion, args.gate,
+                                      channels=detector.cfg.model.feature_channels)
+    return (fusion.to(detector.device) if fusion is not None else None), gate
 
 
 def box_trust_from(path):
@@ -76,6 +77,7 @@ def cmd_train_fusion(args) -> int:
     ds = dataset_from_args(args)
     examples = FusionExamples(ds, feature_cache_from_args(args, model, ds))
     print(f'training fusion on {len(examples)} ego frames -> {args.out}')
-    path = train_fusion(model, examples, args.out, cfg, resume=not args.restart, box_trust=box_trust)
+    path = train_fusion(model, examples, args.out, cfg, resume=not args.restart, box_trust=box_trust,
+                        device=model.device)
     print(f'wrote {path}')
     return 0

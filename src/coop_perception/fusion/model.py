@@ -50,8 +50,8 @@ def stack_inputs(ego_features: np.ndarray, warped: list[WarpedFeatures], slots: 
     return FusionInputs(ego_features.astype(np.float32, copy=False), collab, attributes, roi, valid)
 
 
-def collate(batch: list[FusionInputs]) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(np.stack([getattr(b, name) for b in batch]))
+def collate(batch: list[FusionInputs], device: torch.device | str = 'cpu') -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.stack([getattr(b, name) for b in batch])).to(device)
             for name in ('ego', 'collab', 'attributes', 'roi', 'valid')}
 
 
@@ -66,8 +66,8 @@ def fuse(ego, collab, attributes, roi, valid, method: FusionMethod, model: 'Fusi
     if method.trust is None:
         trust = keep
     elif method.trust == GATE:
-        flat = attributes.reshape(-1, attributes.shape[-1]).numpy()
-        trust = torch.from_numpy(gate.trust(flat).astype(np.float32)).reshape(keep.shape) * keep
+        flat = attributes.reshape(-1, attributes.shape[-1]).cpu().numpy()
+        trust = torch.from_numpy(gate.trust(flat).astype(np.float32)).to(keep.device).reshape(keep.shape) * keep
     else:
         trust = model.cell_trust(attributes) * keep
     agents = torch.cat([ego[:, None], collab * trust[:, :, None]], 1)
@@ -89,7 +89,8 @@ def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: 
     ``slots`` messages) -> fused (1, C, H, W) tensor, trust (K, H, W) float32 (K = messages used).
     Equal to `fuse` on ``collate([stack_inputs(...)])``, at a fraction of the cost."""
     C, H, W = ego_features.shape
-    ego = torch.as_tensor(np.ascontiguousarray(ego_features, np.float32))
+    device = next(model.parameters()).device if model is not None else torch.device('cpu')
+    ego = torch.as_tensor(np.ascontiguousarray(ego_features, np.float32), device=device)
     agents, trust = [], np.zeros((min(len(warped), slots), H * W), np.float32)
     for i, w in enumerate(warped[:slots]):
         cells = np.flatnonzero(w.roi.reshape(-1) >= 0)
@@ -98,10 +99,11 @@ def fuse_sparse(ego_features: np.ndarray, warped: list[WarpedFeatures], method: 
         elif method.trust == GATE:
             t = gate.trust(_cell_attributes(w, cells)).astype(np.float32)
         else:
-            t = model.cell_trust(torch.from_numpy(_cell_attributes(w, cells))).numpy()
+            t = model.cell_trust(torch.from_numpy(_cell_attributes(w, cells)).to(device)).cpu().numpy()
         trust[i, cells] = t
         values = w.features.reshape(C, -1)[:, cells] * t
-        agents.append(SparseAgent(torch.from_numpy(cells), torch.from_numpy(np.ascontiguousarray(values))))
+        agents.append(SparseAgent(torch.from_numpy(cells).to(device),
+                                  torch.from_numpy(np.ascontiguousarray(values)).to(device)))
     if not method.fusion_network:
         fused = reduce_sparse(ego, agents)[0][None] if agents else ego[None]
     else:
@@ -129,8 +131,8 @@ class FusionModel(nn.Module):
         learned = self.trust(attributes)
         if self.box_trust is None:
             return learned
-        flat = attributes.detach().reshape(-1, attributes.shape[-1]).numpy()
-        box = torch.from_numpy(self.box_trust.trust(flat).astype(np.float32)).reshape(learned.shape)
+        flat = attributes.detach().reshape(-1, attributes.shape[-1]).cpu().numpy()
+        box = torch.from_numpy(self.box_trust.trust(flat).astype(np.float32)).to(learned.device).reshape(learned.shape)
         return learned * box
 
     def forward(self, ego, collab, attributes, roi, valid):
@@ -140,7 +142,8 @@ class FusionModel(nn.Module):
 
     def save(self, path, **extra) -> None:
         box_trust = {'box_trust': self.box_trust.to_dict()} if self.box_trust is not None else {}
-        torch.save({'config': self.config, 'state': self.state_dict(), **box_trust, **extra}, path)
+        state = {k: v.cpu() for k, v in self.state_dict().items()}  # loads anywhere
+        torch.save({'config': self.config, 'state': state, **box_trust, **extra}, path)
 
     @classmethod
     def load(cls, path) -> 'FusionModel':

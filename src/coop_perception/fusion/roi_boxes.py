@@ -70,8 +70,8 @@ def decode_roi_boxes(head, msg: FeatureMessage, T_world_sender: np.ndarray, T_wo
     per ROI in the ego frame at ``ego_stamp_ns``. Poses are ``T_world_sensor`` (4x4): the sender's
     at its capture stamp, the ego's at the ego stamp."""
     peaks = roi_peaks(msg)
-    patches = torch.from_numpy(peak_patches(msg, peaks))
-    out = head.pointwise(head.shared(patches)[:, :, 1, 1])
+    patches = torch.from_numpy(peak_patches(msg, peaks)).to(next(head.parameters()).device)
+    out = {k: v.cpu() for k, v in head.pointwise(head.shared(patches)[:, :, 1, 1]).items()}
     prob = class_probability(out['heatmap'], out['cls_logvar'])
     scores, labels = prob.max(1)
     rows, cols = msg.grid.unflatten(cell_index(msg)[peaks])

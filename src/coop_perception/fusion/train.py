@@ -131,16 +131,20 @@ class FusionExamples:
 
 
 def train_fusion(detector, examples: FusionExamples, out_dir, cfg: FusionTrainConfig,
-                 resume: bool = True, progress: bool = True, box_trust: BoxTrust | None = None) -> Path:
+                 resume: bool = True, progress: bool = True, box_trust: BoxTrust | None = None,
+                 device: str | torch.device = 'cpu') -> Path:
     """Train FusionModel with the detector frozen; resumable from out_dir/checkpoint.pt.
     ``box_trust`` (calibrated beforehand, fixed) weights the collaborators' cells with the learned
-    trust (FusionModel.cell_trust) and is stored with the weights."""
+    trust (FusionModel.cell_trust) and is stored with the weights. ``device``: where the networks
+    train (the detector is moved there)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     dcfg = detector.cfg
-    model = FusionModel(dcfg.model.feature_channels, cfg.scales).train()
+    device = torch.device(device)
+    model = FusionModel(dcfg.model.feature_channels, cfg.scales).to(device).train()
     model.box_trust = box_trust
+    detector.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     head = detector.head.eval()
     for p in detector.parameters():
@@ -166,10 +170,10 @@ def train_fusion(detector, examples: FusionExamples, out_dir, cfg: FusionTrainCo
             lr = cfg.lr * 0.5 * (1 + np.cos(np.pi * it / cfg.iterations))
             for g in opt.param_groups:
                 g['lr'] = lr
-            fused, trust = model(**collate(inputs))
+            fused, trust = model(**collate(inputs, device))
             maps = head(fused)
             maps = {k: v.float() for k, v in maps.items() if k != 'cells'}
-            loss, parts = detection_loss(maps, batch_targets(per_example, dcfg), dcfg)
+            loss, parts = detection_loss(maps, batch_targets(per_example, dcfg).to(device), dcfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)

@@ -196,5 +196,5 @@ class LearnedTrust(nn.Module):
 
     @torch.inference_mode()
     def trust(self, attributes: np.ndarray) -> np.ndarray:
-        a = torch.as_tensor(np.asarray(attributes, np.float32))
-        return self(a).numpy().astype(np.float64) if len(a) else np.zeros(0)
+        a = torch.as_tensor(np.asarray(attributes, np.float32), device=next(self.parameters()).device)
+        return self(a).cpu().numpy().astype(np.float64) if len(a) else np.zeros(0)

@@ -52,6 +52,8 @@ PARAMS = (
                                    'decode.score_threshold', (-1.0, 1.0)),
     Param('threads', -1, "torch threads (0: torch's default); -1: the detector config's runtime.threads",
           (-1, 256)),
+    Param('device', 'cpu', 'where the networks run: auto, cpu, cuda or cuda:N (auto: a CUDA GPU when torch '
+                           'sees one)'),
     Param('roi.score_threshold', sharing.ROI_SCORE_THRESHOLD,
           'sharing policy: detections with at least this score become shared ROIs', (0.0, 1.0)),
     Param('roi.max_rois', sharing.ROI_MAX, 'sharing policy: at most this many ROIs per scan', (0, 10000)),
@@ -82,7 +84,8 @@ class LidarDetectorNode(Node):
         p = declare_parameters(self, PARAMS)
         self.agent = agent_id(self, p['agent_id'])
         self.detector = load_detector(p['detector_config'], p['detector_weights'], mc_passes=p['mc_passes'],
-                                      score_threshold=p['score_threshold'], threads=p['threads'])
+                                      score_threshold=p['score_threshold'], threads=p['threads'],
+                                      device=p['device'])
         self.roi_policy = {'score_threshold': p['roi.score_threshold'], 'max_rois': p['roi.max_rois'],
                            'margin_m': p['roi.margin_m'], 'min_confidence': p['roi.min_confidence'],
                            'max_bytes': p['roi.max_bytes'] or None}

@@ -127,21 +127,24 @@ def model_file(value: str, default_name: str, parameter: str) -> Path:
 
 
 def load_detector(config: str, weights: str, *, mc_passes: int = -1, score_threshold: float = -1.0,
-                  threads: int = -1):
-    """The detector from parameters; negative overrides keep the config file's value."""
+                  threads: int = -1, device: str = 'cpu'):
+    """The detector from parameters, on ``device`` (torch_device); negative overrides keep the
+    config file's value."""
     # imported here: v2x_channel shares this module and needs no torch
     from coop_perception.detection.checkpoint import load_detector as load
     from coop_perception.detection.config import load_config, with_overrides
     from coop_perception.detection.model import apply_threads
+    from coop_perception.torch_device import resolve_device
 
     config_path = model_file(config, 'detector.yaml', 'detector_config')
     weights_path = model_file(weights, 'detector.pt', 'detector_weights')
     decode = {k: v for k, v in (('mc_passes', mc_passes), ('score_threshold', score_threshold)) if v >= 0}
     runtime = {'threads': threads} if threads >= 0 else {}
     cfg = with_overrides(load_config(config_path), decode=decode, runtime=runtime)
+    target = resolve_device(device, 'device')
     detector = load(weights_path, cfg)
     apply_threads(detector.cfg)
-    return detector
+    return detector.to(target)
 
 
 # --------------------------------------------------------------------------- inputs

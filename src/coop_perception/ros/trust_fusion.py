@@ -96,6 +96,8 @@ PARAMS = (
     Param('detector_weights', '', "detector checkpoint (the ego detector's); '': the package's models/detector.pt"),
     Param('threads', -1, "torch threads (0: torch's default); -1: the detector config's runtime.threads",
           (-1, 256)),
+    Param('device', 'cpu', 'where the networks run: auto, cpu, cuda or cuda:N (auto: a CUDA GPU when torch '
+                           'sees one)'),
     Param('fusion_model', '', "fusion checkpoint for methods trust and gate; '': the package's models/fusion.pt"),
     Param('trust_gate', '', "calibrated gate for method gate; '': the package's models/trust_gate.yaml"),
     Param('time_jump_back_s', _DEFAULTS.time_jump_back_s, "an ego message stamped this far behind the ego's time "
@@ -157,13 +159,15 @@ class TrustFusionNode(Node):
         self.allowed = set(p['agents'])
         if self.ego in self.allowed:
             raise UserError(f'{self.get_fully_qualified_name()}:agents', f'lists the ego {self.ego}')
-        self.detector = load_detector(p['detector_config'], p['detector_weights'], threads=p['threads'])
+        self.detector = load_detector(p['detector_config'], p['detector_weights'], threads=p['threads'],
+                                      device=p['device'])
         self.method = p['method']
         method = METHODS[self.method]
         fusion_path = model_file(p['fusion_model'], 'fusion.pt', 'fusion_model') if method.needs_fusion_model else None
         gate_path = model_file(p['trust_gate'], 'trust_gate.yaml', 'trust_gate') if method.needs_gate else None
         fusion, gate = load_method_models([method], fusion_path, gate_path,
                                           channels=self.detector.cfg.model.feature_channels)
+        fusion = fusion.to(self.detector.device) if fusion is not None else None
         if len(p['own_footprint_m']) not in (0, 2):
             raise UserError(f'{self.get_fully_qualified_name()}:own_footprint_m',
                             f'{p["own_footprint_m"]}: give [length, width] or []')
