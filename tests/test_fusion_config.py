@@ -73,8 +73,8 @@ def test_train_fusion_cli_trains_with_the_config_and_overrides_iterations(tmp_pa
 
     seen = {}
 
-    def train_fusion(model, examples, out, cfg, resume, box_trust):
-        seen['cfg'], seen['box_trust'] = cfg, box_trust
+    def train_fusion(model, examples, out, cfg, resume, box_trust, device):
+        seen['cfg'], seen['box_trust'], seen['device'] = cfg, box_trust, device
         return Path(out) / 'fusion.pt'
 
     # everything but the settings is stubbed: no detector, data or training
@@ -89,6 +89,7 @@ def test_train_fusion_cli_trains_with_the_config_and_overrides_iterations(tmp_pa
     assert seen['cfg'] == FusionTrainConfig(**{**vars(load_fusion_config(SHIPPED)), 'seed': 5, 'iterations': 3})
     # by default the shipped checkpoint's calibrated box trust weights the cells while training
     assert seen['box_trust'] == FusionModel.load(SHIPPED.with_suffix('.pt')).box_trust is not None
+    assert str(seen['device']) == 'cpu'                 # --device's default
 
     seen.clear()
     assert cli.main(argv) == 0

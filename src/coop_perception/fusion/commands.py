@@ -66,6 +66,7 @@ def cmd_train_fusion(args) -> int:
 
     from coop_perception.data.commands import dataset_from_args
     from coop_perception.detection.commands import detector_from_args
+    from coop_perception.torch_device import resolve_device
 
     from .train import FusionExamples, load_fusion_config, train_fusion
 
@@ -78,6 +79,6 @@ def cmd_train_fusion(args) -> int:
     examples = FusionExamples(ds, feature_cache_from_args(args, model, ds))
     print(f'training fusion on {len(examples)} ego frames -> {args.out}')
     path = train_fusion(model, examples, args.out, cfg, resume=not args.restart, box_trust=box_trust,
-                        device=model.device)
+                        device=resolve_device(args.device))
     print(f'wrote {path}')
     return 0
