@@ -1,7 +1,8 @@
 """How sure an AP difference is: a paired bootstrap over groups of frames.
 
-Frames of one scene seen by one ego are strongly correlated, so the unit resampled is the group
-(``APAccumulator.add_frame(group=...)``): each resample draws the groups with replacement, and both
+Frames of one scene are strongly correlated (its egos see the same objects and events), so the
+unit resampled is a group of frames, e.g. a scene (``APAccumulator.add_frame(group=...)``): each
+resample draws the groups with replacement, and both
 methods are scored on the same draw (paired), which cancels the scenes' difficulty from the
 difference. AP is recomputed from the stored detections with each group weighted by how often it
 was drawn; nothing is detected again.

@@ -39,7 +39,7 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--plot', metavar='FILE.png', type=output_file,
                    help='also draw AP@0.7 against the mean latency for every method')
     p.add_argument('--bootstrap', type=non_negative(int), default=1000, metavar='N',
-                   help='resamples of the (scene, ego) pairs for 90 %% intervals of trust - late and trust - '
+                   help='resamples of the scenes for 90 %% intervals of trust - late and trust - '
                         'trust_flat (car AP@0.7, paired); 0: none')
     _add_attack_args(p)
     add_fusion_model_args(p)

@@ -86,7 +86,8 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
     """AP of every method at every mean delay -> {'results': one row per (method, delay), ...}.
     With ``bootstrap`` resamples, also 'differences': trust's car AP@0.7 minus late's and
     trust_flat's (where evaluated) per delay, with 90 % paired-bootstrap intervals over the
-    (scene, ego) pairs (eval.bootstrap)."""
+    scenes (eval.bootstrap): the egos of one scene see the same objects and events, so the scene
+    is the unit that varies independently."""
     classes = detector.cfg.classes
     # a method without delay (early fusion, the upper bound) runs once; its row repeats for every delay
     runs = [(m, float(d)) for m in methods for d in (delays_ms if METHODS[m].delayed else delays_ms[:1])]
@@ -188,7 +189,7 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
         if out is not None and oracle is not None:
             out = oracle.choose(out, boxes, labels)
         if out is not None:
-            tally.acc.add_frame(out.boxes, out.scores, out.labels, boxes, labels, group=(scene, ego))
+            tally.acc.add_frame(out.boxes, out.scores, out.labels, boxes, labels, group=scene)
     tally.drops.update(coop.drops)
 
 
@@ -208,5 +209,5 @@ def format_results(result: dict) -> str:
                     if d['low'] is not None else 'no interval')
         value = f"{100 * d['difference']:+.1f}" if d['difference'] is not None else 'n/a'
         lines.append(f"{d['a']} - {d['b']} at {d['delay_ms']:.0f} ms: {value} {result['headline_class']} AP@0.7 "
-                     f"({interval}; paired bootstrap, {d['resamples']} resamples of {d['groups']} scene-ego pairs)")
+                     f"({interval}; paired bootstrap, {d['resamples']} resamples of {d['groups']} scenes)")
     return '\n'.join(lines)
