@@ -280,3 +280,33 @@ def test_ego_boxes_from_the_ego_maps_rois_are_its_detections(tiny_dataset):
     # the head at each confident ROI's peak of the int8 map: the detector's own box, to quantisation error
     np.testing.assert_allclose(own.boxes[confident, :2], det.boxes[ids[confident], :2], atol=0.05)
     np.testing.assert_array_equal(own.labels[confident], det.labels[ids[confident]])
+
+
+def test_each_collaborator_message_is_decoded_once_a_frame(tiny_dataset, monkeypatch):
+    """The reputation and the merge both read a message's ROI boxes: decoded once per frame."""
+    from coop_perception.data.v2xsim import V2XSimDataset
+    from coop_perception.detection.checkpoint import load_detector
+    from coop_perception.fusion import pipeline
+    from coop_perception.fusion.model import FusionModel
+
+    models = Path(__file__).parents[1] / 'models'
+    detector = load_detector(models / 'detector.pt', models / 'detector.yaml')
+    smp = V2XSimDataset(tiny_dataset).sample(0, 1)
+    coop = CooperativeDetector(detector, 1, CooperativeConfig(method='trust', reputation=ReputationConfig(
+        enabled=True)), FusionModel.load(models / 'fusion.pt'))
+    decoded = []
+    real = pipeline.decode_roi_boxes
+    monkeypatch.setattr(pipeline, 'decode_roi_boxes', lambda *a, **kw: decoded.append(a[1].agent_id) or real(*a, **kw))
+    t = 1000 * MS
+    for k, agent in sorted(smp.agents.items()):
+        det = detector.detect(agent.load_points()[:, :4], mc_passes=0)
+        stamp = t if k == 1 else t - 50 * MS   # the collaborators' messages are 50 ms old
+        coop.add_pose(k, stamp, agent.T_world_sensor)
+        if k == 1:
+            coop.add_ego_detections(t, det)
+        else:
+            coop.add_input(k, stamp, pipeline.collaborator_message(det, k, stamp))
+    out = coop.detect(t)
+    collaborators = sorted(k for k in smp.agents if k != 1)
+    assert out is not None and len(collaborators) >= 2
+    assert sorted(decoded) == collaborators

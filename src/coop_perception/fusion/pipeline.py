@@ -201,6 +201,7 @@ class CooperativeDetector:
         self.reputation_on = self.cfg.reputation.on_for(self.method.name) and self.method.payload is not RawPoints
         self._scale: dict = {}   # agent -> its reputation, for the frame being fused
         self._vet_ms = 0.0       # wall time the reputation took in the frame being fused
+        self._frame_roi_boxes: dict = {}  # (agent, stamp) -> RoiBoxes decoded for the frame being fused
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -417,6 +418,7 @@ class CooperativeDetector:
             self._drop('ego_pose_unknown', str(exc))
             T_ego = None
         chosen = self._chosen(ego_stamp) if T_ego is not None else {}
+        self._frame_roi_boxes = {}
         chosen = self._vetted(det, chosen, T_ego, ego_stamp)
         ages = {a: (ego_stamp - s) / NS_PER_S for a, (s, _, _) in chosen.items()}
         agent_bits = source_bits((self.ego_id, *chosen))
@@ -560,7 +562,7 @@ class CooperativeDetector:
                            corner_variance(out.uncertainty, out.boxes))]
             for agent, (stamp, item, pose) in chosen.items():
                 if agent in agents[:self.cfg.slots]:
-                    rb = decode_roi_boxes(self.detector.head, item, pose, T_ego, ego_stamp, det.sensor_height)
+                    rb = self._roi_boxes(agent, stamp, item, pose, T_ego, ego_stamp, det.sensor_height)
                     t, score = self._roi_box_scores(rb)
                     variance = rb.attributes[:, ROI_ATTRIBUTES.index('reg_aleatoric')] + (
                         self.cfg.velocity_std * ages[agent]) ** 2
@@ -586,7 +588,7 @@ class CooperativeDetector:
             # every collaborator of the frame testifies about the others (fusion.reputation.Witness)
             cfg = self.reputation.cfg
             ego = self._own_boxes(entry, T_ego, ego_stamp)
-            views = {agent: self._collaborator_boxes(item, pose, T_ego, stamp, ego_stamp, entry.sensor_height)
+            views = {agent: self._collaborator_boxes(agent, item, pose, T_ego, stamp, ego_stamp, entry.sensor_height)
                      for agent, (stamp, item, pose) in chosen.items()}
             witnesses = {agent: make_witness(agent, *views[agent][:3], getattr(item, 'free_range', None),
                                              invert_pose(pose) @ T_ego, (ego_stamp - stamp) / NS_PER_S,
@@ -622,15 +624,26 @@ class CooperativeDetector:
             return decode_roi_boxes(self.detector.head, entry.message, T_ego, T_ego, ego_stamp, entry.sensor_height)
         return self._ego_boxes(entry)
 
-    def _collaborator_boxes(self, item, pose, T_ego, stamp: int, ego_stamp: int, sensor_height: float) -> tuple:
+    def _collaborator_boxes(self, agent, item, pose, T_ego, stamp: int, ego_stamp: int,
+                            sensor_height: float) -> tuple:
         """A collaborator input's boxes at the ego stamp in the ego frame -> (boxes (N, 7), scores
         (N,), labels (N,), velocities (N, 2) m/s): a feature message's ROI boxes, a box list's boxes."""
         if isinstance(item, FeatureMessage):
-            rb = decode_roi_boxes(self.detector.head, item, pose, T_ego, ego_stamp, sensor_height)
+            rb = self._roi_boxes(agent, stamp, item, pose, T_ego, ego_stamp, sensor_height)
             return rb.boxes, rb.scores, rb.labels, rb.velocities
         boxes, vel = warp_boxes(item.boxes, item.velocities, pose, T_ego, stamp, ego_stamp,
                                 motion_compensation=self.method.motion_compensation)
         return boxes, item.scores, item.labels, vel
+
+    def _roi_boxes(self, agent, stamp: int, message: FeatureMessage, pose, T_ego, ego_stamp: int,
+                   sensor_height: float):
+        """``decode_roi_boxes`` of one collaborator message for the frame being fused, decoded once
+        though the reputation and the merge both read them."""
+        key = (agent, stamp)
+        if key not in self._frame_roi_boxes:
+            self._frame_roi_boxes[key] = decode_roi_boxes(self.detector.head, message, pose, T_ego, ego_stamp,
+                                                          sensor_height)
+        return self._frame_roi_boxes[key]
 
     def _scale_cells(self, warped: list, agents: list) -> None:
         """Scale each warped message's features by its sender's reputation (in place)."""
