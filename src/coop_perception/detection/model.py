@@ -240,7 +240,7 @@ class Detector(nn.Module):
         self._check_eval()
         cfg = self.cfg
         t0 = time.perf_counter()
-        stacked = ages is not None and np.ndim(points) == 2 and np.shape(ages) == (len(points),)
+        stacked = ages is not None and np.ndim(points) == 2 and np.shape(ages) == (len(points),) and np.any(ages)
         newest = np.asarray(points)[np.asarray(ages) == 0] if stacked else points
         h = resolve_sensor_height(newest, cfg.voxel, sensor_height)
         vox = voxelize(points, cfg.voxel, h, ages)
