@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..detection.free_range import azimuth_bins
-from ..geometry import bev_corners
+from ..geometry import bev_corners, rotate_vectors_2d, transform_boxes
 from .pose_buffer import NS_PER_S
 
 
@@ -171,11 +171,9 @@ def _into_witness(boxes: np.ndarray, velocities: np.ndarray, w: Witness) -> tupl
     """Boxes (N, 7) and velocities (N, 2) m/s at the ego stamp, ego frame -> the same at the
     witness's stamp in its sensor frame (moved back by velocity x its age)."""
     T = np.asarray(w.T_witness_ego, np.float64)
-    out = np.asarray(boxes, np.float64).reshape(-1, 7).copy()
-    vel = np.asarray(velocities, np.float64).reshape(-1, 2) @ T[:2, :2].T
-    out[:, :3] = out[:, :3] @ T[:3, :3].T + T[:3, 3]
+    out = transform_boxes(T, np.asarray(boxes, np.float64).reshape(-1, 7))
+    vel = rotate_vectors_2d(T, np.asarray(velocities, np.float64).reshape(-1, 2))
     out[:, :2] -= vel * w.age_s
-    out[:, 6] += math.atan2(T[1, 0], T[0, 0])
     return out, vel
 
 
