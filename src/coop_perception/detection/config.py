@@ -129,6 +129,29 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class ScanVelocityConfig:
+    """Velocities measured by registering each vehicle's points against the sensor's previous
+    sweeps (detection.scan_velocity); a sender-side step after the network, not part of it."""
+    # sweeps used, the newest included (< 2: off); older ones than max_age_s are left out
+    sweeps: int = 4
+    max_age_s: float = 0.35
+    classes: tuple[str, ...] = ('car', 'truck')  # classes measured
+    min_score: float = 0.3             # lower-scored detections are not measured
+    cell_m: float = 0.1                # raster cell of the registration (m)
+    blur_cells: float = 1.0            # Gaussian blur of the rasters (cells)
+    max_speed: float = 20.0            # m/s: displacement searched along the box's length
+    lateral_m: float = 0.6             # m: displacement searched across it
+    min_points: int = 10               # above-ground points needed in each sweep's crop
+    agree_m_s: float = 2.0             # sweeps' estimates further apart: not measured
+    shift_noise_m: float = 0.09        # noise of one registration at min_points points (m)
+    ground_clearance_m: float = 0.3    # points this close above the box's bottom are ground
+
+    @property
+    def on(self) -> bool:
+        return self.sweeps >= 2
+
+
+@dataclass(frozen=True)
 class DetectorConfig:
     classes: tuple[str, ...]
     voxel: VoxelConfig
@@ -137,6 +160,17 @@ class DetectorConfig:
     target: TargetConfig
     runtime: RuntimeConfig
     train: TrainConfig = field(repr=False)
+    # sender-side velocity measurement; off for configs from before it existed
+    scan_velocity: ScanVelocityConfig = ScanVelocityConfig(sweeps=1)
+
+    @property
+    def sweeps_needed(self) -> int:
+        """Sweeps a caller stacks per scan: the network's and the velocity measurement's."""
+        return max(self.voxel.sweeps, self.scan_velocity.sweeps)
+
+    @property
+    def sweep_max_age_s(self) -> float:
+        return max(self.voxel.sweep_max_age_s, self.scan_velocity.max_age_s if self.scan_velocity.on else 0.0)
 
     @property
     def output_stride(self) -> int:
@@ -317,3 +351,10 @@ def _validate(cfg: DetectorConfig, source: str) -> None:
     lo, hi = cfg.train.augment.scale
     if not 0 < lo <= hi:
         fail('train.augment.scale must be 0 < low <= high')
+    sv = cfg.scan_velocity
+    if sv.sweeps < 1 or not set(sv.classes) <= set(cfg.classes):
+        fail(f'scan_velocity: sweeps must be >= 1 and classes among {list(cfg.classes)}')
+    if min(sv.max_age_s, sv.cell_m, sv.blur_cells, sv.max_speed, sv.shift_noise_m) <= 0 or \
+            min(sv.lateral_m, sv.min_score, sv.agree_m_s, sv.ground_clearance_m) < 0 or sv.min_points < 1:
+        fail('scan_velocity: max_age_s, cell_m, blur_cells, max_speed and shift_noise_m must be > 0, '
+             'lateral_m, min_score, agree_m_s and ground_clearance_m >= 0, min_points >= 1')

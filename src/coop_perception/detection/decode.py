@@ -60,8 +60,9 @@ class Detections:
     # (B,) float32 m: per azimuth bin the range of the nearest obstacle return of the scan
     # (detection.free_range); None where the scan was not at hand (a decoded map, an old cache)
     free_range: np.ndarray | None = None
-    # m/s: noise of ``velocities`` as measurements (DecodeConfig.velocity_std); 0: not measured
-    velocity_std: float = 0.0
+    # m/s: noise of ``velocities`` as measurements, one for all (DecodeConfig.velocity_std) or (N,)
+    # per box (detection.scan_velocity); 0: not measured
+    velocity_std: float | np.ndarray = 0.0
 
 
 def class_probability(logit: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

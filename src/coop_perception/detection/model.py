@@ -24,7 +24,9 @@ from coop_perception.bev_grid import BevGrid
 from .config import DetectorConfig
 from .decode import REG_FIELDS, REG_LOGVAR_FIELDS, Detections, decode, empty_detections
 from .free_range import free_range_profile
+from .scan_velocity import with_measured_velocities
 from .spconv_cpu import patch_spconv_for_cpu
+from .sweeps import newest_sweeps
 from .voxelize import resolve_sensor_height, voxelize
 
 patch_spconv_for_cpu()
@@ -231,19 +233,24 @@ class Detector(nn.Module):
 
     @torch.inference_mode()
     def detect(self, points: np.ndarray, sensor_height: float | None = None,
-               mc_passes: int | None = None, ages: np.ndarray | None = None) -> Detections:
+               mc_passes: int | None = None, ages: np.ndarray | None = None,
+               measure_velocities: bool = True) -> Detections:
         """One sensor-frame scan (N, 3+) -> :class:`Detections`. Never raises on bad point values:
         an empty or clipped scan gives empty or partial output with the reason logged and stored
         in ``Detections.note``. ``sensor_height`` (m above ground) overrides the config. ``ages``
         (N,) s: the points are several stacked sweeps (detection.sweeps), the newest at age 0;
-        the ground and the free range come from the newest alone."""
+        the ground and the free range come from the newest alone, the network sees the newest
+        ``voxel.sweeps``, and with ``measure_velocities`` the vehicles' velocities are measured
+        from the stack (``scan_velocity``; ``cfg.sweeps_needed`` sweeps are what it uses)."""
         self._check_eval()
         cfg = self.cfg
         t0 = time.perf_counter()
         stacked = ages is not None and np.ndim(points) == 2 and np.shape(ages) == (len(points),) and np.any(ages)
         newest = np.asarray(points)[np.asarray(ages) == 0] if stacked else points
         h = resolve_sensor_height(newest, cfg.voxel, sensor_height)
-        vox = voxelize(points, cfg.voxel, h, ages)
+        net_points, net_ages = (newest_sweeps(points, ages, cfg.voxel.sweeps, cfg.voxel.sweep_max_age_s)
+                                if stacked else (points, ages))
+        vox = voxelize(net_points, cfg.voxel, h, net_ages)
         timings = {'voxelize': time.perf_counter() - t0}
         note = vox.stats.reason()
         if note:
@@ -267,11 +274,14 @@ class Detector(nn.Module):
         t = time.perf_counter()
         det.free_range = free_range_profile(newest, h)
         timings['free_range'] = time.perf_counter() - t
+        if stacked and measure_velocities and cfg.scan_velocity.on:
+            t = time.perf_counter()
+            det = with_measured_velocities(det, points, ages, cfg.scan_velocity)
+            timings['scan_velocity'] = time.perf_counter() - t
         timings['total'] = time.perf_counter() - t0
         det.timings_ms = _to_ms(timings)
         return det
 
-    @torch.inference_mode()
     def detect_from_features(self, features: np.ndarray | torch.Tensor, sensor_height: float,
                              mc_passes: int | None = None) -> Detections:
         """(C, H, W) BEV features in this detector's grid -> Detections (head, decode, MC)."""

@@ -45,6 +45,27 @@ def stack_sweeps(current: Sweep, previous: list[Sweep], max_age_s: float) -> tup
     return np.concatenate(parts), np.concatenate(ages)
 
 
+def sweep_slices(ages: np.ndarray) -> list[tuple[float, slice]]:
+    """Ages (M,) of stacked sweeps (``stack_sweeps``: each sweep's points contiguous, newest first)
+    -> [(age s, slice of its points)], newest first."""
+    ages = np.asarray(ages)
+    if not len(ages):
+        return []
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(ages)) + 1])
+    ends = np.concatenate([starts[1:], [len(ages)]])
+    return [(float(ages[a]), slice(int(a), int(b))) for a, b in zip(starts, ends)]
+
+
+def newest_sweeps(points: np.ndarray, ages: np.ndarray, sweeps: int,
+                  max_age_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The newest ``sweeps`` sweeps (no older than ``max_age_s``) of a stack -> (points, ages)."""
+    kept = [sl for age, sl in sweep_slices(ages)[:sweeps] if age <= max_age_s]
+    end = kept[-1].stop if kept else 0
+    if end == len(ages):
+        return points, ages
+    return points[:end], ages[:end]
+
+
 class SweepHistory:
     """The last ``sweeps - 1`` sweeps of one sensor, stacked under each new one (``stack``).
 

@@ -22,6 +22,9 @@ from scipy.optimize import linear_sum_assignment
 from ..geometry import invert_pose, rotate_vectors_2d, transform_boxes
 from .pose_buffer import NS_PER_S
 
+# m/s: the noise given to a velocity that was not measured, so that it changes no track
+_UNMEASURED_STD = 1e6
+
 
 @dataclass
 class VelocityTrackerConfig:
@@ -51,11 +54,14 @@ class VelocityTracker:
         self._newest_ns = None
 
     def update(self, boxes: np.ndarray, labels: np.ndarray, T_world_sensor: np.ndarray,
-               stamp_ns: int, velocities: np.ndarray | None = None, velocity_std: float = 0.0) -> np.ndarray:
+               stamp_ns: int, velocities: np.ndarray | None = None,
+               velocity_std: float | np.ndarray = 0.0) -> np.ndarray:
         """boxes (N, 7) and labels (N,) in the sensor frame at stamp_ns -> velocities (N, 2) m/s
         along the sensor axes (0 for an object seen for the first time, unless measured).
-        ``velocities`` (N, 2) m/s along the sensor axes: the detector's own, used as measurements
-        with noise ``velocity_std`` (m/s) when that is > 0."""
+        ``velocities`` (N, 2) m/s along the sensor axes: measured velocities (a multi-sweep
+        detector's, or detection.scan_velocity's), used as measurements with noise
+        ``velocity_std`` (m/s; a scalar or one per box); a box whose noise is 0 or not finite has
+        no velocity measurement."""
         stamp_ns = int(stamp_ns)
         if self._newest_ns is not None and stamp_ns < self._newest_ns:   # time went back (bag loop)
             self.reset()
@@ -64,24 +70,27 @@ class VelocityTracker:
         self._keep(alive)
         labels = np.asarray(labels, np.int64)
         z = transform_boxes(T_world_sensor, np.asarray(boxes, np.float64).reshape(-1, 7))[:, :2]
-        v_std = float(velocity_std) if velocities is not None else 0.0
-        if v_std > 0:
-            measured = np.asarray(velocities, np.float64).reshape(-1, 2)
-            z = np.column_stack([z, rotate_vectors_2d(T_world_sensor, measured)])
+        v_std = np.zeros(len(z))
+        if velocities is not None:
+            v_std = np.broadcast_to(np.asarray(velocity_std, np.float64), (len(z),)).copy()
+            v_std[~np.isfinite(v_std) | (v_std < 0)] = 0.0
+        measured = v_std > 0
+        if measured.any():
+            v = np.asarray(velocities, np.float64).reshape(-1, 2)
+            z = np.column_stack([z, rotate_vectors_2d(T_world_sensor, np.where(measured[:, None], v, 0.0))])
         x, P = self._predict(stamp_ns)
         track_of = self._associate(z[:, :2], labels, x, P)
         hit = track_of >= 0
         t = track_of[hit]
         if hit.any():
-            self._x[t], self._P[t] = self._correct(x[t], P[t], z[hit], v_std)
+            self._x[t], self._P[t] = self._correct(x[t], P[t], z[hit], v_std[hit])
             self._seen_ns[t] = stamp_ns
         first = len(self._x)
-        self._start(z[~hit], labels[~hit], stamp_ns, v_std)
+        self._start(z[~hit], labels[~hit], stamp_ns, v_std[~hit])
         rows = np.empty(len(z), np.int64)
         rows[hit], rows[~hit] = t, np.arange(first, len(self._x))
         vel_world = self._x[rows, 2:] * self._moving(rows)[:, None]
-        if v_std <= 0:
-            vel_world[~hit] = 0.0  # a new track's velocity is only its prior, 0
+        vel_world[~hit & ~measured] = 0.0  # an unmeasured new track's velocity is only its prior, 0
         return rotate_vectors_2d(invert_pose(T_world_sensor), vel_world)
 
     def _moving(self, tracks: np.ndarray) -> np.ndarray:
@@ -130,22 +139,29 @@ class VelocityTracker:
         return out
 
     def _correct(self, x: np.ndarray, P: np.ndarray, z: np.ndarray,
-                 velocity_std: float) -> tuple[np.ndarray, np.ndarray]:
+                 velocity_std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Kalman update of tracks (k, 4), (k, 4, 4) with their detected centres (k, 2), or
-        centres and velocities (k, 4) measured with noise velocity_std (m/s)."""
+        centres and velocities (k, 4) whose velocities were measured with noise velocity_std
+        (k,) m/s (0: not measured)."""
         m = z.shape[1]
-        R = np.diag([self.cfg.position_std ** 2] * 2 + [velocity_std ** 2] * (m - 2))
+        R = np.zeros((len(z), m, m))
+        R[:, 0, 0] = R[:, 1, 1] = self.cfg.position_std ** 2
+        if m == 4:   # an unmeasured velocity: a measurement so noisy that it changes nothing
+            R[:, 2, 2] = R[:, 3, 3] = np.where(velocity_std > 0, velocity_std, _UNMEASURED_STD) ** 2
         K = P[:, :, :m] @ np.linalg.inv(P[:, :m, :m] + R)              # (k, 4, m)
         x = x + np.einsum('kij,kj->ki', K, z - x[:, :m])
         P = P - K @ P[:, :m, :]
         return x, P
 
-    def _start(self, z: np.ndarray, labels: np.ndarray, stamp_ns: int, velocity_std: float) -> None:
+    def _start(self, z: np.ndarray, labels: np.ndarray, stamp_ns: int, velocity_std: np.ndarray) -> None:
         n = len(z)
-        speed_std = velocity_std if z.shape[1] == 4 else self.cfg.init_speed_std
-        P0 = np.diag([self.cfg.position_std ** 2] * 2 + [speed_std ** 2] * 2)
-        v0 = z[:, 2:4] if z.shape[1] == 4 else np.zeros((n, 2))
+        measured = velocity_std > 0
+        speed_std = np.where(measured, velocity_std, self.cfg.init_speed_std)
+        P0 = np.zeros((n, 4, 4))
+        P0[:, 0, 0] = P0[:, 1, 1] = self.cfg.position_std ** 2
+        P0[:, 2, 2] = P0[:, 3, 3] = speed_std ** 2
+        v0 = np.where(measured[:, None], z[:, 2:4], 0.0) if z.shape[1] == 4 else np.zeros((n, 2))
         self._x = np.concatenate([self._x, np.column_stack([z[:, :2], v0])])
-        self._P = np.concatenate([self._P, np.broadcast_to(P0, (n, 4, 4))])
+        self._P = np.concatenate([self._P, P0])
         self._labels = np.concatenate([self._labels, labels])
         self._seen_ns = np.concatenate([self._seen_ns, np.full(n, stamp_ns, np.int64)])

@@ -103,9 +103,9 @@ class LidarDetectorNode(Node):
         # (fusion.motion), exactly as offline evaluation does; that needs this agent's odometry.
         self.sender = Sender()
         self.poses = PoseBuffer(PoseBufferConfig(jump_confirm=p['time_jump_confirm']))
-        # The detector may see this agent's previous sweeps too, moved with the same odometry.
-        vox = self.detector.cfg.voxel
-        self.sweeps = SweepHistory(vox.sweeps, vox.sweep_max_age_s)
+        # The detector sees this agent's previous sweeps too, moved with the same odometry: the
+        # network where it was trained on several, the velocity measurement (scan_velocity) always.
+        self.sweeps = SweepHistory(self.detector.cfg.sweeps_needed, self.detector.cfg.sweep_max_age_s)
 
         cloud = self.msgs.get_class(POINTCLOUD2)
         self.pub_features = self.create_publisher(cloud, topics.FEATURES, RELIABLE_QOS)
