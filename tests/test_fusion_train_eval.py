@@ -1,4 +1,5 @@
 """Fusion training on a feature cache (resumable, loss finite) and the delay-sweep evaluation."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from coop_perception.detection.model import Detector
 from coop_perception.eval.bench_fusion import STAGES, bench_fusion
 from coop_perception.eval.fusion_eval import evaluate_fusion, format_results
 from coop_perception.eval.gate_calibration import calibrate_gate
-from coop_perception.fusion.cache import FeatureCache, build_cache, load_view, save_view
+from coop_perception.fusion.cache import (FeatureCache, add_scan_velocities, build_cache, load_view, save_view,
+                                         scan_velocity_key)
 from coop_perception.fusion.model import FusionModel
 from coop_perception.fusion.train import FusionExamples, FusionTrainConfig, delayed_frame, train_fusion
 from coop_perception.fusion.trust import ThresholdTrust
@@ -54,6 +56,22 @@ def test_cache_round_trip(setup, tmp_path):
 
 
 LOW_ROI = {'score_threshold': 0.05}  # the untrained detector is never confident
+
+
+def test_measured_velocities_live_beside_the_views(setup):
+    det, ds, cache = setup
+    sv = CFG.scan_velocity
+    assert add_scan_velocities(ds, cache.root, sv, progress=False) == 12
+    assert add_scan_velocities(ds, cache.root, sv, progress=False) == 0        # resumable
+    key = scan_velocity_key(sv)
+    assert key and key != scan_velocity_key(replace(sv, min_points=11)) and scan_velocity_key(replace(sv, sweeps=1)) is None
+    sample = ds.sample(0, 1)
+    plain = cache.load(sample.scene_name, 1, 2).detections
+    measured = FeatureCache(cache.root, det.grid(), 0.0, key).load(sample.scene_name, 1, 2).detections
+    assert np.ndim(plain.velocity_std) == 0
+    assert np.shape(measured.velocity_std) == (len(plain.boxes),) and (measured.velocity_std >= 0).all()
+    np.testing.assert_array_equal(measured.velocities[measured.velocity_std == 0],
+                                  plain.velocities[measured.velocity_std == 0])
 
 
 def test_examples_have_collaborators_and_targets(setup):
