@@ -18,14 +18,16 @@ agree; its noise (``velocity_std``) shrinks with the points it rests on and the 
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
-from scipy.signal import fftconvolve
-from scipy.spatial import cKDTree
+from scipy.fft import next_fast_len
 
 from coop_perception.data.labels import CLASSES
 from coop_perception.detection.config import ScanVelocityConfig
 from coop_perception.detection.decode import Detections
 from coop_perception.detection.sweeps import sweep_slices
+
+# Raised whenever the measurement changes, so that velocities cached with another (fusion.cache)
+# are measured again.
+METHOD_VERSION = 2
 
 
 def _to_box_axes(xy: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -48,34 +50,67 @@ def _crop(points: np.ndarray, box: np.ndarray, margin_x: float, margin_y: float,
 
 def _peak_offset(values: np.ndarray, k: int) -> float:
     """Sub-cell position of the maximum at index k of a 1-D profile (parabola through 3 points)."""
-    if 0 < k < len(values) - 1:
-        den = values[k - 1] - 2 * values[k] + values[k + 1]
-        if den < 0:
-            return float(0.5 * (values[k - 1] - values[k + 1]) / den)
-    return 0.0
+    den = values[k - 1] - 2 * values[k] + values[k + 1]
+    return float(0.5 * (values[k - 1] - values[k + 1]) / den) if den < 0 else 0.0
 
 
 def register_shift(current: np.ndarray, previous: np.ndarray, half: tuple[float, float],
-                   reach: tuple[float, float], cell: float, blur: float) -> np.ndarray:
-    """Box-axes points of now (K, 2) and of before (L, 2), both within ``half`` + ``reach`` (m)
-    of the box centre -> (2,) displacement (m, box axes) from before to now that overlaps them
-    best, searched within +-``reach``."""
+                   reach: tuple[float, float], cell: float, blur: float,
+                   guess: tuple[float, float] = (0.0, 0.0)) -> np.ndarray | None:
+    """Box-axes points of now (K, 2), within ``half`` (m) of the box centre, and of before (L, 2)
+    -> (2,) displacement (m, box axes) from before to now that overlaps them best, searched within
+    ``guess`` +- ``reach`` (m); None when the best lies on the edge of that window (the motion is
+    outside it, or clutter wins). Both rasters are blurred by ``blur`` cells."""
+    rx, ry = int(np.ceil(reach[0] / cell)), int(np.ceil(reach[1] / cell))
     hx, hy = half[0] + reach[0], half[1] + reach[1]
     nx, ny = int(np.ceil(2 * hx / cell)), int(np.ceil(2 * hy / cell))
+    # padded so that no searched shift wraps one raster's cells onto the other's
+    size = (next_fast_len(nx + rx + 1), next_fast_len(ny + ry + 1))
 
     def raster(q: np.ndarray) -> np.ndarray:
-        ix = np.clip(((q[:, 0] + hx) / cell).astype(np.int64), 0, nx - 1)
-        iy = np.clip(((q[:, 1] + hy) / cell).astype(np.int64), 0, ny - 1)
-        g = np.bincount(ix * ny + iy, minlength=nx * ny).reshape(nx, ny).astype(np.float64)
-        return gaussian_filter(g, blur)
+        ij = np.floor((q + (hx, hy)) / cell).astype(np.int64)
+        ok = (ij >= 0).all(1) & (ij < (nx, ny)).all(1)
+        g = np.bincount(ij[ok, 0] * ny + ij[ok, 1], minlength=nx * ny).reshape(nx, ny)
+        return np.fft.rfft2(g.astype(np.float64), size)
 
-    # corr[i, j] = sum over cells of now(c) * before(c - (i - nx + 1, j - ny + 1))
-    corr = fftconvolve(raster(current), raster(previous)[::-1, ::-1], mode='full')
-    rx, ry = int(np.ceil(reach[0] / cell)), int(np.ceil(reach[1] / cell))
-    win = corr[nx - 1 - rx: nx + rx, ny - 1 - ry: ny + ry]
+    fx, fy = np.fft.fftfreq(size[0]), np.fft.rfftfreq(size[1])
+    # blurring both rasters by blur cells = blurring their correlation by blur * sqrt(2)
+    smooth = np.exp(-4 * np.pi ** 2 * blur ** 2 * (fx[:, None] ** 2 + fy[None, :] ** 2))
+    # corr[k] = sum over cells c of now(c) * before(c - k), k taken modulo the padded size
+    corr = np.fft.irfft2(raster(current) * np.conj(raster(previous + guess)) * smooth, size)
+    win = corr[np.arange(-rx, rx + 1)[:, None] % size[0], np.arange(-ry, ry + 1)[None, :] % size[1]]
     i, j = np.unravel_index(int(np.argmax(win)), win.shape)
-    return np.array([(i - rx + _peak_offset(win[:, j], i)) * cell,
-                     (j - ry + _peak_offset(win[i, :], j)) * cell])
+    if i in (0, 2 * rx) or (ry and j in (0, 2 * ry)):
+        return None
+    return np.array([guess[0] + (i - rx + _peak_offset(win[:, j], i)) * cell,
+                     guess[1] + (j - ry + (_peak_offset(win[i, :], j) if ry else 0.0)) * cell])
+
+
+class _Neighbourhoods:
+    """The points of one sweep near any of a scan's boxes, bucketed in BEV cells so that each box
+    reads only the cells around it: one pass over the sweep instead of one per box."""
+
+    def __init__(self, points: np.ndarray, centres: np.ndarray, radius: float, z_range: tuple[float, float],
+                 cell: float = 2.0):
+        self.cell, self.r = cell, int(np.ceil(radius / cell))
+        self.lo = centres.min(0) - (self.r + 1) * cell
+        self.shape = np.floor((centres.max(0) - self.lo) / cell).astype(np.int64) + self.r + 2
+        z = points[:, 2]
+        pts = points[(z > z_range[0]) & (z < z_range[1])]
+        ij = np.floor((pts[:, :2] - self.lo) / cell).astype(np.int64)
+        ok = (ij >= 0).all(1) & (ij < self.shape).all(1)
+        keys = ij[ok, 0] * self.shape[1] + ij[ok, 1]
+        order = np.argsort(keys, kind='stable')
+        self.points, self.keys = pts[ok][order], keys[order]
+
+    def around(self, centre: np.ndarray) -> np.ndarray:
+        """The points in the cells within ``radius`` of ``centre`` (a square of cells)."""
+        ci, cj = np.floor((centre - self.lo) / self.cell).astype(np.int64)
+        j0, j1 = max(cj - self.r, 0), min(cj + self.r, self.shape[1] - 1)
+        rows = np.arange(max(ci - self.r, 0), min(ci + self.r, self.shape[0] - 1) + 1) * self.shape[1]
+        starts = np.searchsorted(self.keys, rows + j0)
+        ends = np.searchsorted(self.keys, rows + j1, side='right')
+        return np.concatenate([self.points[a:b] for a, b in zip(starts, ends)] or [self.points[:0]])
 
 
 def measure_velocities(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, points: np.ndarray,
@@ -83,7 +118,11 @@ def measure_velocities(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray
     """Detections (N, 7) boxes [x, y, z, l, w, h, yaw], labels (N,), scores (N,) in the newest
     sweep's sensor frame; the stacked sweeps' points (M, >=3) and ages (M,) s (detection.sweeps)
     -> velocities (N, 2) m/s along the sensor axes and their noise (N,) m/s, 0 where not measured
-    (class or score left out, too few points, sweeps disagreeing, no earlier sweep)."""
+    (class or score left out, too few points, sweeps disagreeing, no earlier sweep).
+
+    The newest earlier sweep with enough points is searched over every displacement up to
+    max_speed; older sweeps only near where that velocity puts the object (+- agree_m_s), so a
+    later sweep can refine the velocity but not contradict it."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
     velocities, noise = np.zeros((len(boxes), 2), np.float32), np.zeros(len(boxes), np.float32)
     sweeps = sweep_slices(np.asarray(ages))
@@ -94,37 +133,41 @@ def measure_velocities(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray
     if not len(todo):
         return velocities, noise
     pts = np.asarray(points)
-    now = pts[sweeps[0][1]]
-    before = [(age, pts[sl]) for age, sl in sweeps[1:cfg.sweeps] if 0.0 < age <= cfg.max_age_s]
-    now_tree = cKDTree(now[:, :2])
-    trees = [cKDTree(p[:, :2]) for _, p in before]
+    earlier = [(age, sl) for age, sl in sweeps[1:cfg.sweeps] if 0.0 < age <= cfg.max_age_s]
     margin = cfg.cell_m * 3
+    size = np.hypot(boxes[todo, 3], boxes[todo, 4]).max() / 2 + margin + cfg.lateral_m
+    centres = boxes[todo, :2]
+    bottoms = boxes[todo, 2] - boxes[todo, 5] / 2
+    z_range = (bottoms.min() + cfg.ground_clearance_m, (bottoms + boxes[todo, 5]).max() + cfg.ground_clearance_m)
+    now = _Neighbourhoods(pts[sweeps[0][1]], centres, size, z_range)
+    before = [(age, _Neighbourhoods(pts[sl], centres, size + cfg.max_speed * age, z_range)) for age, sl in earlier]
     for n in todo:
         box = boxes[n]
-        radius = np.hypot(box[3], box[4]) / 2 + margin + cfg.lateral_m
-        q_now = _crop(now[now_tree.query_ball_point(box[:2], radius)], box, margin, margin,
-                      cfg.ground_clearance_m)
+        half = (box[3] / 2 + margin, box[4] / 2 + margin)
+        q_now = _crop(now.around(box[:2]), box, margin, margin, cfg.ground_clearance_m)
         if len(q_now) < cfg.min_points:
             continue
-        estimates, weights = [], []
-        for (age, prev), tree in zip(before, trees):
-            reach = (cfg.max_speed * age, cfg.lateral_m)
-            near = prev[tree.query_ball_point(box[:2], radius + reach[0])]
-            q_prev = _crop(near, box, margin + reach[0], margin + reach[1], cfg.ground_clearance_m)
+        velocity, weights, refuted = None, [], False
+        for age, prev in before:
+            guess = (0.0, 0.0) if velocity is None else tuple(velocity * age)
+            reach = ((cfg.max_speed * age, cfg.lateral_m) if velocity is None
+                     else (cfg.agree_m_s * age, min(cfg.lateral_m, cfg.agree_m_s * age)))
+            grow = np.abs(guess) + reach
+            q_prev = _crop(prev.around(box[:2]), box, margin + grow[0], margin + grow[1], cfg.ground_clearance_m)
             if len(q_prev) < cfg.min_points:
                 continue
-            shift = register_shift(q_now, q_prev, (box[3] / 2 + margin, box[4] / 2 + margin), reach,
-                                   cfg.cell_m, cfg.blur_cells)
-            estimates.append(shift / age)
-            weights.append(age ** 2)   # the shift's error does not grow with age, the velocity's shrinks
-        if not estimates:
+            shift = register_shift(q_now, q_prev, half, reach, cfg.cell_m, cfg.blur_cells, guess)
+            if shift is None:
+                refuted = True
+                break
+            # the shift's error does not grow with age, so the velocity's shrinks: weights age^2
+            velocity = shift / age if velocity is None else \
+                (velocity * sum(weights) + shift * age) / (sum(weights) + age ** 2)
+            weights.append(age ** 2)
+        if velocity is None or refuted:
             continue
-        est = np.asarray(estimates)
-        if len(est) > 1 and np.ptp(est, axis=0).max() > cfg.agree_m_s:
-            continue
-        v_box = np.average(est, axis=0, weights=weights)
         c, s = np.cos(box[6]), np.sin(box[6])
-        velocities[n] = (c * v_box[0] - s * v_box[1], s * v_box[0] + c * v_box[1])
+        velocities[n] = (c * velocity[0] - s * velocity[1], s * velocity[0] + c * velocity[1])
         noise[n] = cfg.shift_noise_m / np.sqrt(np.sum(weights)) * np.sqrt(cfg.min_points / len(q_now))
     return velocities, noise
 

@@ -13,7 +13,7 @@ with ``free_range`` None.
 The vehicles' velocities measured from the scan sequence (detection.scan_velocity) are not in the
 view either: they depend on the detector config's ``scan_velocity`` section, not on the weights,
 so they live beside it in ``{frame:04d}_{agent}.scan_velocity-{key}.npy`` ((N, 3) vx, vy, noise
-per box, noise 0 where not measured), ``key`` a hash of that section (``add_scan_velocities``).
+per box, noise 0 where not measured), ``key`` a hash of that section and of the method's version (``add_scan_velocities``).
 Changing the section computes new files in minutes; the detector does not run again.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ..detection.dataset import agent_sweeps
 from ..detection.config import ScanVelocityConfig
 from ..detection.decode import Detections
 from ..detection.free_range import free_range_profile
-from ..detection.scan_velocity import measure_velocities
+from ..detection.scan_velocity import METHOD_VERSION, measure_velocities
 from .codec import dequantise, quantise
 
 
@@ -55,7 +55,8 @@ def scan_velocity_key(cfg: ScanVelocityConfig) -> str | None:
     """The side files' key for ``cfg``; None when the measurement is off."""
     if not cfg.on:
         return None
-    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    what = {'config': asdict(cfg), 'method': METHOD_VERSION}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _scan_velocity_path(path: Path, key: str) -> Path:
