@@ -177,7 +177,9 @@ def test_apply_threads():
 
 def test_bench_reports_every_stage(model):
     pts = scan(np.random.default_rng(5))
-    report = bench_detector(model, [pts, pts, np.zeros((0, 4), np.float32)], warmup=1)
+    stacked = np.concatenate([pts, pts + [0.5, 0, 0, 0]])
+    ages = np.repeat(np.array([0.0, 0.1], np.float32), len(pts))
+    report = bench_detector(model, [(pts, None), (stacked, ages), (np.zeros((0, 4), np.float32), None)], warmup=1)
     assert report['scans'] == 3 and set(report['median_ms']) == set(STAGES)
     assert report['median_ms']['total'] >= report['median_ms']['encoder'] > 0
 

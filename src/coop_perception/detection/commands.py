@@ -58,12 +58,23 @@ def cmd_bench_detector(args) -> int:
 
     from .bench import STAGES, bench_detector
 
+    from .sweeps import SweepHistory
+
     model = detector_from_args(args)
-    scenario = Scenario(ScenarioConfig(seed=args.seed, frames=args.scans // 5 + 1))
-    scans = [s.points[:, :4] for f in scenario.frames() for s in f.scans][:args.scans]
-    result = bench_detector(model, scans)
+    # every agent's scans stacked on its previous ones, as its lidar_detector node does
+    history: dict = {}
+    sweeps = max(model.cfg.sweeps_needed, 1)
+    scenario = Scenario(ScenarioConfig(seed=args.seed, frames=args.scans // 5 + sweeps))
+    scans = []
+    for f in scenario.frames():
+        for s in f.scans:
+            hist = history.setdefault(s.agent_id, SweepHistory(sweeps, model.cfg.sweep_max_age_s))
+            stacked = hist.stack(s.points[:, :4], s.T_world_ego @ s.T_ego_sensor, s.timestamp_us * 1000)
+            if f.index >= sweeps - 1:   # every timed scan has its full history
+                scans.append(stacked)
+    result = bench_detector(model, scans[:args.scans])
     print_stage_table(result, STAGES)
-    print(f"({result['scans']} synthetic 32-beam scans, seed {args.seed}, "
+    print(f"({result['scans']} synthetic 32-beam scans, each with the {sweeps - 1} before it, seed {args.seed}, "
           f"{model.cfg.runtime.threads or 'all'} thread(s))")
     write_json(args, result)
     return 0
