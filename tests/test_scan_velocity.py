@@ -142,3 +142,14 @@ def test_detector_network_sees_its_own_sweeps_and_measures_from_all():
     assert np.shape(det.velocity_std) == (len(det.boxes),) and 'scan_velocity' in det.timings_ms
     unmeasured = model.detect(pts, ages=ages, measure_velocities=False)
     assert np.ndim(unmeasured.velocity_std) == 0 and 'scan_velocity' not in unmeasured.timings_ms
+
+
+def test_tracker_ignores_a_velocity_far_from_a_settled_track():
+    tracker = VelocityTracker()
+    box = CAR.copy()
+    for i in range(8):   # a settled track at 5 m/s along x
+        tracker.update(box[None] + [[0.5 * i, 0, 0, 0, 0, 0, 0]], [0], np.eye(4), i * 100_000_000,
+                       np.array([[5.0, 0.0]]), np.array([0.2]))
+    v = tracker.update(box[None] + [[4.0, 0, 0, 0, 0, 0, 0]], [0], np.eye(4), 800_000_000,
+                       np.array([[-15.0, 3.0]]), np.array([0.2]))
+    assert v[0, 0] == pytest.approx(5.0, abs=0.3)

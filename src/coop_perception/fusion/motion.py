@@ -37,6 +37,9 @@ class VelocityTrackerConfig:
     # the filtered velocity) away from standing still, else 0: most objects are parked, and a
     # young track's velocity is mostly the detector's centre jitter divided by 0.1 s.
     moving_gate: float = 1.0
+    # A velocity measurement further than this (Mahalanobis) from a track's predicted velocity is
+    # an outlier (a registration that locked onto the wrong structure) and is ignored; 0: none is.
+    velocity_gate: float = 3.0
 
 
 class VelocityTracker:
@@ -147,7 +150,12 @@ class VelocityTracker:
         R = np.zeros((len(z), m, m))
         R[:, 0, 0] = R[:, 1, 1] = self.cfg.position_std ** 2
         if m == 4:   # an unmeasured velocity: a measurement so noisy that it changes nothing
-            R[:, 2, 2] = R[:, 3, 3] = np.where(velocity_std > 0, velocity_std, _UNMEASURED_STD) ** 2
+            used = velocity_std > 0
+            if self.cfg.velocity_gate > 0 and used.any():
+                S = P[:, 2:, 2:] + (velocity_std ** 2)[:, None, None] * np.eye(2)
+                d = z[:, 2:] - x[:, 2:]
+                used &= np.einsum('ki,kij,kj->k', d, np.linalg.inv(S), d) <= self.cfg.velocity_gate ** 2
+            R[:, 2, 2] = R[:, 3, 3] = np.where(used, velocity_std, _UNMEASURED_STD) ** 2
         K = P[:, :, :m] @ np.linalg.inv(P[:, :m, :m] + R)              # (k, 4, m)
         x = x + np.einsum('kij,kj->ki', K, z - x[:, :m])
         P = P - K @ P[:, :m, :]
