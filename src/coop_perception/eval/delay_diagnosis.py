@@ -186,8 +186,11 @@ def format_diagnosis(result: dict) -> str:
     if v and v['n']:
         lines.append(f"senders' tracked velocity on moving cars (>= 1 m/s, {v['n']} detections matched to them): "
                      f"error median {v['median_m_s']:.2f} m/s, p90 {v['p90_m_s']:.2f} m/s; "
-                     f"{100 * v['untracked']:.1f} % reported as 0 (first scans, gated); the detector's own "
-                     f"velocity: error median {v['detector_median_m_s']:.2f} m/s")
+                     f"{100 * v['untracked']:.1f} % reported as 0 (first scans, gated)")
+        if v['measured']:
+            lines.append(f"measured velocities (scan registration or a multi-sweep network) of the same detections: "
+                         f"{100 * v['measured']:.1f} % measured, error median {v['measured_median_m_s']:.2f} m/s, "
+                         f"p90 {v['measured_p90_m_s']:.2f} m/s")
     return '\n'.join(lines)
 
 
@@ -195,7 +198,8 @@ def velocity_errors(dataset, cache, min_speed: float = 1.0, label: int = 0) -> d
     """What feeds the prediction: each sender's tracked velocity (fusion.pipeline.Sender) of its
     detections matched to true objects of class ``label`` moving at >= ``min_speed`` m/s ->
     {'median_m_s', 'p90_m_s', 'n', 'untracked'}: error norms, and the fraction reported as 0
-    (a track's first scan); 'detector_median_m_s': the same of the detector's own velocities."""
+    (a track's first scan); 'measured': the fraction of them with a velocity measurement
+    (``Detections.velocity_std`` > 0), 'measured_median_m_s' and 'measured_p90_m_s' its error."""
     errors, raw, untracked = [], [], 0
     for s in range(len(dataset.scenes)):
         samples = [dataset.sample(s, f) for f in range(dataset.num_frames(s))]
@@ -211,11 +215,16 @@ def velocity_errors(dataset, cache, min_speed: float = 1.0, label: int = 0) -> d
                 moving = (np.linalg.norm(v_true, axis=1) >= min_speed) & (smp.gt.labels[idx[hit]] == label)
                 est = det.velocities[hit[moving]]
                 errors.append(np.linalg.norm(est - v_true[moving], axis=1))
-                raw.append(np.linalg.norm(view.detections.velocities[hit[moving]] - v_true[moving], axis=1))
+                with_std = np.broadcast_to(np.asarray(view.detections.velocity_std), idx.shape)[hit[moving]] > 0
+                raw.append(np.where(with_std, np.linalg.norm(view.detections.velocities[hit[moving]] - v_true[moving],
+                                                             axis=1), np.nan))
                 untracked += int((np.abs(est).sum(1) == 0).sum())
     e = np.concatenate(errors) if errors else np.zeros(0)
     r = np.concatenate(raw) if raw else np.zeros(0)
+    r = r[np.isfinite(r)]
     return {'median_m_s': float(np.median(e)) if len(e) else None,
-            'detector_median_m_s': float(np.median(r)) if len(r) else None,
+            'measured': len(r) / len(e) if len(e) else 0.0,
+            'measured_median_m_s': float(np.median(r)) if len(r) else None,
+            'measured_p90_m_s': float(np.percentile(r, 90)) if len(r) else None,
             'p90_m_s': float(np.percentile(e, 90)) if len(e) else None, 'n': int(len(e)),
             'untracked': untracked / len(e) if len(e) else None}
