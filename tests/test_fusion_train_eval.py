@@ -64,7 +64,8 @@ def test_measured_velocities_live_beside_the_views(setup):
     assert add_scan_velocities(ds, cache.root, sv, progress=False) == 12
     assert add_scan_velocities(ds, cache.root, sv, progress=False) == 0        # resumable
     key = scan_velocity_key(sv)
-    assert key and key != scan_velocity_key(replace(sv, min_points=11)) and scan_velocity_key(replace(sv, sweeps=1)) is None
+    assert key and key != scan_velocity_key(replace(sv, min_points=11))
+    assert scan_velocity_key(replace(sv, sweeps=1)) is None
     sample = ds.sample(0, 1)
     plain = cache.load(sample.scene_name, 1, 2).detections
     measured = FeatureCache(cache.root, det.grid(), 0.0, key).load(sample.scene_name, 1, 2).detections

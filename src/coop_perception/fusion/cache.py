@@ -13,7 +13,8 @@ with ``free_range`` None.
 The vehicles' velocities measured from the scan sequence (detection.scan_velocity) are not in the
 view either: they depend on the detector config's ``scan_velocity`` section, not on the weights,
 so they live beside it in ``{frame:04d}_{agent}.scan_velocity-{key}.npy`` ((N, 3) vx, vy, noise
-per box, noise 0 where not measured), ``key`` a hash of that section and of the method's version (``add_scan_velocities``).
+per box, noise 0 where not measured), ``key`` a hash of that section and of the method's version
+(``add_scan_velocities``).
 Changing the section computes new files in minutes; the detector does not run again.
 """
 from __future__ import annotations
