@@ -153,3 +153,14 @@ def test_tracker_ignores_a_velocity_far_from_a_settled_track():
     v = tracker.update(box[None] + [[4.0, 0, 0, 0, 0, 0, 0]], [0], np.eye(4), 800_000_000,
                        np.array([[-15.0, 3.0]]), np.array([0.2]))
     assert v[0, 0] == pytest.approx(5.0, abs=0.3)
+
+
+def test_an_ambiguous_registration_is_not_trusted():
+    # a row of posts 1 m apart (a fence): every whole-metre shift overlaps the points as well
+    rng = np.random.default_rng(2)
+    posts = np.repeat(np.arange(-4.5, 5.0, 1.0), 20)
+    before = np.column_stack([posts + rng.normal(0, 0.02, len(posts)), rng.normal(0, 0.02, len(posts))])
+    now = before + [0.3, 0.0]
+    args = (now, before, (5.0, 0.5), (2.0, 0.0), 0.1, 1.0)
+    assert register_shift(*args) is not None
+    assert register_shift(*args, max_ambiguity=0.85) is None

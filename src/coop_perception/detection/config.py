@@ -143,6 +143,8 @@ class ScanVelocityConfig:
     lateral_m: float = 0.6             # m: displacement searched across it
     min_points: int = 10               # above-ground points needed in each sweep's crop
     agree_m_s: float = 2.0             # sweeps' estimates further apart: not measured
+    # another shift >= 0.5 m away overlapping the points this well relative to the best: not measured
+    max_ambiguity: float = 1.0
     shift_noise_m: float = 0.09        # noise of one registration at min_points points (m)
     ground_clearance_m: float = 0.3    # points this close above the box's bottom are ground
 
@@ -355,6 +357,7 @@ def _validate(cfg: DetectorConfig, source: str) -> None:
     if sv.sweeps < 1 or not set(sv.classes) <= set(cfg.classes):
         fail(f'scan_velocity: sweeps must be >= 1 and classes among {list(cfg.classes)}')
     if min(sv.max_age_s, sv.cell_m, sv.blur_cells, sv.max_speed, sv.shift_noise_m) <= 0 or \
-            min(sv.lateral_m, sv.min_score, sv.agree_m_s, sv.ground_clearance_m) < 0 or sv.min_points < 1:
+            min(sv.lateral_m, sv.min_score, sv.agree_m_s, sv.ground_clearance_m) < 0 or sv.min_points < 1 \
+            or not 0 < sv.max_ambiguity <= 1:
         fail('scan_velocity: max_age_s, cell_m, blur_cells, max_speed and shift_noise_m must be > 0, '
-             'lateral_m, min_score, agree_m_s and ground_clearance_m >= 0, min_points >= 1')
+             'lateral_m, min_score, agree_m_s and ground_clearance_m >= 0, min_points >= 1, max_ambiguity in (0, 1]')

@@ -12,8 +12,9 @@ overlaps them (cross-correlation, sub-cell peak) divided by the age is its veloc
 constrain a displacement far better than one detected centre does, and it is there from an
 object's first detection on; fusion.motion uses it as a Kalman measurement.
 
-An estimate is kept only with enough points in both sweeps and when the sweeps of different ages
-agree; its noise (``velocity_std``) shrinks with the points it rests on and the age it spans.
+An estimate is kept only with enough points in the sweeps compared and when the older sweeps
+agree with the first estimate (their best shift lies inside the window it allows); its noise
+(``velocity_std``) shrinks with the points it rests on and the time it spans.
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ from coop_perception.detection.sweeps import sweep_slices
 
 # Raised whenever the measurement changes, so that velocities cached with another (fusion.cache)
 # are measured again.
-METHOD_VERSION = 2
+METHOD_VERSION = 3
+# m: shifts at least this far from the best are the alternatives ScanVelocityConfig.max_ambiguity
+# compares it with (closer ones are the same peak's flanks)
+AMBIGUOUS_M = 0.5
 
 
 def _to_box_axes(xy: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -56,11 +60,13 @@ def _peak_offset(values: np.ndarray, k: int) -> float:
 
 def register_shift(current: np.ndarray, previous: np.ndarray, half: tuple[float, float],
                    reach: tuple[float, float], cell: float, blur: float,
-                   guess: tuple[float, float] = (0.0, 0.0)) -> np.ndarray | None:
+                   guess: tuple[float, float] = (0.0, 0.0), max_ambiguity: float = 1.0) -> np.ndarray | None:
     """Box-axes points of now (K, 2), within ``half`` (m) of the box centre, and of before (L, 2)
     -> (2,) displacement (m, box axes) from before to now that overlaps them best, searched within
     ``guess`` +- ``reach`` (m); None when the best lies on the edge of that window (the motion is
-    outside it, or clutter wins). Both rasters are blurred by ``blur`` cells."""
+    outside it, or clutter wins) or when a shift more than ``AMBIGUOUS_M`` away overlaps them
+    almost as well (> ``max_ambiguity`` x the best: a flat side or repeated structure, where the
+    best is a guess). Both rasters are blurred by ``blur`` cells."""
     rx, ry = int(np.ceil(reach[0] / cell)), int(np.ceil(reach[1] / cell))
     hx, hy = half[0] + reach[0], half[1] + reach[1]
     nx, ny = int(np.ceil(2 * hx / cell)), int(np.ceil(2 * hy / cell))
@@ -82,6 +88,11 @@ def register_shift(current: np.ndarray, previous: np.ndarray, half: tuple[float,
     i, j = np.unravel_index(int(np.argmax(win)), win.shape)
     if i in (0, 2 * rx) or (ry and j in (0, 2 * ry)):
         return None
+    if max_ambiguity < 1.0:
+        di, dj = np.ogrid[-i:win.shape[0] - i, -j:win.shape[1] - j]
+        elsewhere = win[np.hypot(di, dj) * cell > AMBIGUOUS_M]
+        if len(elsewhere) and elsewhere.max() > max_ambiguity * win[i, j]:
+            return None
     return np.array([guess[0] + (i - rx + _peak_offset(win[:, j], i)) * cell,
                      guess[1] + (j - ry + (_peak_offset(win[i, :], j) if ry else 0.0)) * cell])
 
@@ -156,7 +167,8 @@ def measure_velocities(boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray
             q_prev = _crop(prev.around(box[:2]), box, margin + grow[0], margin + grow[1], cfg.ground_clearance_m)
             if len(q_prev) < cfg.min_points:
                 continue
-            shift = register_shift(q_now, q_prev, half, reach, cfg.cell_m, cfg.blur_cells, guess)
+            shift = register_shift(q_now, q_prev, half, reach, cfg.cell_m, cfg.blur_cells, guess,
+                                   cfg.max_ambiguity)
             if shift is None:
                 refuted = True
                 break
