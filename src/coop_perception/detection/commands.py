@@ -57,7 +57,6 @@ def cmd_bench_detector(args) -> int:
     from coop_perception.data.synth import Scenario, ScenarioConfig
 
     from .bench import STAGES, bench_detector
-
     from .sweeps import SweepHistory
 
     model = detector_from_args(args)

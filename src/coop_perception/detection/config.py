@@ -144,7 +144,7 @@ class ScanVelocityConfig:
     min_points: int = 10               # above-ground points needed in each sweep's crop
     agree_m_s: float = 2.0             # sweeps' estimates further apart: not measured
     # another shift >= 0.5 m away overlapping the points this well relative to the best: not measured
-    max_ambiguity: float = 1.0
+    max_ambiguity: float = 0.85
     shift_noise_m: float = 0.09        # noise of one registration at min_points points (m)
     ground_clearance_m: float = 0.3    # points this close above the box's bottom are ground
 

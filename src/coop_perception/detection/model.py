@@ -282,6 +282,7 @@ class Detector(nn.Module):
         det.timings_ms = _to_ms(timings)
         return det
 
+    @torch.inference_mode()
     def detect_from_features(self, features: np.ndarray | torch.Tensor, sensor_height: float,
                              mc_passes: int | None = None) -> Detections:
         """(C, H, W) BEV features in this detector's grid -> Detections (head, decode, MC)."""
