@@ -8,9 +8,11 @@ the filtered velocity is what the receiver's motion compensation uses. Different
 from one scan to the next (what this did before) turns 10-20 cm of detector centre noise into
 1-2 m/s of velocity noise at 10 Hz; the filter averages it out over the track.
 
-A detector that sees several sweeps (detection.sweeps) measures velocity itself
-(``Detections.velocity_std`` > 0): its velocities are then a second measurement of each track,
-and a new track starts from them, so that an object is moved correctly from its first scan on.
+Velocities measured from the sensor's previous sweeps (detection.scan_velocity, or a multi-sweep
+network's head; ``Detections.velocity_std`` > 0, per box or for all) are a second measurement of
+each track, with their own noise, and a new track starts from them, so that an object is moved
+correctly from its early scans on. A measurement far from a track's predicted velocity is an
+outlier and changes nothing (``velocity_gate``).
 """
 from __future__ import annotations
 
