@@ -50,7 +50,7 @@ def test_info_names_the_conventions(real, tmp_path):
     for phrase in ('metadata folder: v2.0 (detected)', 'timestamps: frame counters x 0.1 s',
                    'scene order: table order (scene_9)', 'unmapped (read as other): none',
                    'width is not the point count', 'counted from the sweeps (no agent_lidar_pts)',
-                   'T_world_ego @ T_ego_sensor ok'):
+                   'T_world_ego @ T_ego_sensor ok', 'LiDAR profiles (agent-scans): unrecorded='):
         assert phrase in r.stdout, phrase
     assert 'conventions detected: timestamps are frame counters x 0.1 s' in r.stderr   # logged once
     info = json.loads((tmp_path / 'info.json').read_text())

@@ -115,6 +115,9 @@ def test_conventions_are_detected_and_summarised(layouts):
     assert s_real['conventions']['time']['unit'] == 'frame'
     for key in ('frames', 'agents', 'points_per_scan', 'objects_near_ego', 'occluded_visible_to_collaborator'):
         assert s_own[key] == s_real[key], key
+    # the synthetic writer records each agent's LiDAR profile, the real layout does not
+    assert set(s_own['lidar_profiles']) == {'carla32'} and set(s_real['lidar_profiles']) == {'unrecorded'}
+    assert sum(s_own['lidar_profiles'].values()) == sum(s_real['lidar_profiles'].values())
 
 
 # ---------------------------------------------------------------------------- timestamps

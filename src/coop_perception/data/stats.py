@@ -20,6 +20,7 @@ def summarize(ds: V2XSimDataset) -> dict:
     COLLABORATOR_MIN_POINTS points from some other agent (the ego's own vehicle excluded).
     """
     classes: Counter = Counter()
+    profiles: Counter = Counter()   # agent-scans per LiDAR profile (None: the dataset does not say)
     points = []
     agents_seen = set()
     near = occluded = 0
@@ -30,6 +31,7 @@ def summarize(ds: V2XSimDataset) -> dict:
         agents_seen.update(sample.agents)
         for a in sample.agents.values():
             points.append(a.num_points())
+            profiles[a.lidar_profile or 'unrecorded'] += 1
         counts = sample.gt.agent_points
         if not counts:
             continue
@@ -52,6 +54,7 @@ def summarize(ds: V2XSimDataset) -> dict:
         'agents': sorted(agents_seen),
         'classes': dict(sorted(classes.items())),
         'points_per_scan': {'mean': float(pts.mean()), 'min': int(pts.min()), 'max': int(pts.max())},
+        'lidar_profiles': dict(sorted(profiles.items())),
         'objects_near_ego': near,
         'occluded_visible_to_collaborator': occluded / near if near else 0.0,
         'conventions': ds.conventions.to_dict(),
@@ -63,6 +66,7 @@ def format_summary(s: dict, conventions: list[str]) -> str:
     lines = [f"scenes: {s['scenes']}   frames: {s['frames']}   agents: {s['agents']}",
              'classes: ' + ', '.join(f'{k}={v}' for k, v in s['classes'].items()),
              'points per scan: mean {mean:.0f}, min {min}, max {max}'.format(**s['points_per_scan']),
+             'LiDAR profiles (agent-scans): ' + ', '.join(f'{k}={v}' for k, v in s['lidar_profiles'].items()),
              f"objects within {OCCLUSION_RADIUS:g} m of an ego vehicle: {s['objects_near_ego']}",
              f"  of which occluded for the ego but seen (>= {COLLABORATOR_MIN_POINTS} points) by a "
              f"collaborator: {100 * s['occluded_visible_to_collaborator']:.1f}%",
