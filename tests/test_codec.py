@@ -9,7 +9,7 @@ from coop_perception.detection.decode import Detections
 from coop_perception.detection.free_range import FREE_RANGE_BINS
 from coop_perception.fusion.codec import (MESSAGE_UNCERTAINTY_FIELDS, FeatureMessageError, cell_bytes, decode,
                                           dequantise, encode, make_message, message_dtype, message_uncertainty,
-                                          quantise)
+                                          quantise, velocity_std_from_wire, velocity_std_to_wire)
 from coop_perception.fusion.sharing import select_occupied_cells, select_roi_cells
 from coop_perception.geometry import points_in_boxes
 
@@ -61,12 +61,12 @@ def cell_centres(grid=GRID):
 
 # ------------------------------------------------------------------ layout, quantisation, round trip
 def test_wire_layout_has_one_int8_feature_field():
-    assert cell_bytes(64) == 110  # 11 float32 + int16 roi + 64 int8
+    assert cell_bytes(64) == 111  # 11 float32 + int16 roi + uint8 v_std_q + 64 int8
     fields, big = dtype_to_fields(message_dtype(64))
     assert not big
     assert [f.name for f in fields] == ['x', 'y', 'scale', 'confidence', *MESSAGE_UNCERTAINTY_FIELDS,
-                                        'vx', 'vy', 'score', 'roi', 'features']
-    assert fields[-1] == Field('features', 46, INT8, 64)
+                                        'vx', 'vy', 'score', 'roi', 'v_std_q', 'features']
+    assert fields[-1] == Field('features', 47, INT8, 64)
 
 
 def test_quantise_is_symmetric_per_cell_with_half_step_error():
@@ -87,9 +87,10 @@ def test_round_trip_is_byte_exact_and_features_within_quantisation_error():
     fields, data, step = encode(msg)
     assert step == cell_bytes(C) and len(data) == msg.num_cells * step and msg.num_cells > 20
     out = decode_(fields, data, step)
-    for name in ('cells', 'features', 'scale', 'confidence', 'uncertainty', 'velocity', 'roi', 'score'):
+    for name in ('cells', 'features', 'scale', 'confidence', 'uncertainty', 'velocity', 'roi', 'score',
+                 'velocity_std'):
         a, b = getattr(msg, name), getattr(out, name)
-        assert a.dtype == b.dtype and np.array_equal(a, b), name
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), name
     assert encode(out)[1] == data
     original = det.features[:, ((msg.cells[:, 1] + 12.8) // 0.8).astype(int),
                             ((msg.cells[:, 0] + 12.8) // 0.8).astype(int)].T
@@ -126,9 +127,27 @@ def test_empty_message_and_missing_velocity():
 
     _, msg = roi_message()
     fields, data, step = encode(msg)
-    no_v = [f for f in fields if f.name not in ('vx', 'vy')]
+    no_v = [f for f in fields if f.name not in ('vx', 'vy', 'v_std_q')]
     out = decode_(no_v, data, step)
-    assert not out.velocity.any() and np.array_equal(out.features, msg.features)
+    assert not out.velocity.any() and out.velocity_std is None and np.array_equal(out.features, msg.features)
+
+
+def test_velocity_std_rides_as_a_one_byte_log_code():
+    std = np.array([0.0, np.nan, 0.01, 0.27, 1.0, 10.0, 1e3, -1.0])
+    q = velocity_std_to_wire(std)
+    assert q.dtype == np.uint8 and q[0] == 0 and q[1] == 255 and q[-2] == 254 and q[-1] == 0
+    back = velocity_std_from_wire(q)
+    assert back[0] == 0 and np.isnan(back[1]) and back[-2] == pytest.approx(14.9, abs=0.1)
+    np.testing.assert_allclose(back[2:6], std[2:6], rtol=0.015)        # half a 2.9 % step
+    np.testing.assert_array_equal(velocity_std_to_wire(back), q)        # the code is its own fixed point
+    det = make_det(BOXES, SCORES)
+    det.velocity_std = np.array([0.3, 10.0, np.nan], np.float32)
+    msg = make_message(det, select_roi_cells(det), 1, 0)
+    fg = msg.roi >= 0
+    np.testing.assert_allclose(msg.velocity_std[fg], det.velocity_std[msg.roi[fg]], rtol=0.015)
+    assert not msg.velocity_std[~fg].any()
+    out = decode_(*encode(msg))
+    np.testing.assert_array_equal(out.velocity_std, msg.velocity_std)
 
 
 # ------------------------------------------------------------------ validation

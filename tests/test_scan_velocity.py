@@ -102,13 +102,17 @@ def test_sweep_slices_and_newest_sweeps():
 def test_tracker_takes_a_velocity_per_box_and_ignores_unmeasured_ones():
     tracker = VelocityTracker()
     boxes = np.stack([CAR, CAR + [0, 10, 0, 0, 0, 0, 0]])
-    v = tracker.update(boxes, np.array([0, 0]), np.eye(4), 0, np.array([[6.0, 0.0], [9.0, 9.0]]),
-                       np.array([0.2, 0.0]))
-    # the measured new track starts from its measurement; the unmeasured one from standing still
+    v, std = tracker.update(boxes, np.array([0, 0]), np.eye(4), 0, np.array([[6.0, 0.0], [9.0, 9.0]]),
+                            np.array([0.2, 0.0]))
+    # the measured new track starts from its measurement; the unmeasured one from standing still,
+    # with the spread of a guess
     np.testing.assert_allclose(v, [[6.0, 0.0], [0.0, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(std, [0.2, tracker.cfg.init_speed_std])
     moved = boxes + [[0.6, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0]]
-    v = tracker.update(moved, np.array([0, 0]), np.eye(4), 100_000_000, np.zeros((2, 2)), np.array([0.0, np.nan]))
+    v, std = tracker.update(moved, np.array([0, 0]), np.eye(4), 100_000_000, np.zeros((2, 2)),
+                            np.array([0.0, np.nan]))
     assert v[0, 0] == pytest.approx(6.0, abs=0.3) and np.abs(v[1]).max() < 1.0
+    assert std[0] < 1.0 and std[1] < tracker.cfg.init_speed_std
 
 
 def test_detector_config_validates_the_section():
@@ -150,8 +154,8 @@ def test_tracker_ignores_a_velocity_far_from_a_settled_track():
     for i in range(8):   # a settled track at 5 m/s along x
         tracker.update(box[None] + [[0.5 * i, 0, 0, 0, 0, 0, 0]], [0], np.eye(4), i * 100_000_000,
                        np.array([[5.0, 0.0]]), np.array([0.2]))
-    v = tracker.update(box[None] + [[4.0, 0, 0, 0, 0, 0, 0]], [0], np.eye(4), 800_000_000,
-                       np.array([[-15.0, 3.0]]), np.array([0.2]))
+    v, _ = tracker.update(box[None] + [[4.0, 0, 0, 0, 0, 0, 0]], [0], np.eye(4), 800_000_000,
+                          np.array([[-15.0, 3.0]]), np.array([0.2]))
     assert v[0, 0] == pytest.approx(5.0, abs=0.3)
 
 

@@ -219,7 +219,7 @@ def write_scene_bag(dataset, scene, out, *, storage: str = 'mcap', progress: boo
                             for k, T in sorted(static.items())])))
                 gt = sample.gt
                 ids = [instance_ids.setdefault(tok, len(instance_ids)) for tok in gt.instance_tokens]
-                objects = make_objects(gt.boxes, gt.velocities, label=np.asarray(gt.labels), id=ids)
+                objects = make_objects(gt.boxes, gt.velocities, label=np.asarray(gt.labels), id=ids, v_std=0.0)
                 header = ros_msgs.make_header(msgs, t_gt, MAP_FRAME)
                 pending.append((t_gt, GT_OBJECTS_TOPIC, POINTCLOUD2, RELIABLE_QOS,
                                 ros_msgs.objects_to_cloud(objects, header, msgs)))

@@ -26,10 +26,11 @@ OBJECT_DTYPE = np.dtype([
     ('trust', '<f4'),                                # fusion trust modulus in [0, 1]
     ('source', '<i4'),                               # agent id that produced it, -1 fused/GT
     ('id', '<i4'),                                   # track / instance id, -1 unknown
+    ('v_std', '<f4'),                                # standard deviation of vx, vy per axis (m/s), -1 unknown
 ])
 
 # What a field holds when a producer has nothing to say about it.
-DEFAULTS = {'score': 1.0, 'label': -1, 'trust': 1.0, 'source': -1, 'id': -1}
+DEFAULTS = {'score': 1.0, 'label': -1, 'trust': 1.0, 'source': -1, 'id': -1, 'v_std': -1.0}
 
 
 def make_objects(boxes: np.ndarray, velocities: np.ndarray | None = None, **columns) -> np.ndarray:

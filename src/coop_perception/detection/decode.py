@@ -60,8 +60,9 @@ class Detections:
     # (B,) float32 m: per azimuth bin the range of the nearest obstacle return of the scan
     # (detection.free_range); None where the scan was not at hand (a decoded map, an old cache)
     free_range: np.ndarray | None = None
-    # m/s: noise of ``velocities`` as measurements, one for all (DecodeConfig.velocity_std) or (N,)
-    # per box (detection.scan_velocity); 0: not measured
+    # m/s per axis, the standard deviation of ``velocities``, one for all or (N,) per box: from
+    # the detector, their noise as measurements (DecodeConfig.velocity_std, detection.scan_velocity;
+    # 0: not measured); after a sender's tracker (fusion.pipeline.Sender), the tracks'
     velocity_std: float | np.ndarray = 0.0
 
 

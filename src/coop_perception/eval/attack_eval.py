@@ -84,11 +84,13 @@ def lied_pose(T_world_sensor: np.ndarray, dx: float, dy: float, dyaw_deg: float)
 def without_rois(item):
     """An attacker's message with its objects removed (``drop``)."""
     if isinstance(item, BoxList):
-        return BoxList(item.boxes[:0], item.scores[:0], item.labels[:0], item.velocities[:0])
+        return BoxList(item.boxes[:0], item.scores[:0], item.labels[:0], item.velocities[:0],
+                       None if item.velocity_std is None else item.velocity_std[:0])
     keep = item.roi < 0
     return replace(item, cells=item.cells[keep], features=item.features[keep], scale=item.scale[keep],
                    confidence=item.confidence[keep], uncertainty=item.uncertainty[keep],
-                   velocity=item.velocity[keep], roi=item.roi[keep], score=item.score[keep])
+                   velocity=item.velocity[keep], roi=item.roi[keep], score=item.score[keep],
+                   velocity_std=None if item.velocity_std is None else item.velocity_std[keep])
 
 
 def phantom_places(det, ego_xy: np.ndarray, rng, count: int = PHANTOMS) -> np.ndarray:
@@ -128,7 +130,9 @@ def with_phantoms(item, places: np.ndarray):
         return BoxList(np.concatenate([item.boxes, boxes]),
                        np.concatenate([item.scores, np.repeat(item.scores[t], len(places))]),
                        np.concatenate([item.labels, np.repeat(item.labels[t], len(places))]),
-                       np.concatenate([item.velocities, np.zeros((len(places), 2), item.velocities.dtype)]))
+                       np.concatenate([item.velocities, np.zeros((len(places), 2), item.velocities.dtype)]),
+                       None if item.velocity_std is None
+                       else np.concatenate([item.velocity_std, np.repeat(item.velocity_std[t], len(places))]))
     fg = np.flatnonzero(item.roi >= 0)
     if len(fg) == 0:
         return item
@@ -158,6 +162,8 @@ def with_phantoms(item, places: np.ndarray):
                    confidence=cat([item.confidence, np.tile(item.confidence[cells], reps)]),
                    uncertainty=cat([item.uncertainty, np.tile(item.uncertainty[cells], (reps, 1))]),
                    velocity=cat([item.velocity, np.zeros((len(cells) * reps, 2), np.float32)]),
+                   velocity_std=None if item.velocity_std is None
+                   else cat([item.velocity_std, np.tile(item.velocity_std[cells], reps)]),
                    roi=cat([item.roi, *(p[1] for p in parts)]),
                    score=cat([item.score, np.tile(item.score[cells], reps)]))
 

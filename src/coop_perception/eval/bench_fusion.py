@@ -15,7 +15,7 @@ from ..fusion.ego_map import ego_features
 from ..fusion.pipeline import CooperativeConfig, CooperativeDetector, Sender, collaborator_message
 from ..fusion.sharing import select_occupied_cells
 
-STAGES = ('reputation', 'warp', 'fusion', 'head_decode', 'roi_boxes', 'merge', 'total')
+STAGES = ('lending', 'reputation', 'warp', 'fusion', 'head_decode', 'roi_boxes', 'merge', 'total')
 
 
 def bench_fusion(dataset, detector, cache, fusion_model, *, method: str = 'trust', ego: int = 1,
@@ -39,11 +39,12 @@ def bench_fusion(dataset, detector, cache, fusion_model, *, method: str = 'trust
             for k in sorted(sample.agents):
                 view = cache.load(sample.scene_name, f, k)
                 coop.add_pose(k, view.stamp_ns, view.T_world_sensor)
+                # every agent tracks its own detections, the ego too (as its detector node does)
+                det = senders.setdefault(k, Sender()).prepare(view.detections, view.T_world_sensor, view.stamp_ns)
                 if k == ego:
-                    _add_ego(coop, view, ego_map)
+                    _add_ego(coop, det, view.stamp_ns, ego_map)
                     ego_stamp = view.stamp_ns
                 else:
-                    det = senders.setdefault(k, Sender()).prepare(view.detections, view.T_world_sensor, view.stamp_ns)
                     coop.add_input(k, view.stamp_ns, collaborator_message(det, k, view.stamp_ns))
             out = coop.detect(ego_stamp)
             if out is None or not out.ages_s:
@@ -59,11 +60,9 @@ def bench_fusion(dataset, detector, cache, fusion_model, *, method: str = 'trust
             'method': method, 'excluded_agents': [ego], 'rsu': RSU_AGENT}
 
 
-def _add_ego(coop: CooperativeDetector, view, as_map: bool) -> None:
-    det = view.detections
+def _add_ego(coop: CooperativeDetector, det, stamp_ns: int, as_map: bool) -> None:
     if not as_map:
-        coop.add_ego_detections(view.stamp_ns, det)
+        coop.add_ego_detections(stamp_ns, det)
         return
-    msg = make_message(det, select_occupied_cells(det), coop.ego_id, view.stamp_ns)
-    coop.add_ego_map(view.stamp_ns, ego_features(msg, det.grid, msg.channels), det.sensor_height, det.free_range,
-                     msg)
+    msg = make_message(det, select_occupied_cells(det), coop.ego_id, stamp_ns)
+    coop.add_ego_map(stamp_ns, ego_features(msg, det.grid, msg.channels), det.sensor_height, det.free_range, msg)

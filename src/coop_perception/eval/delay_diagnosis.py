@@ -69,7 +69,9 @@ def true_velocities(det: Detections, sample, agent: int) -> Detections:
     vel = det.velocities.copy()
     hit = idx >= 0
     vel[hit] = rotate_vectors_2d(invert_pose(a.T_world_sensor), sample.gt.velocities[idx[hit]])
-    return replace(det, velocities=vel.astype(np.float32))
+    std = np.array(np.broadcast_to(np.asarray(det.velocity_std, np.float32), hit.shape))
+    std[hit] = 0.0    # known exactly: nothing to borrow (fusion.velocity_lending)
+    return replace(det, velocities=vel.astype(np.float32), velocity_std=std)
 
 
 class Oracle:
@@ -103,7 +105,11 @@ class Oracle:
             boxes[hit, :2] += moved[:, :2]
             boxes[hit, 6] += moved[:, 6]
         vel[hit] = 0.0
-        return replace(item, boxes=boxes, velocities=vel)
+        std = None
+        if item.velocity_std is not None:   # known exactly: nothing to borrow (fusion.velocity_lending)
+            std = np.array(item.velocity_std, np.float32)
+            std[hit] = 0.0
+        return replace(item, boxes=boxes, velocities=vel, velocity_std=std)
 
     def choose(self, out: FusedDetections, truth: np.ndarray, truth_labels: np.ndarray) -> FusedDetections:
         """Of the boxes overlapping one true object (same class), keep the best-overlapping with

@@ -151,6 +151,8 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
     method = METHODS[cfg.method]
     channel = channel_for_mean_latency(mean_ms if method.delayed else 0.0, channel_model, seed=seed)
     coop = CooperativeDetector(detector, ego, cfg, fusion_model if method.needs_fusion_model else None)
+    # the ego tracks its own detections as every sender does (its detector node does, live)
+    ego_sender = Sender()
     pending = []  # (arrival_ns, agent, stamp_ns, pose, item, frame)
     newest = {}   # for the oracle: agent -> its newest arrived entry (the input the pipeline uses)
     for f, smp in enumerate(samples):
@@ -169,7 +171,7 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
         ego_view = cache.load(scene, f, ego)
         t_e = ego_view.stamp_ns
         coop.add_pose(ego, t_e, ego_view.T_world_sensor)
-        coop.add_ego_detections(t_e, ego_view.detections,
+        coop.add_ego_detections(t_e, ego_sender.prepare(ego_view.detections, ego_view.T_world_sensor, t_e),
                                 payloads[(f, ego)][2].points if method.payload is RawPoints else None)
         arrived = [p for p in pending if p[0] <= t_e]
         pending = [p for p in pending if p[0] > t_e]

@@ -12,7 +12,7 @@ Consumer side: ``decode(fields, data, point_step, width=..., grid=..., channels=
 validates the cloud and raises :class:`FeatureMessageError` (with a countable ``reason``) for
 anything a fusion must not trust.
 
-Wire layout (little endian, packed, ``point_step = 46 + C`` bytes; 110 for C = 64):
+Wire layout (little endian, packed, ``point_step = 47 + C`` bytes; 111 for C = 64):
 
     x, y                  float32  cell centre in the sender's sensor frame (m)
     scale                 float32  dequantisation step: feature = int8 * scale
@@ -22,16 +22,21 @@ Wire layout (little endian, packed, ``point_step = 46 + C`` bytes; 110 for C = 6
     vx, vy                float32  the ROI's ground velocity along the sender's sensor axes (m/s)
     score                 float32  the ROI's detection score
     roi                   int16    index of the ROI in the sender's Detections, -1 = background
+    v_std_q               uint8    the standard deviation of vx, vy per axis (the sender tracker's),
+                                   a log code (``velocity_std_to_wire``): 0.01 * 2^((q-1)/24) m/s,
+                                   0 = exactly 0 (background), 255 = unknown
     features              int8 x C the quantised feature vector
     free_range_q          uint8 x k  optional: the sender's free-range profile (detection.free_range),
                           one byte a bin (``free_range.to_wire``); cell i carries bins i*k .. i*k+k-1,
                           k = ceil(B / M), the bytes past bin B are 0: B + (k*M - B) bytes a message
 
 Per-ROI values are repeated on every cell of the ROI because a PointCloud2 has one record type.
-They stay float32 rather than being squeezed into bespoke integer codes: they cost 28 of 110
+They stay float32 rather than being squeezed into bespoke integer codes: they cost 28 of 111
 bytes a cell, every consumer (RViz included) reads float32 fields as they are, and the variances
-span many decades, which a linear 8- or 16-bit code would not hold. ``vx``/``vy`` are optional on
-decode (the contract makes velocity optional); a message without them decodes with zero velocity.
+span many decades, which a linear 8- or 16-bit code would not hold. The velocity's standard
+deviation came later, when every byte of the budget counted: one byte of log code holds it to 3 %.
+``vx``/``vy`` and ``v_std_q`` are optional on decode (the contract makes velocity optional); a
+message without them decodes with zero velocity of unknown error.
 A message without ``free_range_q`` (or without cells) carries no profile; the receiver's fusion
 then takes no free-space testimony from that sender (fusion.reputation).
 
@@ -117,6 +122,9 @@ class FeatureMessage:
     # the sender's free-range profile (B,) float32 m as it reads after the wire's quantisation
     # (detection.free_range.from_wire); None: the sender sent none
     free_range: np.ndarray | None = None
+    # (M,) float32 standard deviation of ``velocity`` per axis (m/s) as it reads after the wire's
+    # code (velocity_std_from_wire), 0 on background cells, NaN unknown; None: the sender sent none
+    velocity_std: np.ndarray | None = None
 
     @property
     def num_cells(self) -> int:
@@ -185,21 +193,47 @@ def make_message(det: Detections, selection: CellSelection, agent_id: Hashable,
     uncertainty[fg] = message_uncertainty(det.uncertainty, det.boxes)[r]
     velocity = np.zeros((len(roi), 2), np.float32)
     velocity[fg] = det.velocities[r]
+    velocity_std = np.zeros(len(roi), np.float32)
+    velocity_std[fg] = np.broadcast_to(np.asarray(det.velocity_std, np.float32), (len(det.boxes),))[r]
     score = np.zeros(len(roi), np.float32)
     score[fg] = det.scores[r]
     free = None if det.free_range is None else from_wire(to_wire(det.free_range, det.sensor_height))
     return FeatureMessage(
         agent_id=agent_id, stamp_ns=int(stamp_ns), grid=grid, cells=cells, features=q, scale=scale,
         confidence=det.confidence[rows, cols].astype(np.float32), uncertainty=uncertainty,
-        velocity=velocity, roi=roi.astype(np.int16), score=score, free_range=free)
+        velocity=velocity, roi=roi.astype(np.int16), score=score, free_range=free,
+        velocity_std=velocity_std_from_wire(velocity_std_to_wire(velocity_std)))
+
+
+# --------------------------------------------------------------------------- velocity std code
+_V_STD_MIN = 0.01          # m/s at code 1 (code 0 means exactly 0)
+_V_STD_PER_OCTAVE = 24     # codes per doubling: 2.9 % steps
+_V_STD_UNKNOWN = 255
+
+
+def velocity_std_to_wire(std: np.ndarray) -> np.ndarray:
+    """(M,) m/s -> (M,) uint8 codes: 0 for 0 (or less), 255 for NaN, else the nearest of
+    0.01 * 2^((q - 1) / 24) m/s, q in 1..254 (0.01 to 15 m/s; beyond, 254: no better than a guess)."""
+    s = np.asarray(std, np.float64).reshape(-1)
+    q = 1 + np.rint(_V_STD_PER_OCTAVE * np.log2(np.maximum(np.nan_to_num(s, nan=1.0), _V_STD_MIN) / _V_STD_MIN))
+    q = np.where(s > 0, np.clip(q, 1, _V_STD_UNKNOWN - 1), 0)
+    return np.where(np.isnan(s), _V_STD_UNKNOWN, q).astype(np.uint8)
+
+
+def velocity_std_from_wire(q: np.ndarray) -> np.ndarray:
+    """(M,) uint8 codes -> (M,) float32 m/s (NaN for unknown)."""
+    q = np.asarray(q, np.float64).reshape(-1)
+    std = np.where(q > 0, _V_STD_MIN * np.exp2((q - 1) / _V_STD_PER_OCTAVE), 0.0)
+    return np.where(q == _V_STD_UNKNOWN, np.nan, std).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- wire format
 _FLOAT_FIELDS = ('x', 'y', 'scale', 'confidence', *MESSAGE_UNCERTAINTY_FIELDS, 'vx', 'vy', 'score')
 FREE_RANGE_Q_FIELD = 'free_range_q'
-_OPTIONAL_FIELDS = ('vx', 'vy', FREE_RANGE_Q_FIELD)
-_EXPECTED_TYPES = {**{name: FLOAT32 for name in _FLOAT_FIELDS}, 'roi': INT16, 'features': INT8,
-                   FREE_RANGE_Q_FIELD: UINT8}
+V_STD_Q_FIELD = 'v_std_q'
+_OPTIONAL_FIELDS = ('vx', 'vy', V_STD_Q_FIELD, FREE_RANGE_Q_FIELD)
+_EXPECTED_TYPES = {**{name: FLOAT32 for name in _FLOAT_FIELDS}, 'roi': INT16, V_STD_Q_FIELD: UINT8,
+                   'features': INT8, FREE_RANGE_Q_FIELD: UINT8}
 _REQUIRED_FIELDS = tuple(n for n in _EXPECTED_TYPES if n not in _OPTIONAL_FIELDS)
 
 
@@ -208,7 +242,7 @@ def message_dtype(channels: int, extra_floats: Sequence[str] = (), free_range_co
     ``free_range_count`` profile bytes (none when 0), plus ``extra_floats`` float32 fields at the
     end (which codec consumers ignore)."""
     return np.dtype([(name, '<f4') for name in _FLOAT_FIELDS]
-                    + [('roi', '<i2'), ('features', 'i1', (channels,))]
+                    + [('roi', '<i2'), (V_STD_Q_FIELD, 'u1'), ('features', 'i1', (channels,))]
                     + ([(FREE_RANGE_Q_FIELD, 'u1', (free_range_count,))] if free_range_count else [])
                     + [(name, '<f4') for name in extra_floats])
 
@@ -245,6 +279,8 @@ def encode(msg: FeatureMessage, extra_floats: dict[str, float] | None = None) ->
     rec['vx'], rec['vy'] = msg.velocity[:, 0], msg.velocity[:, 1]
     rec['score'] = msg.score
     rec['roi'] = msg.roi
+    rec[V_STD_Q_FIELD] = velocity_std_to_wire(np.full(msg.num_cells, np.nan) if msg.velocity_std is None
+                                              else msg.velocity_std)
     rec['features'] = msg.features
     fields, _, step, data = array_to_buffer(rec)
     return fields, data, step
@@ -355,7 +391,8 @@ def decode(fields: Sequence, data, point_step: int, *, width: int, grid: BevGrid
         scale=column('scale'), confidence=column('confidence'),
         uncertainty=np.stack([column(n) for n in MESSAGE_UNCERTAINTY_FIELDS], axis=1).reshape(m, 4),
         velocity=velocity.reshape(m, 2), roi=rec['roi'].astype(np.int16), score=column('score'),
-        free_range=_free_range(rec, m))
+        free_range=_free_range(rec, m),
+        velocity_std=velocity_std_from_wire(rec[V_STD_Q_FIELD]) if V_STD_Q_FIELD in dtype.names else None)
     _check_values(msg)
     return msg
 

@@ -60,9 +60,11 @@ class VelocityTracker:
 
     def update(self, boxes: np.ndarray, labels: np.ndarray, T_world_sensor: np.ndarray,
                stamp_ns: int, velocities: np.ndarray | None = None,
-               velocity_std: float | np.ndarray = 0.0) -> np.ndarray:
+               velocity_std: float | np.ndarray = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """boxes (N, 7) and labels (N,) in the sensor frame at stamp_ns -> velocities (N, 2) m/s
-        along the sensor axes (0 for an object seen for the first time, unless measured).
+        along the sensor axes (0 for an object seen for the first time, unless measured) and their
+        standard deviations (N,) m/s per axis: the track's, including the error of reporting a
+        slow track as standing still; ``init_speed_std`` for an unmeasured first sighting.
         ``velocities`` (N, 2) m/s along the sensor axes: measured velocities (a multi-sweep
         detector's, or detection.scan_velocity's), used as measurements with noise
         ``velocity_std`` (m/s; a scalar or one per box); a box whose noise is 0 or not finite has
@@ -94,9 +96,12 @@ class VelocityTracker:
         self._start(z[~hit], labels[~hit], stamp_ns, v_std[~hit])
         rows = np.empty(len(z), np.int64)
         rows[hit], rows[~hit] = t, np.arange(first, len(self._x))
-        vel_world = self._x[rows, 2:] * self._moving(rows)[:, None]
+        filtered = self._x[rows, 2:]
+        vel_world = filtered * self._moving(rows)[:, None]
         vel_world[~hit & ~measured] = 0.0  # an unmeasured new track's velocity is only its prior, 0
-        return rotate_vectors_2d(invert_pose(T_world_sensor), vel_world)
+        bias = filtered - vel_world
+        std = np.sqrt((np.trace(self._P[rows, 2:, 2:], axis1=1, axis2=2) + (bias ** 2).sum(1)) / 2)
+        return rotate_vectors_2d(invert_pose(T_world_sensor), vel_world), std
 
     def _moving(self, tracks: np.ndarray) -> np.ndarray:
         """(k,) bool: the tracks' filtered velocities are moving_gate sigmas away from 0."""

@@ -23,12 +23,14 @@ class BoxList:
     scores: np.ndarray       # (N,) in [0, 1]
     labels: np.ndarray       # (N,) int class index
     velocities: np.ndarray   # (N, 2) ground velocity along the sender's axes, m/s
+    velocity_std: np.ndarray | None = None  # (N,) its standard deviation per axis, m/s; None, < 0: unknown
 
     @classmethod
     def from_detections(cls, det: 'Detections', score_threshold: float) -> 'BoxList':
         """The boxes of ``det`` scoring at least ``score_threshold``."""
         keep = det.scores >= score_threshold
-        return cls(det.boxes[keep], det.scores[keep], det.labels[keep], det.velocities[keep])
+        std = np.broadcast_to(np.asarray(det.velocity_std, np.float32), keep.shape)
+        return cls(det.boxes[keep], det.scores[keep], det.labels[keep], det.velocities[keep], std[keep])
 
     @property
     def wire_bytes(self) -> int:

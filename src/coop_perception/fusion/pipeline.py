@@ -25,7 +25,7 @@ import torch
 from ..bev_grid import BevGrid
 from ..data.objects import make_objects
 from ..detection.decode import Detections, corner_variance, rotated_nms
-from ..geometry import bev_iou, invert_pose, transform_points
+from ..geometry import bev_iou, invert_pose, rotate_vectors_2d, transform_points
 from .align import warp_boxes, warp_to_ego
 from .codec import FeatureMessage, make_message, message_uncertainty
 from .methods import GATE, LEARNED, method_named
@@ -34,9 +34,10 @@ from .motion import VelocityTracker, VelocityTrackerConfig
 from .payloads import BoxList, RawPoints
 from .pose_buffer import NS_PER_S, BackJump, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .reputation import Reputation, ReputationConfig, consistency_evidence, make_witness
-from .roi_boxes import decode_roi_boxes
+from .roi_boxes import decode_roi_boxes, roi_peaks
 from .sharing import select_roi_cells
 from .trust import ROI_ATTRIBUTES, FlatTrust, ThresholdTrust, roi_attributes
+from .velocity_lending import LendingConfig, lend_velocities
 
 log = logging.getLogger(__name__)
 BOX_CHOICES = ('score', 'precise', 'average')
@@ -88,6 +89,9 @@ class CooperativeConfig:
     gate: dict | None = None               # ThresholdTrust settings of methods that need a gate
     # misbehaving collaborators (fusion.reputation): per-agent consistency with the ego's view
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    # a collaborator's object reported standing still borrows the velocity of the same object as
+    # another source tracks it (fusion.velocity_lending); methods with motion compensation
+    lending: LendingConfig = field(default_factory=LendingConfig)
 
     def __post_init__(self):
         method_named(self.method)
@@ -166,8 +170,9 @@ class Sender:
 
     def prepare(self, det: Detections, T_world_sensor: np.ndarray, stamp_ns: int) -> Detections:
         """Call once per scan, in capture order."""
-        vel = self.tracker.update(det.boxes, det.labels, T_world_sensor, stamp_ns, det.velocities, det.velocity_std)
-        return replace(det, velocities=vel.astype(np.float32))
+        vel, std = self.tracker.update(det.boxes, det.labels, T_world_sensor, stamp_ns, det.velocities,
+                                       det.velocity_std)
+        return replace(det, velocities=vel.astype(np.float32), velocity_std=std.astype(np.float32))
 
 
 class CooperativeDetector:
@@ -197,10 +202,11 @@ class CooperativeDetector:
         self._forget_ns = round(max(self.cfg.forget_after_s, self.cfg.max_age_s) * NS_PER_S)
         self.resets = 0        # times every buffer was emptied (reset, restart_time, a confirmed jump)
         self.forgotten = 0     # collaborators forgotten after forget_after_s of silence
+        self.velocities_lent = 0  # collaborator objects given another source's velocity (_lent)
         self.reputation = Reputation(self.cfg.reputation)
         self.reputation_on = self.cfg.reputation.on_for(self.method.name) and self.method.payload is not RawPoints
         self._scale: dict = {}   # agent -> its reputation, for the frame being fused
-        self._vet_ms = 0.0       # wall time the reputation took in the frame being fused
+        self._stage_ms: dict = {}  # wall time of lending and reputation in the frame being fused
         self._frame_roi_boxes: dict = {}  # (agent, stamp) -> RoiBoxes decoded for the frame being fused
         self._clear()
 
@@ -419,6 +425,8 @@ class CooperativeDetector:
             T_ego = None
         chosen = self._chosen(ego_stamp) if T_ego is not None else {}
         self._frame_roi_boxes = {}
+        self._stage_ms = {}
+        chosen = self._lent(det, chosen, T_ego, ego_stamp)
         chosen = self._vetted(det, chosen, T_ego, ego_stamp)
         ages = {a: (ego_stamp - s) / NS_PER_S for a, (s, _, _) in chosen.items()}
         agent_bits = source_bits((self.ego_id, *chosen))
@@ -435,7 +443,7 @@ class CooperativeDetector:
         else:
             out = self._intermediate(det, chosen, T_ego, ego_stamp, ages, bits)
         out.agent_bits = agent_bits
-        self._add_vetting_time(out)
+        self._add_stage_times(out)
         return self._without_own_vehicle(out)
 
     def _chosen(self, ego_stamp: int) -> dict:
@@ -573,13 +581,94 @@ class CooperativeDetector:
         result.timings_ms = clock.ms()
         return result
 
+    # ------------------------------------------------------------------ velocity lending
+    def _lent(self, entry, chosen: dict, T_ego, ego_stamp: int) -> dict:
+        """``chosen`` with each collaborator object reported standing still given the velocity
+        of the same object as the ego or another collaborator tracks it (fusion.velocity_lending;
+        ``velocities_lent`` counts the objects). The ego's map without its ROI fields lends nothing:
+        decoding all of it for this would cost as much as the fusion."""
+        if not (self.cfg.lending.enabled and self.method.motion_compensation and chosen):
+            return chosen
+        start = time.perf_counter()
+        try:
+            return self._lend(entry, chosen, T_ego, ego_stamp)
+        finally:
+            self._stage_ms['lending'] = (time.perf_counter() - start) * 1e3
+
+    def _lend(self, entry, chosen: dict, T_ego, ego_stamp: int) -> dict:
+        agents = list(chosen)
+        views = [self._lending_view(entry, T_ego, ego_stamp)] + [
+            self._lending_view(item, T_ego, ego_stamp, agent, stamp, pose, entry.sensor_height)
+            for agent, (stamp, item, pose) in chosen.items()]
+        count = [len(v[0]) for v in views]
+        source = np.repeat(np.arange(len(views)), count)
+        ages = np.repeat([0.0] + [(ego_stamp - chosen[a][0]) / NS_PER_S for a in agents], count)
+        boxes, scores, labels, velocities, std = (np.concatenate(parts) for parts in zip(*views))
+        donor = lend_velocities(boxes[:, :2], velocities, std, labels, scores, ages, source, source > 0,
+                                self.cfg.lending)
+        out = dict(chosen)
+        starts = np.cumsum(count)[:-1]
+        for i, agent in enumerate(agents):
+            rows = donor[starts[i]:starts[i] + count[i + 1]]
+            lent = rows >= 0
+            if lent.any():
+                stamp, item, pose = chosen[agent]
+                out[agent] = (stamp, self._with_lent(agent, stamp, item, pose, T_ego, lent, velocities[rows[lent]],
+                                                     std[rows[lent]], ages[starts[i]]), pose)
+                self.velocities_lent += int(lent.sum())
+        return out
+
+    def _lending_view(self, item, T_ego, ego_stamp: int, agent=None, stamp: int | None = None, pose=None,
+                      sensor_height: float = 0.0) -> tuple:
+        """One source's objects at the ego stamp in the ego frame: boxes (n, 7), scores (n,),
+        labels (n,), velocities (n, 2) m/s and their standard deviations (n,) (NaN unknown). The
+        ego's (``agent`` None) from its entry; an ego map without its ROI fields gives none, as
+        decoding all of it would cost as much as the fusion."""
+        if agent is None:
+            if isinstance(item, _EgoMap) and item.message is None:
+                return np.zeros((0, 7)), np.zeros(0), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0)
+            o = self._own_boxes(item, T_ego, ego_stamp)
+        elif isinstance(item, FeatureMessage):
+            o = self._roi_boxes(agent, stamp, item, pose, T_ego, ego_stamp, sensor_height)
+        else:
+            boxes, vel = warp_boxes(item.boxes, item.velocities, pose, T_ego, stamp, ego_stamp)
+            o = replace(item, boxes=boxes, velocities=vel)
+        n = len(o.boxes)
+        std = np.full(n, np.nan) if o.velocity_std is None else np.broadcast_to(np.asarray(o.velocity_std), n)
+        return (np.asarray(o.boxes, np.float64).reshape(-1, 7), np.asarray(o.scores, np.float64),
+                np.asarray(o.labels, np.int64), np.asarray(o.velocities, np.float64).reshape(-1, 2),
+                np.where(std >= 0, std, np.nan))   # an object list's -1: unknown
+
+    def _with_lent(self, agent, stamp: int, item, pose, T_ego, lent: np.ndarray, velocity: np.ndarray,
+                   velocity_std: np.ndarray, age_s: float):
+        """A collaborator input whose objects ``lent`` (n,) bool take ``velocity`` (k, 2) m/s (ego
+        axes) with ``velocity_std`` (k,); a feature message's ROI boxes of this frame move with them."""
+        v_sender = rotate_vectors_2d(invert_pose(pose) @ T_ego, velocity).astype(np.float32)
+        if isinstance(item, BoxList):
+            v, std = item.velocities.copy(), np.asarray(item.velocity_std, np.float32).copy()
+            v[lent], std[lent] = v_sender, velocity_std
+            return replace(item, velocities=v, velocity_std=std)
+        rb = self._frame_roi_boxes[(agent, stamp)]
+        cell_velocity, cell_std = item.velocity.copy(), item.velocity_std.copy()
+        for roi_id, v, sd in zip(item.roi[roi_peaks(item)][lent], v_sender, velocity_std):
+            cell_velocity[item.roi == roi_id] = v
+            cell_std[item.roi == roi_id] = sd
+        boxes, vel, std = rb.boxes.copy(), rb.velocities.copy(), rb.velocity_std.copy()
+        attributes = rb.attributes.copy()
+        shift = max(age_s, 0.0)
+        boxes[lent, :2] += velocity * shift
+        vel[lent], std[lent] = velocity, velocity_std
+        attributes[lent, ROI_ATTRIBUTES.index('displacement')] = np.hypot(*velocity.T) * shift
+        self._frame_roi_boxes[(agent, stamp)] = replace(rb, boxes=boxes, velocities=vel, attributes=attributes,
+                                                        velocity_std=std)
+        return replace(item, velocity=cell_velocity, velocity_std=cell_std)
+
     # ------------------------------------------------------------------ reputation
     def _vetted(self, entry, chosen: dict, T_ego, ego_stamp: int) -> dict:
         """Judge every chosen collaborator's new input against the ego's view (fusion.reputation)
         and return ``chosen`` without the agents whose reputation is below the threshold
         (drops['low_reputation']); the others' reputations scale their trust in this frame."""
         self._scale = {}
-        self._vet_ms = 0.0
         if not (self.reputation_on and chosen):
             return chosen
         start = time.perf_counter()
@@ -608,14 +697,15 @@ class CooperativeDetector:
             else:
                 kept[agent] = picked
                 self._scale[agent] = self.reputation.value(agent)
-        self._vet_ms = (time.perf_counter() - start) * 1e3
+        self._stage_ms['reputation'] = (time.perf_counter() - start) * 1e3
         return kept
 
-    def _add_vetting_time(self, out: FusedDetections) -> None:
-        """The reputation's share of the frame in ``out.timings_ms`` ('reputation', in 'total')."""
-        if self._vet_ms and out.timings_ms:
-            out.timings_ms = {'reputation': self._vet_ms, **out.timings_ms,
-                              'total': out.timings_ms.get('total', 0.0) + self._vet_ms}
+    def _add_stage_times(self, out: FusedDetections) -> None:
+        """The lending's and the reputation's shares of the frame in ``out.timings_ms`` (also in
+        'total')."""
+        if self._stage_ms and out.timings_ms:
+            out.timings_ms = {**self._stage_ms, **out.timings_ms,
+                              'total': out.timings_ms.get('total', 0.0) + sum(self._stage_ms.values())}
 
     def _own_boxes(self, entry, T_ego, ego_stamp: int):
         """The ego's boxes of a frame (boxes, scores, labels): an ego map's from the head at its ROI

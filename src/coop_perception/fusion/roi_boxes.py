@@ -36,6 +36,7 @@ class RoiBoxes:
     labels: np.ndarray       # (N,) int64
     velocities: np.ndarray   # (N, 2) m/s, ego axes (the ROI's tracked velocity)
     attributes: np.ndarray   # (N, 8) float32, columns trust.ROI_ATTRIBUTES of the box's ROI
+    velocity_std: np.ndarray  # (N,) m/s per axis, the sender's; NaN where it sent none
 
 
 def roi_peaks(msg: FeatureMessage) -> np.ndarray:
@@ -85,4 +86,7 @@ def decode_roi_boxes(head, msg: FeatureMessage, T_world_sender: np.ndarray, T_wo
     age_s = (int(ego_stamp_ns) - int(msg.stamp_ns)) / NS_PER_S
     attributes = roi_attributes(msg.score[peaks], msg.uncertainty[peaks], age_s,
                                 np.hypot(msg.velocity[peaks, 0], msg.velocity[peaks, 1]), range_m)
-    return RoiBoxes(boxes, scores.numpy().astype(np.float32), labels.numpy().astype(np.int64), vel, attributes)
+    v_std = (np.full(len(peaks), np.nan, np.float32) if msg.velocity_std is None
+             else msg.velocity_std[peaks].astype(np.float32))
+    return RoiBoxes(boxes, scores.numpy().astype(np.float32), labels.numpy().astype(np.int64), vel, attributes,
+                    v_std)

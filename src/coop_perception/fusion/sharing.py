@@ -23,7 +23,7 @@ ROI_SCORE_THRESHOLD = 0.3
 ROI_MAX = 32
 ROI_MARGIN_M = 0.4            # half a 0.8 m cell: the cells the box edge cuts through come along
 ROI_MIN_CONFIDENCE = 0.1
-# Data bytes: 20 000 minus ~500 for the PointCloud2 header and the 13 field descriptors.
+# Data bytes: 20 000 minus ~500 for the PointCloud2 header and its field descriptors.
 ROI_MAX_BYTES = 19_500
 
 

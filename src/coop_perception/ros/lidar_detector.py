@@ -169,7 +169,8 @@ class LidarDetectorNode(Node):
         fields, data, step = codec.encode(collaborator_message(det, self.agent, stamp, self.roi_policy))
         self.feature_bytes.add(len(data))
         self.pub_features.publish(cv.buffer_to_cloud(fields, data, step, header, self.msgs))
-        objects = make_objects(det.boxes, det.velocities, score=det.scores, label=det.labels, source=self.agent)
+        objects = make_objects(det.boxes, det.velocities, score=det.scores, label=det.labels, source=self.agent,
+                               v_std=det.velocity_std)
         objects = objects[cv.publishable(objects, self.extent, self.dropped_boxes)]
         self.pub_objects.publish(ros_msgs.objects_to_cloud(objects, header, self.msgs))
         shown = objects[objects['score'] >= self.display_threshold]

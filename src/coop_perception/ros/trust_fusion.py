@@ -54,6 +54,7 @@ from coop_perception.fusion.model import load_method_models
 from coop_perception.fusion.pipeline import BOX_CHOICES, CooperativeConfig, CooperativeDetector
 from coop_perception.fusion.pose_buffer import PoseBufferConfig, PoseLookupError
 from coop_perception.fusion.reputation import ReputationConfig
+from coop_perception.fusion.velocity_lending import LendingConfig
 from coop_perception.ros import convert as cv
 from coop_perception.ros import topics
 from coop_perception.ros.node import (LATEST_QOS, ODOM_QOS, RELIABLE_QOS, InputGuard, Param, Window, agent_id,
@@ -68,6 +69,7 @@ NS_PER_S = 1_000_000_000
 COOPERATIVE_RANGE_GRIDS = 1.0
 _DEFAULTS = CooperativeConfig()
 _REPUTATION = ReputationConfig()
+_LENDING = LendingConfig()
 REPUTATION_MODES = ('auto', 'on', 'off')
 
 PARAMS = (
@@ -88,6 +90,15 @@ PARAMS = (
                                                 'more than this BEV IoU are averaged', (0.0, 1.0)),
     Param('velocity_std', _DEFAULTS.velocity_std, 'how fast (m/s) a moved box\'s position error grows with its age, '
                                                   'for the merge', (0.0, 100.0)),
+    Param('lend_velocities', _LENDING.enabled, "a collaborator's object whose sender does not know its velocity "
+          'takes the velocity of the same object as the ego or another collaborator tracks it'),
+    Param('lend_gate_m', _LENDING.gate_m, "velocity lending: the donor, run back to the borrower's stamp along its "
+          'velocity, lies this close to where the borrower was seen (m)', (0.01, 100.0)),
+    Param('lend_borrow_std', _LENDING.borrow_std, 'velocity lending: a sender this unsure of a velocity (standard '
+          'deviation per axis, m/s) does not know it', (0.01, 100.0)),
+    Param('lend_donor_std', _LENDING.lend_std, 'velocity lending: only tracks at most this unsure of their '
+          'velocity lend it (m/s)', (0.01, 100.0)),
+    Param('lend_min_speed', _LENDING.min_speed, 'velocity lending: slower donors lend nothing (m/s)', (0.01, 100.0)),
     Param('own_footprint_m', list(_DEFAULTS.own_footprint_m), "length and width (m) of the ego vehicle around "
           "its sensor: fused boxes centred inside are the ego itself as collaborators see it and are dropped; "
           "[]: keep them", (0.0, 100.0)),
@@ -183,7 +194,7 @@ class TrustFusionNode(Node):
                               own_footprint_m=tuple(p['own_footprint_m']) or None,
                               forget_after_s=p['forget_after_s'], max_agents=p['max_agents'],
                               time_jump_back_s=p['time_jump_back_s'], time_jump_confirm=p['time_jump_confirm'],
-                              reputation=_reputation_config(p)),
+                              reputation=_reputation_config(p), lending=_lending_config(p)),
             fusion, PoseBufferConfig(time_jump_back_s=p['time_jump_back_s'], jump_confirm=p['time_jump_confirm']))
         self.max_agents, self.forget_s = p['max_agents'], max(p['forget_after_s'], p['max_age_s'])
         self.grid = self.detector.grid()
@@ -471,6 +482,7 @@ class TrustFusionNode(Node):
     def status(self) -> dict:
         return {'ego': self.ego, 'method': self.method, 'frames': self.frames, 'fused': self.fused,
                 'resets': self.coop.resets, 'forgotten_agents': self.coop.forgotten,
+                'velocities_lent': self.coop.velocities_lent,
                 'newest_ego_stamp_ns': self.newest_ego_ns,
                 'latency_ms': self.latency_ms.summary(), 'processing_ms': self.processing_ms.summary(),
                 'rejected': dict(self.guard.counts), 'pipeline_drops': dict(self.coop.drops),
@@ -485,6 +497,14 @@ def _reputation_config(p: dict) -> ReputationConfig:
     return ReputationConfig(enabled=enabled, exclude_below=p['reputation_exclude_below'],
                             evidence_to_exclude=p['reputation_evidence_to_exclude'],
                             check_range_m=p['reputation_check_range_m'], decay_s=p['reputation_decay_s'])
+
+
+def _lending_config(p: dict) -> LendingConfig:
+    try:
+        return LendingConfig(enabled=p['lend_velocities'], gate_m=p['lend_gate_m'], borrow_std=p['lend_borrow_std'],
+                             lend_std=p['lend_donor_std'], min_speed=p['lend_min_speed'])
+    except ValueError as err:
+        raise UserError(f'{NODE_NAME}:lend_*', str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
