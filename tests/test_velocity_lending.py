@@ -115,3 +115,55 @@ def test_late_fusion_moves_a_first_sighting_with_the_egos_track(enabled):
     else:
         assert coop.velocities_lent == 0 and len(out.boxes) == 2       # the collaborator's left behind
         assert np.hypot(*(out.boxes[:, :2] - [20.0, 4.0]).T).min() < 1e-6
+
+
+def test_a_feature_messages_roi_box_and_cells_move_with_a_lent_velocity():
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    from coop_perception.detection.config import load_config, with_overrides
+    from coop_perception.detection.model import Detector
+    from coop_perception.fusion.model import FusionModel
+    from coop_perception.fusion.pipeline import CooperativeConfig, CooperativeDetector, collaborator_message
+    from coop_perception.fusion.roi_boxes import decode_roi_boxes
+    from coop_perception.geometry import make_pose
+
+    ms = 1_000_000
+    torch.manual_seed(0)
+    cfg = load_config(Path(__file__).parents[1] / 'models' / 'detector.yaml')
+    detector = Detector(with_overrides(cfg, decode={'score_threshold': 0.02, 'mc_passes': 0})).eval()
+    rng = np.random.default_rng(0)
+    r, a = rng.uniform(3, 45, 8000), rng.uniform(-np.pi, np.pi, 8000)
+    ground = np.stack([r * np.cos(a), r * np.sin(a), np.full(8000, -1.8), np.zeros(8000)], 1)
+    car = np.concatenate([rng.uniform([3, -1, -1.6], [7.5, 1, -0.2], (600, 3)), np.zeros((600, 1))], 1)
+    seen = detector.detect(np.concatenate([ground, car]).astype(np.float32))
+    # the collaborator knows none of its velocities (first sightings)
+    seen = replace(seen, velocities=np.zeros_like(seen.velocities),
+                   velocity_std=np.full(len(seen.boxes), 10.0, np.float32))
+    msg = collaborator_message(seen, 2, 100 * ms, {'score_threshold': 0.02})
+    T_ego, T_2 = make_pose([0.0, 0.0, 1.8]), make_pose([5.0, 0.0, 1.8], yaw=0.1)
+    before = decode_roi_boxes(detector.head, msg, T_2, T_ego, 400 * ms, 1.8)
+    k = int(np.argmax(before.scores))
+    v = np.array([8.0, 2.0])
+    # the ego tracks the same object, now 0.3 s further along its velocity
+    ego = detector.detect(ground.astype(np.float32))
+    donor = before.boxes[k:k + 1].copy()
+    donor[:, :2] += v * 0.3
+    ego = replace(ego, boxes=donor, scores=np.array([0.9], np.float32), labels=before.labels[k:k + 1],
+                  velocities=v[None].astype(np.float32), uncertainty=np.full((1, 6), 0.01, np.float32),
+                  velocity_std=np.array([0.3], np.float32))
+    coop = CooperativeDetector(detector, 1, CooperativeConfig(method='trust_flat',
+                                                              lending=LendingConfig(min_score=0.0)),
+                               FusionModel(cfg.model.feature_channels))
+    coop.add_pose(1, 400 * ms, T_ego)
+    coop.add_ego_detections(400 * ms, ego)
+    coop.add_pose(2, 100 * ms, T_2)
+    coop.add_input(2, 100 * ms, msg)
+    assert coop.detect(400 * ms) is not None
+    after = coop._frame_roi_boxes[(2, 100 * ms)]
+    assert coop.velocities_lent >= 1
+    np.testing.assert_allclose(after.boxes[k, :2], donor[0, :2], atol=1e-4)
+    np.testing.assert_allclose(after.velocities[k], v, atol=1e-4)
+    assert after.velocity_std[k] == pytest.approx(0.3)
