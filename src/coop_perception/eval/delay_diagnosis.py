@@ -38,6 +38,9 @@ from .ap import HEADLINE_CLASS, APAccumulator
 from .fusion_eval import _run_ego, _scene_payloads, _Tally, scene_samples
 
 MATCH_GATE_M = 2.0     # a detection within this of a true object's centre (same class) is that object
+# m/s: the standard deviation given to a velocity the oracles set from ground truth: known, so that
+# nothing borrows or overrides it (fusion.velocity_lending; 0 would mean "not measured")
+KNOWN_VELOCITY_STD = 0.01
 
 
 def _truth_in_sensor_frame(sample, agent: int, stamp_us: int) -> np.ndarray:
@@ -70,7 +73,7 @@ def true_velocities(det: Detections, sample, agent: int) -> Detections:
     hit = idx >= 0
     vel[hit] = rotate_vectors_2d(invert_pose(a.T_world_sensor), sample.gt.velocities[idx[hit]])
     std = np.array(np.broadcast_to(np.asarray(det.velocity_std, np.float32), hit.shape))
-    std[hit] = 0.0    # known exactly: nothing to borrow (fusion.velocity_lending)
+    std[hit] = KNOWN_VELOCITY_STD
     return replace(det, velocities=vel.astype(np.float32), velocity_std=std)
 
 
@@ -106,9 +109,9 @@ class Oracle:
             boxes[hit, 6] += moved[:, 6]
         vel[hit] = 0.0
         std = None
-        if item.velocity_std is not None:   # known exactly: nothing to borrow (fusion.velocity_lending)
+        if item.velocity_std is not None:
             std = np.array(item.velocity_std, np.float32)
-            std[hit] = 0.0
+            std[hit] = KNOWN_VELOCITY_STD
         return replace(item, boxes=boxes, velocities=vel, velocity_std=std)
 
     def choose(self, out: FusedDetections, truth: np.ndarray, truth_labels: np.ndarray) -> FusedDetections:

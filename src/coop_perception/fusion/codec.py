@@ -24,7 +24,8 @@ Wire layout (little endian, packed, ``point_step = 47 + C`` bytes; 111 for C = 6
     roi                   int16    index of the ROI in the sender's Detections, -1 = background
     v_std_q               uint8    the standard deviation of vx, vy per axis (the sender tracker's),
                                    a log code (``velocity_std_to_wire``): 0.01 * 2^((q-1)/24) m/s,
-                                   0 = exactly 0 (background), 255 = unknown
+                                   0 = none (background; a detector's unmeasured velocity),
+                                   255 = unknown
     features              int8 x C the quantised feature vector
     free_range_q          uint8 x k  optional: the sender's free-range profile (detection.free_range),
                           one byte a bin (``free_range.to_wire``); cell i carries bins i*k .. i*k+k-1,

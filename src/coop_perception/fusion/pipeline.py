@@ -89,8 +89,8 @@ class CooperativeConfig:
     gate: dict | None = None               # ThresholdTrust settings of methods that need a gate
     # misbehaving collaborators (fusion.reputation): per-agent consistency with the ego's view
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
-    # a collaborator's object reported standing still borrows the velocity of the same object as
-    # another source tracks it (fusion.velocity_lending); methods with motion compensation
+    # a collaborator's object whose sender does not know its velocity borrows the velocity of the
+    # same object as another source tracks it (fusion.velocity_lending); methods with motion compensation
     lending: LendingConfig = field(default_factory=LendingConfig)
 
     def __post_init__(self):
@@ -583,10 +583,9 @@ class CooperativeDetector:
 
     # ------------------------------------------------------------------ velocity lending
     def _lent(self, entry, chosen: dict, T_ego, ego_stamp: int) -> dict:
-        """``chosen`` with each collaborator object reported standing still given the velocity
-        of the same object as the ego or another collaborator tracks it (fusion.velocity_lending;
-        ``velocities_lent`` counts the objects). The ego's map without its ROI fields lends nothing:
-        decoding all of it for this would cost as much as the fusion."""
+        """``chosen`` with each collaborator object whose sender does not know its velocity given
+        the velocity of the same object as the ego or another collaborator tracks it
+        (fusion.velocity_lending; ``velocities_lent`` counts the objects)."""
         if not (self.cfg.lending.enabled and self.method.motion_compensation and chosen):
             return chosen
         start = time.perf_counter()
@@ -621,9 +620,10 @@ class CooperativeDetector:
     def _lending_view(self, item, T_ego, ego_stamp: int, agent=None, stamp: int | None = None, pose=None,
                       sensor_height: float = 0.0) -> tuple:
         """One source's objects at the ego stamp in the ego frame: boxes (n, 7), scores (n,),
-        labels (n,), velocities (n, 2) m/s and their standard deviations (n,) (NaN unknown). The
-        ego's (``agent`` None) from its entry; an ego map without its ROI fields gives none, as
-        decoding all of it would cost as much as the fusion."""
+        labels (n,), velocities (n, 2) m/s and their standard deviations (n,) (NaN unknown: none
+        sent, 0 from a detector that did not measure it, an object list's -1). The ego's
+        (``agent`` None) from its entry; an ego map without its ROI fields gives none, as decoding
+        all of it would cost as much as the fusion."""
         if agent is None:
             if isinstance(item, _EgoMap) and item.message is None:
                 return np.zeros((0, 7)), np.zeros(0), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0)
@@ -637,7 +637,7 @@ class CooperativeDetector:
         std = np.full(n, np.nan) if o.velocity_std is None else np.broadcast_to(np.asarray(o.velocity_std), n)
         return (np.asarray(o.boxes, np.float64).reshape(-1, 7), np.asarray(o.scores, np.float64),
                 np.asarray(o.labels, np.int64), np.asarray(o.velocities, np.float64).reshape(-1, 2),
-                np.where(std >= 0, std, np.nan))   # an object list's -1: unknown
+                np.where(std > 0, std, np.nan))
 
     def _with_lent(self, agent, stamp: int, item, pose, T_ego, lent: np.ndarray, velocity: np.ndarray,
                    velocity_std: np.ndarray, age_s: float):
