@@ -15,6 +15,7 @@ from coop_perception.data import ros_msgs  # noqa: E402
 from coop_perception.data.bag import BagReader  # noqa: E402
 from coop_perception.ros.demo import DemoSettings, LiveRunSettings, format_report, run_demo  # noqa: E402
 from coop_perception.ros.env import use_local_discovery  # noqa: E402
+from coop_perception.ros.per_vehicle import find_recording  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +67,11 @@ def test_demo_replays_records_scores_and_draws(tmp_path):
     with BagReader(out / 'record') as bag:
         assert bag.topics['/coop/objects'].count == live['fused']['frames_with_output'], report
         assert bag.topics[f'/agent{EGO}/coop/objects'].count >= 1 and bag.topics['/coop/status'].count >= 1
+        # what the channel delivered to the ego's fusion, for `demo --per-vehicle`: a pose with every message
+        delivered = bag.topics[f'/agent{EGO}/v2x/features'].count
+        assert delivered >= 1 and bag.topics[f'/agent{EGO}/v2x/odom'].count >= delivered
         objects = [ros_msgs.cloud_to_objects(msg) for _, _, msg in bag.messages(['/coop/objects'])]
         frames = {msg.header.frame_id for _, _, msg in bag.messages(['/coop/objects'])}
     assert frames == {f'agent{EGO}/lidar'} and all(o.dtype.names for o in objects)
+    # `demo --per-vehicle` with the same settings takes the delivered traffic from this recording
+    assert find_recording(settings, saved['settings']['parameters'], out / 'bag') == out / 'record'

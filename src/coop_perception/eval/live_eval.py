@@ -8,7 +8,8 @@ End-to-end latency is taken from the recording: the recorder logs each message a
 of receipt, so log time minus header stamp is scan capture -> output delivered, in ROS time.
 (A node's own clock reading is no substitute under sim time: its /clock subscription waits in the
 same executor as the callback that does the work, so the clock it reads at publication is the one
-from before the work began.)
+from before the work began.) A recording logged at wall-clock time instead (``ros.per_vehicle``'s
+real-time run) is mapped to bag time with ``WallToBag``.
 """
 from __future__ import annotations
 
@@ -37,24 +38,42 @@ class ReplayFrame:
     ego_only_latency_ms: float | None
 
 
-def _objects_by_stamp(bag: BagReader, topic: str) -> dict[int, tuple[float, np.ndarray]]:
-    """header stamp (ns) -> (log time - stamp in ms, object records) of every message on ``topic``."""
+@dataclass(frozen=True)
+class WallToBag:
+    """Wall-clock time during a replay -> the bag time played at that moment. The player publishes
+    the message logged at bag time ``t`` at wall time ``wall_start_ns + (t - bag_start_ns) / rate``
+    (``ros.bag_player``), so a wall time ``w`` is bag time ``bag_start_ns + (w - wall_start_ns) *
+    rate``: at rate 1 a wall-time interval is the same bag-time interval, at rate 0.1 a tenth."""
+    wall_start_ns: int      # wall time (time.time) at which the player's schedule started
+    bag_start_ns: int       # the first log time of the played bag
+    rate: float             # bag time per wall time
+
+    def __call__(self, wall_ns: int) -> int:
+        return self.bag_start_ns + round((wall_ns - self.wall_start_ns) * self.rate)
+
+
+def _objects_by_stamp(bag: BagReader, topic: str, log_to_bag=None) -> dict[int, tuple[float, np.ndarray]]:
+    """header stamp (ns) -> (bag time of receipt - stamp in ms, object records) of every message on
+    ``topic``; ``log_to_bag`` maps a log time to bag time (default: the log time is bag time)."""
     if topic not in bag.topics:
         return {}
     out = {}
     for _, t_ns, msg in bag.messages([topic]):
         stamp = ros_msgs.stamp_ns(msg.header.stamp)
-        out[stamp] = ((t_ns - stamp) * 1e-6, ros_msgs.cloud_to_objects(msg).copy())
+        received = t_ns if log_to_bag is None else log_to_bag(t_ns)
+        out[stamp] = ((received - stamp) * 1e-6, ros_msgs.cloud_to_objects(msg).copy())
     return out
 
 
-def replay_frames(record, dataset, scene: int, ego: int, fused_topic: str, ego_topic: str) -> tuple[list, int]:
+def replay_frames(record, dataset, scene: int, ego: int, fused_topic: str, ego_topic: str,
+                  log_to_bag=None) -> tuple[list, int]:
     """The ego frames of ``scene`` with what the recorded bag ``record`` holds for them on
     ``fused_topic`` and ``ego_topic``. -> (frames in capture order, outputs whose stamp is no ego
-    capture stamp of the scene)."""
+    capture stamp of the scene). ``log_to_bag`` maps the recording's log times to bag time (e.g.
+    ``WallToBag``); by default they are the recorder's ROS time, i.e. bag time already."""
     with BagReader(record) as bag:
-        fused = _objects_by_stamp(bag, fused_topic)
-        local = _objects_by_stamp(bag, ego_topic)
+        fused = _objects_by_stamp(bag, fused_topic, log_to_bag)
+        local = _objects_by_stamp(bag, ego_topic, log_to_bag)
     frames = []
     for f in range(dataset.num_frames(scene)):
         sample = dataset.sample(scene, f)

@@ -207,7 +207,7 @@ def make_message(det: Detections, selection: CellSelection, agent_id: Hashable,
 
 
 # --------------------------------------------------------------------------- velocity std code
-_V_STD_MIN = 0.01          # m/s at code 1 (code 0 means exactly 0)
+_V_STD_MIN = 0.01          # m/s at code 1 (code 0: none)
 _V_STD_PER_OCTAVE = 24     # codes per doubling: 2.9 % steps
 _V_STD_UNKNOWN = 255
 

@@ -33,6 +33,7 @@ from coop_perception.ros.env import FASTDDS_PROFILES_ENV, use_large_shm_segment
 NODE_NAME = 'bag_player'
 # How long to let reliable subscribers acknowledge the last messages before exiting.
 ACK_TIMEOUT_S = 2.0
+CLOCK_HZ = 100.0        # /clock between messages, Hz of wall time
 
 
 def _wait_topic(text: str) -> tuple[str, int]:
@@ -54,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='start this far into the bag; latched topics still get their last earlier message')
     p.add_argument('--loop', action='store_true', help='start over at the end, until interrupted')
     p.add_argument('--topics', nargs='+', metavar='TOPIC', help='play only these topics')
-    p.add_argument('--clock-hz', type=non_negative(float), default=100.0,
-                   help='/clock rate between messages; 0 disables /clock (default 100)')
+    p.add_argument('--clock-hz', type=non_negative(float), default=CLOCK_HZ,
+                   help=f'/clock rate between messages; 0 disables /clock (default {CLOCK_HZ:g})')
     p.add_argument('--delay', type=non_negative(float), default=0.0, metavar='SECONDS',
                    help='wait before the first message, after discovery')
     p.add_argument('--wait-for-subscribers', type=non_negative(float), default=0.0, metavar='SECONDS',
@@ -98,7 +99,7 @@ class BagPlayer:
     """Publishes the messages of one open bag on an rclpy node; see the module doc."""
 
     def __init__(self, node, bag: BagReader, topics: list[str], *, rate: float = 1.0,
-                 start_offset_s: float = 0.0, clock_hz: float = 100.0, reliable: bool = False):
+                 start_offset_s: float = 0.0, clock_hz: float = CLOCK_HZ, reliable: bool = False):
         from rclpy.qos import DurabilityPolicy, ReliabilityPolicy
 
         from coop_perception.ros import convert as cv

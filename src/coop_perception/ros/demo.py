@@ -9,7 +9,9 @@
 5. evaluate the same scene, ego, method and channel offline (``eval fusion``'s code path);
 6. draw the replay: OUT/bev.png (one frame) and OUT/replay.gif (every frame).
 
-Everything also goes to OUT/demo.json.
+Everything also goes to OUT/demo.json. The live run also records what the ego's fusion receives
+through the V2X channel, from which ``--per-vehicle`` (``ros.per_vehicle``) replays the ego's own
+pipeline alone at real time.
 """
 from __future__ import annotations
 
@@ -58,8 +60,8 @@ class DemoSettings:
     parameters: dict = field(default_factory=dict)
 
 
-def _step(i: int, text: str) -> None:
-    print(f'[{i}/{STEPS}] {text}', flush=True)
+def step(i: int, text: str, steps: int = STEPS) -> None:
+    print(f'[{i}/{steps}] {text}', flush=True)
 
 
 def write_parameters(path: Path, s: DemoSettings) -> dict:
@@ -77,12 +79,13 @@ def write_parameters(path: Path, s: DemoSettings) -> dict:
     return params
 
 
-def _scene(s: DemoSettings, progress: bool) -> V2XSimDataset:
+def prepare_scene(s: DemoSettings, progress: bool, steps: int = STEPS) -> V2XSimDataset:
     data = s.out / 'data'
     if (data / DEFAULT_VERSION / 'scene.json').exists():
-        _step(1, f'reusing the scene in {data}')
+        step(1, f'reusing the scene in {data}', steps)
     else:
-        _step(1, f'generating a {s.live.agents}-agent, {s.frames}-frame synthetic scene (seed {s.seed}) in {data}')
+        step(1, f'generating a {s.live.agents}-agent, {s.frames}-frame synthetic scene (seed {s.seed}) in {data}',
+              steps)
         generate(data, 1, ScenarioConfig(seed=s.seed, vehicles=s.live.agents - 1, frames=s.frames), DEFAULT_VERSION,
                  progress=progress)
     ds = V2XSimDataset(data)
@@ -92,13 +95,13 @@ def _scene(s: DemoSettings, progress: bool) -> V2XSimDataset:
     return ds
 
 
-def _bag(s: DemoSettings, ds, progress: bool) -> Path:
+def prepare_bag(s: DemoSettings, ds, progress: bool, steps: int = STEPS) -> Path:
     bag = s.out / 'bag'
     if (bag / 'metadata.yaml').exists():
         BagReader(bag).close()  # a damaged bag fails here, in one line, not in the player of the live run
-        _step(2, f'reusing the bag {bag}')
+        step(2, f'reusing the bag {bag}', steps)
     else:
-        _step(2, f'writing the rosbag2 bag {bag}')
+        step(2, f'writing the rosbag2 bag {bag}', steps)
         write_scene_bag(ds, SCENE, bag, progress=progress)
     return bag
 
@@ -165,35 +168,40 @@ def _difference(a, b):
     return None if a is None or b is None else a - b
 
 
+def check_ego(s: DemoSettings) -> None:
+    ego = s.live.ego
+    if ego == RSU_AGENT or not 0 <= ego < s.live.agents:
+        raise UserError(f'--ego {ego}', f'must be a vehicle, one of 1..{s.live.agents - 1}')
+
+
 def run_demo(s: DemoSettings, *, env: dict | None = None, progress: bool = True) -> dict:
     """Run every step (module doc) into ``s.out``; returns what OUT/demo.json holds."""
     from coop_perception.eval.bev_plot import animate_ego_views, plot_ego_view
 
     t0 = time.monotonic()
     ego = s.live.ego
-    if ego == RSU_AGENT or not 0 <= ego < s.live.agents:
-        raise UserError(f'--ego {ego}', f'must be a vehicle, one of 1..{s.live.agents - 1}')
+    check_ego(s)
     s.out.mkdir(parents=True, exist_ok=True)
-    ds = _scene(s, progress)
-    bag = _bag(s, ds, progress)
+    ds = prepare_scene(s, progress)
+    bag = prepare_bag(s, ds, progress)
     wall = {'data': time.monotonic() - t0}
 
-    _step(3, f'live replay at rate {s.live.rate:g} through {s.live.agents} lidar_detectors + v2x_channel '
+    step(3, f'live replay at rate {s.live.rate:g} through {s.live.agents} lidar_detectors + v2x_channel '
              f'({s.channel_model}, {s.latency_ms:g} ms mean) + trust_fusion ({s.method}); models load first')
     params = write_parameters(s.out / 'params.yaml', s)
     run = run_live(bag, s.out / 'params.yaml', s.out, s.live, env=env, progress=progress)
     wall['live'] = run['wall_s']['total']
 
-    _step(4, f'scoring the recording {run["record"]}')
+    step(4, f'scoring the recording {run["record"]}')
     frames, live = _score_live(run, ds, s)
 
-    _step(5, f'offline `eval fusion` on the same scene: ego {ego}, methods ego + {s.method}, '
+    step(5, f'offline `eval fusion` on the same scene: ego {ego}, methods ego + {s.method}, '
              f'{s.channel_model} {s.latency_ms:g} ms, channel seed {s.channel_seed}')
     t5 = time.monotonic()
     offline = _offline(s, ds, progress)
     wall['offline'] = time.monotonic() - t5
 
-    _step(6, 'drawing bev.png and replay.gif')
+    step(6, 'drawing bev.png and replay.gif')
     t6 = time.monotonic()
     views = _views(ds, frames, ego, s.display_score)
     fused_at = [i for i, fr in enumerate(frames) if fr.fused is not None] or list(range(len(frames)))
@@ -205,7 +213,7 @@ def run_demo(s: DemoSettings, *, env: dict | None = None, progress: bool = True)
     result = {
         'scene': ds.scenes[SCENE].name, 'agents': s.live.agents, 'ego': ego, 'ego_frames': len(frames),
         'settings': {'rate': s.live.rate, 'collaborator_nice': s.live.collaborator_nice,
-                     'mc_passes': _mc_passes(s.detector_config), 'method': s.method, 'channel': s.channel_model,
+                     'mc_passes': mc_passes(s.detector_config), 'method': s.method, 'channel': s.channel_model,
                      'mean_latency_ms': s.latency_ms, 'channel_seed': s.channel_seed, 'max_range_m': s.max_range_m,
                      'headline_class': HEADLINE_CLASS, 'parameters': params},
         'live': live,
@@ -216,15 +224,15 @@ def run_demo(s: DemoSettings, *, env: dict | None = None, progress: bool = True)
     }
     wall['total'] = time.monotonic() - t0
     result['wall_s'] = {k: round(v, 1) for k, v in wall.items()}
-    (s.out / 'demo.json').write_text(json.dumps(result, indent=2, default=_json_default))
+    (s.out / 'demo.json').write_text(json.dumps(result, indent=2, default=json_default))
     return result
 
 
-def _mc_passes(config: Path) -> int:
+def mc_passes(config: Path) -> int:
     return int(yaml.safe_load(Path(config).read_text())['decode']['mc_passes'])
 
 
-def _json_default(value):
+def json_default(value):
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     if isinstance(value, Path):
@@ -232,7 +240,7 @@ def _json_default(value):
     raise TypeError(f'{type(value).__name__} is not JSON serialisable')
 
 
-def _pct(v) -> str:
+def pct(v) -> str:
     return f'{100 * v:6.1f}' if v is not None else f'{"n/a":>6}'
 
 
@@ -257,10 +265,10 @@ def format_report(r: dict) -> str:
         f"(same ground truth and AP as `eval fusion`)",
         f"{'':<40}{'AP@0.5':>8}{'AP@0.7':>8}",
         f"{'live    ego only (/agent' + str(r['ego']) + '/coop/objects)':<40}"
-        f"{_pct(live['ego_only']['ap50']):>8}{_pct(live['ego_only']['ap70']):>8}",
-        f"{'live    fused (/coop/objects)':<40}{_pct(live['fused']['ap50']):>8}{_pct(live['fused']['ap70']):>8}",
-        f"{'offline ego':<40}{_pct(off['ego']['ap50']):>8}{_pct(off['ego']['ap70']):>8}",
-        f"{'offline ' + method:<40}{_pct(off[method]['ap50']):>8}{_pct(off[method]['ap70']):>8}",
+        f"{pct(live['ego_only']['ap50']):>8}{pct(live['ego_only']['ap70']):>8}",
+        f"{'live    fused (/coop/objects)':<40}{pct(live['fused']['ap50']):>8}{pct(live['fused']['ap70']):>8}",
+        f"{'offline ego':<40}{pct(off['ego']['ap50']):>8}{pct(off['ego']['ap70']):>8}",
+        f"{'offline ' + method:<40}{pct(off[method]['ap50']):>8}{pct(off[method]['ap70']):>8}",
         f"{'live - offline (' + method + '), AP points':<40}{_points(r['live_minus_offline']['ap50']):>8}"
         f"{_points(r['live_minus_offline']['ap70']):>8}",
         '',
@@ -312,10 +320,20 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--nice', type=non_negative(int), default=10,
                    help="niceness added to the collaborators' detectors so that the ego's keeps its frames "
                         '(default 10; 0: none)')
+    p.add_argument('--per-vehicle', action='store_true',
+                   help="instead: replay at real time only what the ego vehicle's own computer runs (its "
+                        "detector and fusion), with the collaborators' features as the V2X channel delivered "
+                        "them in the demo's live run (recorded there, or run first; --rate, --latency-ms and "
+                        "--nice are that run's); writes OUT/per_vehicle.json")
 
 
 def cmd_demo(args) -> int:
     settings = DemoSettings(out=Path(args.out), latency_ms=args.latency_ms,
                             live=LiveRunSettings(rate=args.rate, collaborator_nice=args.nice))
+    if args.per_vehicle:
+        from coop_perception.ros import per_vehicle
+
+        print(per_vehicle.format_report(per_vehicle.run_per_vehicle(settings)))
+        return 0
     print(format_report(run_demo(settings)))
     return 0

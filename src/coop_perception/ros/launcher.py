@@ -97,11 +97,21 @@ def node_specs(num_agents: int = DEFAULT_AGENTS, ego: int = DEFAULT_EGO, use_sim
     return specs
 
 
+def ego_node_specs(num_agents: int = DEFAULT_AGENTS, ego: int = DEFAULT_EGO, use_sim_time: bool = True
+                   ) -> list[NodeSpec]:
+    """The ego computer's own pipeline as ``node_specs`` starts it: its lidar_detector and
+    trust_fusion, without the V2X channel (what the fusion would get from it comes from elsewhere,
+    e.g. a bag of delivered messages)."""
+    return [s for s in node_specs(num_agents, ego, use_sim_time)
+            if s.namespace == f'agent{ego}' and s.executable != 'v2x_channel']
+
+
 def player_spec(bag, num_agents: int = DEFAULT_AGENTS, rate: float = 1.0, loop: bool = False,
-                wait_s: float = PLAYER_WAIT_S) -> NodeSpec:
+                wait_s: float = PLAYER_WAIT_S, wait_topics: list[str] | None = None) -> NodeSpec:
     """bag_player, waiting until the nodes subscribe every agent's lidar and both readers of its
-    odometry."""
-    topics = [t for k in range(num_agents) for t in (lidar_topic(k), f'{odom_topic(k)}:{ODOM_READERS}')]
+    odometry, or the ``TOPIC[:N]`` of ``wait_topics`` where given."""
+    topics = wait_topics or [t for k in range(num_agents)
+                             for t in (lidar_topic(k), f'{odom_topic(k)}:{ODOM_READERS}')]
     arguments = (str(bag), '--rate', str(rate), *(('--loop',) if loop else ()),
                  '--wait-for-subscribers', str(wait_s), '--wait-topics', *topics)
     return NodeSpec('bag_player', 'bag_player', arguments=arguments, uses_config=False)

@@ -3,7 +3,10 @@
 Starts what ``coop-perception launch --bag BAG`` starts (a lidar_detector per agent, the ego's
 v2x_channel and trust_fusion, the bag player) as separate processes, the player once every node
 is ready; records the outputs with a :class:`~coop_perception.ros.recorder.BagRecorder`, and
-stops everything once the replay is over and the pipeline has drained.
+stops everything once the replay is over and the pipeline has drained. It also records what the
+ego's trust_fusion receives from the collaborators through the channel (``delivered_topics``), from
+which ``ros.per_vehicle`` replays the ego's pipeline alone. ``run_live`` also runs such a replay:
+any subset of the nodes, any recorded topics.
 """
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from coop_perception.data.bag import MARKER_ARRAY, POINTCLOUD2, STRING, BagReader, lidar_topic
+from coop_perception.data.bag import MARKER_ARRAY, ODOMETRY, POINTCLOUD2, STRING, BagReader, lidar_topic
 from coop_perception.errors import UserError
 from coop_perception.ros import topics as T
-from coop_perception.ros.launcher import PLAYER_WAIT_S, Launch, node_specs, player_spec
+from coop_perception.ros.launcher import PLAYER_WAIT_S, Launch, NodeSpec, node_specs, player_spec
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,22 @@ class LiveRunSettings:
     start_timeout_s: float = PLAYER_WAIT_S
 
 
+def delivered_topics(ego: int) -> dict[str, str]:
+    """What the ego's trust_fusion receives from the collaborators, as the v2x_channel delivers it
+    (after its latency and loss): their feature messages and the odometry sent with each."""
+    return {T.agent_topic(ego, T.V2X_ODOM): ODOMETRY, T.agent_topic(ego, T.V2X_FEATURES): POINTCLOUD2}
+
+
+def ego_recorded_topics(ego: int) -> dict[str, str]:
+    """The ego pipeline's outputs: fused output, the ego's own detections and both nodes' status."""
+    return {T.FUSED_OBJECTS: POINTCLOUD2, T.FUSED_MARKERS: MARKER_ARRAY, T.FUSION_STATUS: STRING,
+            T.agent_topic(ego, T.LOCAL_OBJECTS): POINTCLOUD2, T.agent_topic(ego, T.DETECTOR_STATUS): STRING}
+
+
 def recorded_topics(agents: int, ego: int) -> dict[str, str]:
-    """What a live run records: fused output, the ego's own detections and every status topic."""
-    recorded = {T.FUSED_OBJECTS: POINTCLOUD2, T.FUSED_MARKERS: MARKER_ARRAY, T.FUSION_STATUS: STRING,
-                T.agent_topic(ego, T.LOCAL_OBJECTS): POINTCLOUD2, T.agent_topic(ego, T.V2X_STATUS): STRING}
+    """What a live run records: the ego pipeline's outputs, every status topic and the delivered
+    collaborator traffic."""
+    recorded = {**ego_recorded_topics(ego), T.agent_topic(ego, T.V2X_STATUS): STRING, **delivered_topics(ego)}
     recorded.update({T.agent_topic(k, T.DETECTOR_STATUS): STRING for k in range(agents)})
     return recorded
 
@@ -72,11 +87,16 @@ def _check_alive(launch: Launch, log_dir: Path) -> dict:
 
 
 def run_live(bag, params: Path, out: Path, settings: LiveRunSettings, *, env: dict | None = None,
-             progress: bool = True) -> dict:
-    """Replay ``bag`` through every node with parameter file ``params``; record into
-    ``out/record`` (replaced if there) with node logs in ``out/logs``. Returns a summary: the
-    recorded bag, messages per recorded topic, node exit codes, the player's statistics and wall
-    times (s) of start-up (until every node reported its status) and of replay and drain.
+             progress: bool = True, nodes: list[NodeSpec] | None = None, topics: dict[str, str] | None = None,
+             wait_topics: list[str] | None = None, record_wall_time: bool = False) -> dict:
+    """Replay ``bag`` through ``nodes`` (default: every node of the launch) with parameter file
+    ``params``; record ``topics`` (default ``recorded_topics``) into ``out/record`` (replaced if
+    there) with node logs in ``out/logs``. The player waits for the subscribers of ``wait_topics``
+    (``player_spec``'s default: every agent's lidar and odometry). The recording is logged at the
+    recorder's ROS time of receipt, or at its wall-clock time (``record_wall_time``; the player's
+    ``start_wall_time`` maps it to bag time). Returns a summary: the recorded bag, its log clock,
+    messages per recorded topic, node exit codes, the player's statistics and wall times (s) of
+    start-up (until every node reported its status) and of replay and drain.
 
     The player starts once every node has published its status, i.e. has loaded its models and
     spins, so the recorder's clock and every status topic are live from the first frame."""
@@ -91,19 +111,23 @@ def run_live(bag, params: Path, out: Path, settings: LiveRunSettings, *, env: di
     out.mkdir(parents=True, exist_ok=True)
     player_stats = out / 'player_stats.json'
     player_stats.unlink(missing_ok=True)
-    player = player_spec(bag, settings.agents, rate=settings.rate, wait_s=settings.start_timeout_s)
+    player = player_spec(bag, settings.agents, rate=settings.rate, wait_s=settings.start_timeout_s,
+                         wait_topics=wait_topics)
     player = replace(player, arguments=player.arguments + ('--stats-json', str(player_stats)))
     env = dict(os.environ if env is None else env)
     domain = env.get('ROS_DOMAIN_ID')
-    topics = recorded_topics(settings.agents, settings.ego)
+    topics = recorded_topics(settings.agents, settings.ego) if topics is None else topics
     statuses = [t for t, msgtype in topics.items() if msgtype == STRING]
-    recorder = BagRecorder(record, topics, domain_id=int(domain) if domain else None)
+    recorder = BagRecorder(record, topics, use_sim_time=not record_wall_time,
+                           domain_id=int(domain) if domain else None)
+    specs = node_specs(settings.agents, settings.ego) if nodes is None else nodes
     t0 = time.monotonic()
-    with recorder, Launch(node_specs(settings.agents, settings.ego), params, env=env, log_dir=logs) as nodes:
+    with recorder, Launch(specs, params, env=env, log_dir=logs) as nodes:
         if settings.collaborator_nice:
             for k in range(settings.agents):
-                if k != settings.ego:
-                    _renice(nodes.processes[f'agent{k}/lidar_detector'].pid, settings.collaborator_nice)
+                detector = nodes.processes.get(f'agent{k}/lidar_detector')
+                if k != settings.ego and detector is not None:
+                    _renice(detector.pid, settings.collaborator_nice)
         while not all(recorder.counts[t] for t in statuses):
             _check_alive(nodes, logs)
             if time.monotonic() - t0 > settings.start_timeout_s:
@@ -136,7 +160,8 @@ def run_live(bag, params: Path, out: Path, settings: LiveRunSettings, *, env: di
             codes = {**nodes.stop(), **replay.stop()}
     end = time.monotonic()
     stats = json.loads(player_stats.read_text()) if player_stats.exists() else None
-    return {'record': str(record), 'recorded_messages': dict(recorder.counts), 'exit_codes': codes,
+    return {'record': str(record), 'record_clock': 'wall' if record_wall_time else 'ros',
+            'recorded_messages': dict(recorder.counts), 'exit_codes': codes,
             'ego_scans_in_bag': ego_scans, 'player': stats,
             'wall_s': {'startup': round(t_ready - t0, 2), 'replay_and_drain': round(end - t_ready, 2),
                        'total': round(end - t0, 2)}}
