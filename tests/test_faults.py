@@ -226,6 +226,10 @@ def test_duplicated_and_reordered_features_are_counted(system):
     status = system.fusion.status()
     assert not [r for r in status['rejected'] if r.startswith('error:')], status
     assert not system.missing_outputs()
+    # where each frame's processing time went, for a live breakdown of processing_ms
+    stages = status['stage_ms']
+    assert {'decode_ego_map', 'pose_wait', 'detect', 'publish', 'detect:fusion'} <= set(stages), stages
+    assert all(v['p50'] >= 0 for v in stages.values())
 
 
 def test_soak_command_prints_rss_and_counts_frames_without_output(tmp_path, capsys):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import replace
 
 import numpy as np
@@ -207,10 +207,14 @@ class TrustFusionNode(Node):
         self.guard = InputGuard(self.get_logger(), p['warn_period_s'])
         self.newest_ego_ns = None
         self.clock_ns = 0     # this node's newest ROS time (0: sim time not started)
-        self.waiting = None  # (stamp, header, arrival perf_counter) of an ego map without its pose yet
+        # (stamp, header, arrival perf_counter, decoded perf_counter) of an ego map without its pose yet
+        self.waiting = None
         self.pose_wait_s = p['ego_pose_wait_s']
         self.frames = self.fused = 0
         self.latency_ms, self.processing_ms = Window(), Window()
+        # wall ms of each part of processing_ms: decoding the ego map, waiting for its pose, the
+        # pipeline's stages (FusedDetections.timings_ms), publishing
+        self.stage_ms: defaultdict = defaultdict(Window)
         self.agents: dict[int, _AgentStats] = {}
 
         cloud, odom, markers = (self.msgs.get_class(t) for t in (POINTCLOUD2, ODOMETRY, MARKER_ARRAY))
@@ -385,7 +389,7 @@ class TrustFusionNode(Node):
         self.frames += 1
         if self.waiting is not None:   # its odometry is late or missing: fuse with what is known
             self._fuse(*self.waiting)
-        self.waiting = (stamp, msg.header, t0)
+        self.waiting = (stamp, msg.header, t0, time.perf_counter())
         self._fuse_when_posed()
 
     def _fuse_when_posed(self) -> None:
@@ -394,28 +398,37 @@ class TrustFusionNode(Node):
         time: a map can overtake the odometry of its own scan when several are queued."""
         if self.waiting is None or self.ego not in self.coop.poses:
             return
-        stamp, header, t0 = self.waiting
+        stamp, header, t0, decoded = self.waiting
         newest = self.coop.poses[self.ego].newest_ns
         if newest is None or newest < stamp:
             return
-        self._fuse(stamp, header, t0)
+        self._fuse(stamp, header, t0, decoded)
 
     def _fuse_overdue(self) -> None:
         """Timer: a waiting ego map whose odometry is ego_pose_wait_s late is fused without it."""
         if self.waiting is not None and time.perf_counter() - self.waiting[2] >= self.pose_wait_s:
             self._fuse(*self.waiting)
 
-    def _fuse(self, stamp: int, header, t0: float) -> None:
+    def _fuse(self, stamp: int, header, t0: float, decoded: float) -> None:
         self.waiting = None
+        start = time.perf_counter()
         fused = self.coop.detect(stamp)
         if fused is None:  # the reason is counted in coop.drops
             return
+        detected = time.perf_counter()
         fused = self._publishable(fused)
         self._publish(fused, header)
         self._publish_reputation(stamp, header)
         self.fused += 1
         self.latency_ms.add((ros_now_ns(self) - stamp) * 1e-6)
-        self.processing_ms.add((time.perf_counter() - t0) * 1e3)
+        end = time.perf_counter()
+        self.processing_ms.add((end - t0) * 1e3)
+        stages = {'decode_ego_map': decoded - t0, 'pose_wait': start - decoded, 'detect': detected - start,
+                  'publish': end - detected}
+        for name, seconds in stages.items():
+            self.stage_ms[name].add(seconds * 1e3)
+        for name, ms in (fused.timings_ms or {}).items():
+            self.stage_ms[f'detect:{name}'].add(ms)
         self._update_agents(fused)
 
     # ------------------------------------------------------------------ outputs
@@ -485,6 +498,7 @@ class TrustFusionNode(Node):
                 'velocities_lent': self.coop.velocities_lent,
                 'newest_ego_stamp_ns': self.newest_ego_ns,
                 'latency_ms': self.latency_ms.summary(), 'processing_ms': self.processing_ms.summary(),
+                'stage_ms': {name: w.summary() for name, w in self.stage_ms.items()},
                 'rejected': dict(self.guard.counts), 'pipeline_drops': dict(self.coop.drops),
                 'dropped_boxes': dict(self.dropped_boxes),
                 'reputation_on': self.coop.reputation_on,
