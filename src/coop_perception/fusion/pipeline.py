@@ -207,7 +207,7 @@ class CooperativeDetector:
         self.reputation_on = self.cfg.reputation.on_for(self.method.name) and self.method.payload is not RawPoints
         self._scale: dict = {}   # agent -> its reputation, for the frame being fused
         self._stage_ms: dict = {}  # wall time of lending and reputation in the frame being fused
-        self._frame_roi_boxes: dict = {}  # (agent, stamp) -> RoiBoxes decoded for the frame being fused
+        self._frame_roi_boxes: dict = {}  # (agent, stamp) -> RoiBoxes decoded for the frame being fused, the ego's too
         self._clear()
 
     # ------------------------------------------------------------------ state
@@ -709,9 +709,14 @@ class CooperativeDetector:
 
     def _own_boxes(self, entry, T_ego, ego_stamp: int):
         """The ego's boxes of a frame (boxes, scores, labels): an ego map's from the head at its ROI
-        peaks, which costs a fraction of decoding the whole map."""
+        peaks, which costs a fraction of decoding the whole map, decoded once though the lending and
+        the reputation both read them."""
         if isinstance(entry, _EgoMap) and entry.message is not None:
-            return decode_roi_boxes(self.detector.head, entry.message, T_ego, T_ego, ego_stamp, entry.sensor_height)
+            key = (self.ego_id, ego_stamp)
+            if key not in self._frame_roi_boxes:
+                self._frame_roi_boxes[key] = decode_roi_boxes(self.detector.head, entry.message, T_ego, T_ego,
+                                                              ego_stamp, entry.sensor_height)
+            return self._frame_roi_boxes[key]
         return self._ego_boxes(entry)
 
     def _collaborator_boxes(self, agent, item, pose, T_ego, stamp: int, ego_stamp: int,
