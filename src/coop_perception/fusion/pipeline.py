@@ -628,15 +628,15 @@ class CooperativeDetector:
             if isinstance(item, _EgoMap) and item.message is None:
                 return np.zeros((0, 7)), np.zeros(0), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0)
             o = self._own_boxes(item, T_ego, ego_stamp)
-        elif isinstance(item, FeatureMessage):
-            o = self._roi_boxes(agent, stamp, item, pose, T_ego, ego_stamp, sensor_height)
+            boxes, scores, labels, vel, std = o.boxes, o.scores, o.labels, o.velocities, o.velocity_std
         else:
-            boxes, vel = warp_boxes(item.boxes, item.velocities, pose, T_ego, stamp, ego_stamp)
-            o = replace(item, boxes=boxes, velocities=vel)
-        n = len(o.boxes)
-        std = np.full(n, np.nan) if o.velocity_std is None else np.broadcast_to(np.asarray(o.velocity_std), n)
-        return (np.asarray(o.boxes, np.float64).reshape(-1, 7), np.asarray(o.scores, np.float64),
-                np.asarray(o.labels, np.int64), np.asarray(o.velocities, np.float64).reshape(-1, 2),
+            boxes, scores, labels, vel = self._collaborator_boxes(agent, item, pose, T_ego, stamp, ego_stamp,
+                                                                  sensor_height)
+            std = (self._frame_roi_boxes[(agent, stamp)] if isinstance(item, FeatureMessage) else item).velocity_std
+        n = len(boxes)
+        std = np.full(n, np.nan) if std is None else np.broadcast_to(np.asarray(std, np.float64), n)
+        return (np.asarray(boxes, np.float64).reshape(-1, 7), np.asarray(scores, np.float64),
+                np.asarray(labels, np.int64), np.asarray(vel, np.float64).reshape(-1, 2),
                 np.where(std > 0, std, np.nan))
 
     def _with_lent(self, agent, stamp: int, item, pose, T_ego, lent: np.ndarray, velocity: np.ndarray,
