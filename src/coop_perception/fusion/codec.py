@@ -126,6 +126,11 @@ class FeatureMessage:
     # (M,) float32 standard deviation of ``velocity`` per axis (m/s) as it reads after the wire's
     # code (velocity_std_from_wire), 0 on background cells, NaN unknown; None: the sender sent none
     velocity_std: np.ndarray | None = None
+    # A compact message's ROI boxes (one cell per ROI, fusion.compact_codec): (M, 7) [x, y, z, l,
+    # w, h, yaw] in the sender's sensor frame, z above the ground below the sender, and (M,) int64
+    # labels, as the sender decoded them; None: a cell message, whose boxes the receiver decodes
+    boxes: np.ndarray | None = None
+    labels: np.ndarray | None = None
 
     @property
     def num_cells(self) -> int:
@@ -262,7 +267,12 @@ def free_range_count(bins: int, cells: int) -> int:
 def encode(msg: FeatureMessage, extra_floats: dict[str, float] | None = None) -> tuple[list[Field], bytes, int]:
     """-> (fields, data, point_step) of a PointCloud2 with height 1, width M, little endian,
     row_step = len(data). Header stamp = ``msg.stamp_ns``, frame = the sender's sensor frame.
-    ``extra_floats``: name -> value of float32 fields appended to every cell."""
+    ``extra_floats``: name -> value of float32 fields appended to every cell. A compact message
+    (``msg.boxes`` set) is written in its own layout (fusion.compact_codec), without extras."""
+    if msg.boxes is not None:
+        from .compact_codec import encode_compact   # it builds on this module
+
+        return encode_compact(msg)
     extra_floats = extra_floats or {}
     k = 0 if msg.free_range is None else free_range_count(len(msg.free_range), msg.num_cells)
     rec = np.zeros(msg.num_cells, dtype=message_dtype(msg.channels, tuple(extra_floats), k))
@@ -311,7 +321,8 @@ def _check_fields(fields: Sequence, channels: int) -> None:
                                       f'field {name!r} has count {count}, expected 1')
 
 
-def _check_values(msg: FeatureMessage) -> None:
+def check_message_values(msg: FeatureMessage) -> None:
+    """FeatureMessageError for decoded values no sender may send (module docstring's bounds)."""
     err = FeatureMessageError
     bad = ~((msg.scale >= 0) & (msg.scale <= MAX_SCALE))   # NaN fails both comparisons
     if bad.any():
@@ -359,15 +370,22 @@ def _check_values(msg: FeatureMessage) -> None:
 
 def decode(fields: Sequence, data, point_step: int, *, width: int, grid: BevGrid, channels: int,
            agent_id: Hashable, stamp_ns: int, height: int = 1, row_step: int | None = None,
-           is_bigendian: bool = False) -> FeatureMessage:
+           is_bigendian: bool = False, num_classes: int | None = None) -> FeatureMessage:
     """A received feature cloud -> FeatureMessage, or FeatureMessageError.
 
     ``fields`` are any objects with name/offset/datatype/count (sensor_msgs/PointField or
     :class:`Field`); field order and offsets are free, extra fields are ignored. ``grid`` and
     ``channels`` are the receiver's detector grid and feature width, which the sender must share;
     ``agent_id`` and ``stamp_ns`` come from the topic and header. ``row_step`` defaults to
-    ``width * point_step``.
+    ``width * point_step``. A cloud in the compact layout (a ``cell`` field) is decoded by
+    ``fusion.compact_codec``, whose labels must be below ``num_classes`` when given.
     """
+    from .compact_codec import decode_compact, is_compact   # it builds on this module
+
+    if is_compact(fields):
+        return decode_compact(fields, data, point_step, width=width, grid=grid, channels=channels,
+                              agent_id=agent_id, stamp_ns=stamp_ns, height=height, row_step=row_step,
+                              is_bigendian=is_bigendian, num_classes=num_classes)
     _check_fields(fields, channels)
     if row_step is None:
         row_step = width * point_step
@@ -392,13 +410,13 @@ def decode(fields: Sequence, data, point_step: int, *, width: int, grid: BevGrid
         scale=column('scale'), confidence=column('confidence'),
         uncertainty=np.stack([column(n) for n in MESSAGE_UNCERTAINTY_FIELDS], axis=1).reshape(m, 4),
         velocity=velocity.reshape(m, 2), roi=rec['roi'].astype(np.int16), score=column('score'),
-        free_range=_free_range(rec, m),
+        free_range=free_range_from_records(rec, m),
         velocity_std=velocity_std_from_wire(rec[V_STD_Q_FIELD]) if V_STD_Q_FIELD in dtype.names else None)
-    _check_values(msg)
+    check_message_values(msg)
     return msg
 
 
-def _free_range(rec: np.ndarray, cells: int) -> np.ndarray | None:
+def free_range_from_records(rec: np.ndarray, cells: int) -> np.ndarray | None:
     """The profile (FREE_RANGE_BINS,) m of a decoded record array, None when it carries none
     (no field, no cells, all 0); FeatureMessageError when its bytes cannot hold every bin."""
     if FREE_RANGE_Q_FIELD not in rec.dtype.names or cells == 0:

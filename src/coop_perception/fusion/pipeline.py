@@ -28,6 +28,7 @@ from ..detection.decode import Detections, corner_variance, rotated_nms
 from ..geometry import bev_iou, invert_pose, rotate_vectors_2d, transform_points
 from .align import warp_boxes, warp_to_ego
 from .codec import FeatureMessage, make_message, message_uncertainty
+from .compact_codec import compact_message
 from .methods import GATE, LEARNED, method_named
 from .model import FusionModel, fuse_sparse
 from .motion import VelocityTracker, VelocityTrackerConfig
@@ -35,7 +36,7 @@ from .payloads import BoxList, RawPoints
 from .pose_buffer import NS_PER_S, BackJump, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .reputation import Reputation, ReputationConfig, consistency_evidence, make_witness
 from .roi_boxes import decode_roi_boxes, roi_peaks
-from .sharing import select_roi_cells
+from .sharing import SHARING_FORMATS, select_roi_cells, select_roi_peaks
 from .trust import ROI_ATTRIBUTES, FlatTrust, ThresholdTrust, roi_attributes
 from .velocity_lending import LendingConfig, lend_velocities
 
@@ -156,8 +157,15 @@ def source_bits(agents) -> dict:
 
 
 def collaborator_message(det: Detections, agent, stamp_ns: int, roi_policy: dict | None = None) -> FeatureMessage:
-    """What a collaborator puts on the air for one scan: its ROI cells."""
-    return make_message(det, select_roi_cells(det, **(roi_policy or {})), agent, stamp_ns)
+    """What a collaborator puts on the air for one scan: its ROI cells, or with ``roi_policy``
+    ``format: compact`` one record per ROI (fusion.compact_codec) as the receiver decodes it."""
+    policy = dict(roi_policy or {})
+    layout = policy.pop('format', SHARING_FORMATS[0])
+    if layout not in SHARING_FORMATS:
+        raise ValueError(f'sharing format must be one of {", ".join(SHARING_FORMATS)}, got {layout!r}')
+    if layout == 'compact':
+        return compact_message(det, select_roi_peaks(det, **policy), agent, stamp_ns, det.features.shape[0])
+    return make_message(det, select_roi_cells(det, **policy), agent, stamp_ns)
 
 
 class Sender:

@@ -71,14 +71,11 @@ def decode_roi_boxes(head, msg: FeatureMessage, T_world_sender: np.ndarray, T_wo
     per ROI in the ego frame at ``ego_stamp_ns``. Poses are ``T_world_sensor`` (4x4): the sender's
     at its capture stamp, the ego's at the ego stamp."""
     peaks = roi_peaks(msg)
-    patches = torch.from_numpy(peak_patches(msg, peaks)).to(next(head.parameters()).device)
-    out = {k: v.cpu() for k, v in head.pointwise(head.shared(patches)[:, :, 1, 1]).items()}
-    prob = class_probability(out['heatmap'], out['cls_logvar'])
-    scores, labels = prob.max(1)
-    rows, cols = msg.grid.unflatten(cell_index(msg)[peaks])
-    # Against the ground (sensor height 0): z must not depend on the sender's height, which the
-    # message does not carry (a road-side unit sits metres above a car's LiDAR).
-    boxes, _ = boxes_from_regression(out['reg'].numpy(), rows, cols, msg.grid, 0.0)
+    if msg.boxes is not None:   # a compact message: the sender's boxes, as it decoded them
+        boxes = msg.boxes[peaks].astype(np.float64)
+        scores, labels = msg.score[peaks], msg.labels[peaks]
+    else:
+        scores, labels, boxes = _head_boxes(head, msg, peaks)
     ground_z = boxes[:, 2].copy()
     range_m = np.hypot(boxes[:, 0], boxes[:, 1])
     boxes, vel = warp_boxes(boxes, msg.velocity[peaks], T_world_sender, T_world_ego, msg.stamp_ns, ego_stamp_ns)
@@ -88,5 +85,18 @@ def decode_roi_boxes(head, msg: FeatureMessage, T_world_sender: np.ndarray, T_wo
                                 np.hypot(msg.velocity[peaks, 0], msg.velocity[peaks, 1]), range_m)
     v_std = (np.full(len(peaks), np.nan, np.float32) if msg.velocity_std is None
              else msg.velocity_std[peaks].astype(np.float32))
-    return RoiBoxes(boxes, scores.numpy().astype(np.float32), labels.numpy().astype(np.int64), vel, attributes,
-                    v_std)
+    return RoiBoxes(boxes, np.asarray(scores, np.float32), np.asarray(labels, np.int64), vel, attributes, v_std)
+
+
+def _head_boxes(head, msg: FeatureMessage, peaks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The head at ``peaks`` of a cell message -> scores (R,), labels (R,), boxes (R, 7) in the
+    sender's frame with z above the ground below it."""
+    patches = torch.from_numpy(peak_patches(msg, peaks)).to(next(head.parameters()).device)
+    out = {k: v.cpu() for k, v in head.pointwise(head.shared(patches)[:, :, 1, 1]).items()}
+    prob = class_probability(out['heatmap'], out['cls_logvar'])
+    scores, labels = prob.max(1)
+    rows, cols = msg.grid.unflatten(cell_index(msg)[peaks])
+    # Against the ground (sensor height 0): z must not depend on the sender's height, which the
+    # message does not carry (a road-side unit sits metres above a car's LiDAR).
+    boxes, _ = boxes_from_regression(out['reg'].numpy(), rows, cols, msg.grid, 0.0)
+    return scores.numpy(), labels.numpy(), boxes

@@ -2,7 +2,8 @@
 
 A policy returns a :class:`CellSelection`; ``codec.make_message`` gathers those cells into the wire
 message. ``select_roi_cells`` is what a collaborator sends (its confident detections, within a byte
-budget), ``select_occupied_cells`` what the ego's detector sends its own fusion node (everything).
+budget), ``select_roi_peaks`` the same in one packet (one record per ROI, fusion.compact_codec),
+``select_occupied_cells`` what the ego's detector sends its own fusion node (everything).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from ..detection.free_range import FREE_RANGE_BINS
 from .codec import cell_bytes
+from .compact_codec import RECORD_BYTES
 
 if TYPE_CHECKING:  # only for annotations: selecting cells needs no torch
     from coop_perception.bev_grid import BevGrid
@@ -25,10 +27,16 @@ ROI_MARGIN_M = 0.4            # half a 0.8 m cell: the cells the box edge cuts t
 ROI_MIN_CONFIDENCE = 0.1
 # Data bytes: 20 000 minus ~500 for the PointCloud2 header and its field descriptors.
 ROI_MAX_BYTES = 19_500
+# The compact layout's budget: one ITS-G5 GeoNetworking packet (1,398 bytes of payload).
+COMPACT_MAX_BYTES = 1_398
+# Wire layouts a collaborator may share in (roi policy key ``format``): ``cells`` (fusion.codec,
+# select_roi_cells) or ``compact`` (fusion.compact_codec, select_roi_peaks).
+SHARING_FORMATS = ('cells', 'compact')
 
 
 class CellSelection(NamedTuple):
-    """Cells chosen by a sharing policy, sorted by flat index row * W + col."""
+    """Cells chosen by a sharing policy, sorted by flat index row * W + col (``select_roi_peaks``:
+    by descending score of their ROI)."""
     rows: np.ndarray  # (M,) int64
     cols: np.ndarray  # (M,) int64
     roi: np.ndarray   # (M,) int64 index into the Detections' arrays, -1 background
@@ -121,16 +129,22 @@ def select_roi_cells(det: Detections, score_threshold: float = ROI_SCORE_THRESHO
     return CellSelection(rows, cols, cand[b])
 
 
+def _peaks(box_idx: np.ndarray, flat: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (box, cell) of boxes' footprints -> (box (R,), flat cell (R,)): each box's
+    highest-confidence footprint cell, by ascending box."""
+    order = np.lexsort((-confidence[flat], box_idx))
+    first = np.ones(len(order), bool)
+    first[1:] = box_idx[order][1:] != box_idx[order][:-1]
+    return box_idx[order][first], flat[order][first]
+
+
 def _peak_neighbourhoods(box_idx: np.ndarray, flat: np.ndarray, confidence: np.ndarray,
                          grid: BevGrid) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (box, cell) of every box's footprint -> pairs (box, cell) of the 3 x 3 cells around
     each box's highest-confidence footprint cell, within the grid."""
     if len(flat) == 0:
         return box_idx, flat
-    order = np.lexsort((-confidence[flat], box_idx))
-    first = np.ones(len(order), bool)
-    first[1:] = box_idx[order][1:] != box_idx[order][:-1]
-    peak_b, peak = box_idx[order][first], flat[order][first]
+    peak_b, peak = _peaks(box_idx, flat, confidence)
     rows, cols = grid.unflatten(peak)
     offsets = np.arange(-1, 2)
     nr = (rows[:, None, None] + offsets[None, :, None]).repeat(3, 2)
@@ -138,6 +152,32 @@ def _peak_neighbourhoods(box_idx: np.ndarray, flat: np.ndarray, confidence: np.n
     inside = grid.inside(nr, nc)
     nb = np.broadcast_to(peak_b[:, None, None], nr.shape)
     return nb[inside], grid.flat_index(nr, nc)[inside]
+
+
+def select_roi_peaks(det: Detections, score_threshold: float = ROI_SCORE_THRESHOLD,
+                     max_rois: int = ROI_MAX, margin_m: float = ROI_MARGIN_M, *,
+                     min_confidence: float = ROI_MIN_CONFIDENCE,
+                     max_bytes: int | None = COMPACT_MAX_BYTES) -> CellSelection:
+    """What a collaborator shares in the compact layout (fusion.compact_codec): one record per
+    ROI, at its peak. ROIs as in ``select_roi_cells``; each one's peak is its footprint's cell of
+    highest confidence (``min_confidence`` is unused: it shapes footprints, not peaks). Two ROIs
+    whose peaks coincide keep the higher-scoring one. ROIs are kept in score order while the
+    records and the free-range profile fit ``max_bytes`` (None: no limit)."""
+    del min_confidence
+    scores = np.asarray(det.scores, dtype=np.float64)
+    cand = np.flatnonzero(scores >= score_threshold)
+    cand = cand[np.argsort(-scores[cand], kind='stable')][:max_rois]
+    b, flat = _box_cells(np.asarray(det.boxes, np.float64)[cand], det.grid, margin_m)
+    b, flat = _peaks(b, flat, det.confidence.reshape(-1))
+    _, first = np.unique(flat, return_index=True)      # b ascends: the first is the higher score
+    b, flat = b[np.sort(first)], flat[np.sort(first)]
+    if max_bytes is not None:
+        profile = det.free_range is not None
+        room = max(max_bytes - (FREE_RANGE_BINS if profile else 0), 0)
+        n = room // (RECORD_BYTES + int(profile))
+        b, flat = b[:n], flat[:n]
+    rows, cols = det.grid.unflatten(flat)
+    return CellSelection(rows, cols, cand[b])
 
 
 def select_occupied_cells(det: Detections, margin_m: float = ROI_MARGIN_M) -> CellSelection:
