@@ -11,7 +11,8 @@ from coop_perception.data.v2xsim import V2XSimDataset
 from coop_perception.detection.config import load_config, with_overrides
 from coop_perception.detection.model import Detector
 from coop_perception.eval.bench_fusion import STAGES, bench_fusion
-from coop_perception.eval.fusion_eval import evaluate_fusion, format_results
+from coop_perception.eval.delay_plot import plot_bytes_sweep
+from coop_perception.eval.fusion_eval import evaluate_fusion, evaluate_sharing, format_results
 from coop_perception.eval.gate_calibration import calibrate_gate
 from coop_perception.fusion.cache import (FeatureCache, add_scan_velocities, build_cache, load_view, save_view,
                                          scan_velocity_key)
@@ -109,6 +110,22 @@ def test_evaluation_sweep(setup):
     # trust and max fuse the same messages
     assert rows[('trust', 300.0)]['bytes_per_agent_frame'] == rows[('max', 300.0)]['bytes_per_agent_frame']
     assert 'AP@0.7' in format_results(result)
+
+
+def test_sharing_sweep_rows_name_their_layout_and_budget(setup, tmp_path):
+    det, ds, cache = setup
+    policies = [{**LOW_ROI, 'format': 'compact', 'max_bytes': 1398}, {**LOW_ROI, 'format': 'compact', 'max_bytes': 400},
+                {**LOW_ROI, 'format': 'cells', 'max_bytes': 5000}]
+    result = evaluate_sharing(ds, det, cache, FusionModel(CFG.model.feature_channels), ['late', 'trust'], [0],
+                              policies, progress=False)
+    rows = result['results']
+    assert [r['method'] for r in rows] == ['late', 'trust', 'trust', 'trust']   # late runs once
+    assert 'sharing' not in rows[0]
+    by = {(r['sharing'], r['budget_bytes']): r['bytes_per_agent_frame'] for r in rows[1:]}
+    assert 0 < by[('compact', 400)] <= 400 and by[('compact', 400)] <= by[('compact', 1398)] <= 1398
+    assert by[('cells', 5000)] <= 5000
+    assert 'compact' in format_results(result)
+    assert plot_bytes_sweep(result, tmp_path / 'bytes.png').stat().st_size > 1000
 
 
 def test_fusion_benchmark_times_every_stage(setup):

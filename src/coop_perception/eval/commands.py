@@ -12,6 +12,7 @@ from coop_perception.data.commands import add_dataset_args, add_reading_args, da
 from coop_perception.errors import UserError
 from coop_perception.fusion.codec import FeatureMessage
 from coop_perception.fusion.methods import METHODS
+from coop_perception.fusion.sharing import DEFAULT_SHARING, SHARING_FORMATS
 
 FEATURE_METHODS = tuple(name for name, m in METHODS.items() if m.payload is FeatureMessage)
 DEFAULT_METHODS = 'ego,late,early,max,trust'
@@ -41,6 +42,13 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--bootstrap', type=non_negative(int), default=1000, metavar='N',
                    help='resamples of the scenes for 90 %% intervals of trust - late and trust - '
                         'trust_flat (car AP@0.7, paired); 0: none')
+    p.add_argument('--sharing', help=f'comma-separated wire layouts of the feature messages, of: '
+                                     f'{", ".join(SHARING_FORMATS)} (default: {DEFAULT_SHARING}); '
+                                     f'each a row of its own')
+    p.add_argument('--budgets', help='comma-separated byte budgets per collaborator frame to sweep, each a row '
+                                     "of its own (0: no limit; default: each layout's own)")
+    p.add_argument('--plot-bytes', metavar='FILE.png', type=output_file,
+                   help='also draw AP@0.7 against the bytes per collaborator frame (with --sharing/--budgets)')
     _add_attack_args(p)
     add_fusion_model_args(p)
     add_json(p)
@@ -158,7 +166,7 @@ def cmd_eval_detector(args) -> int:
 
 
 def cmd_eval_fusion(args) -> int:
-    from .fusion_eval import evaluate_fusion, format_results
+    from .fusion_eval import evaluate_fusion, evaluate_sharing, format_results
 
     methods = (args.methods or ('trust' if args.attack else DEFAULT_METHODS)).split(',')
     unknown = set(methods) - set(METHODS)
@@ -169,16 +177,40 @@ def cmd_eval_fusion(args) -> int:
     egos = _comma_list('--egos', args.egos, int, 'agent ids') if args.egos else None
     if args.attack:
         return _eval_attacks(args, methods, delays, egos)
+    policies = _sharing_policies(args)
     model, fusion, gate, ds, cache = _fusion_setup(args, methods)
-    result = evaluate_fusion(ds, model, cache, fusion, methods, delays, channel_model=args.channel,
-                             seed=args.seed, max_range=args.range, egos=egos, gate=gate, bootstrap=args.bootstrap)
+    common = dict(channel_model=args.channel, seed=args.seed, max_range=args.range, egos=egos, gate=gate,
+                  bootstrap=args.bootstrap)
+    result = (evaluate_fusion(ds, model, cache, fusion, methods, delays, **common) if policies is None
+              else evaluate_sharing(ds, model, cache, fusion, methods, delays, policies, **common))
     print(format_results(result))
     write_json(args, result)
-    if args.plot:
-        from .delay_plot import plot_delay_sweep
+    from .delay_plot import plot_bytes_sweep, plot_delay_sweep
 
+    if args.plot:
         print(f'wrote {plot_delay_sweep(result, args.plot)}')
+    if args.plot_bytes:
+        print(f'wrote {plot_bytes_sweep(result, args.plot_bytes)}')
     return 0
+
+
+def _sharing_policies(args) -> list[dict] | None:
+    """The roi policies ``--sharing`` and ``--budgets`` sweep, None for neither."""
+    if not (args.sharing or args.budgets):
+        if args.plot_bytes:
+            raise UserError('--plot-bytes', 'needs --sharing or --budgets to sweep')
+        return None
+    layouts = _comma_list('--sharing', args.sharing, str, 'layouts') if args.sharing else [DEFAULT_SHARING]
+    unknown = set(layouts) - set(SHARING_FORMATS)
+    if unknown:
+        raise UserError('--sharing', f'unknown layout(s) {", ".join(sorted(unknown))}; '
+                                     f'choose from {", ".join(SHARING_FORMATS)}')
+    if not args.budgets:
+        return [{'format': layout} for layout in layouts]
+    budgets = _comma_list('--budgets', args.budgets, int, 'byte counts')
+    if any(b < 0 for b in budgets):
+        raise UserError('--budgets', f'byte budgets must be >= 0 (0: no limit), got {args.budgets}')
+    return [{'format': layout, 'max_bytes': b or None} for layout in layouts for b in budgets]
 
 
 def _eval_attacks(args, methods: list[str], delays: list[float], egos) -> int:

@@ -21,7 +21,7 @@ from ..fusion.codec import FeatureMessage, encode
 from ..fusion.methods import METHODS
 from ..fusion.payloads import BoxList, RawPoints
 from ..fusion.pipeline import CooperativeConfig, CooperativeDetector, Sender, collaborator_message
-from ..fusion.sharing import ROI_SCORE_THRESHOLD
+from ..fusion.sharing import DEFAULT_SHARING, ROI_SCORE_THRESHOLD
 from .ap import HEADLINE_CLASS, APAccumulator
 from .bootstrap import ap_difference
 
@@ -123,6 +123,26 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
     return out
 
 
+def evaluate_sharing(dataset, detector, cache: FeatureCache, fusion_model, methods, delays_ms,
+                     policies: list[dict], **kwargs) -> dict:
+    """``evaluate_fusion`` once per sharing policy (roi policy dicts: ``format``, ``max_bytes``,
+    fusion.sharing): rows of the methods that send feature messages carry their policy's
+    ``sharing`` layout and ``budget_bytes``; the other methods, which no policy changes, run with
+    the first only. Bootstrap differences are per policy, between the methods it ran."""
+    results, differences, out = [], [], {}
+    for i, policy in enumerate(policies):
+        run = [m for m in methods if i == 0 or METHODS[m].payload is FeatureMessage]
+        out = evaluate_fusion(dataset, detector, cache, fusion_model, run, delays_ms, roi_policy=policy, **kwargs)
+        tag = {'sharing': policy.get('format', DEFAULT_SHARING), 'budget_bytes': policy.get('max_bytes')}
+        for row in out['results']:
+            results.append({**row, **(tag if METHODS[row['method']].payload is FeatureMessage else {})})
+        differences += [{**d, **tag} for d in out.get('differences', [])]
+    out['results'] = results
+    if differences:
+        out['differences'] = differences
+    return out
+
+
 # (a, b): the comparisons the latency issue's targets are stated in
 COMPARISONS = (('trust', 'late'), ('trust', 'trust_flat'))
 
@@ -198,18 +218,22 @@ def _run_ego(tally: _Tally, detector, cache, samples, ego: int, mean_ms: float, 
 def format_results(result: dict) -> str:
     rows = result['results']
     w = max([len('method'), *(len(r['method']) for r in rows)]) + 1
-    lines = [f"{'method':<{w}}{'delay ms':>9}{'AP@0.5':>8}{'AP@0.7':>8}{'bytes/agent-frame':>19}",
-             '-' * (w + 44)]
+    swept = any('sharing' in r for r in rows)
+    lines = [f"{'method':<{w}}{'delay ms':>9}{'AP@0.5':>8}{'AP@0.7':>8}{'bytes/agent-frame':>19}"
+             + (f"{'sharing':>9}{'budget':>8}" if swept else ''), '-' * (w + (61 if swept else 44))]
     for r in rows:
         ap50 = f"{100 * r['ap50']:.1f}" if r['ap50'] is not None else 'n/a'
         ap70 = f"{100 * r['ap70']:.1f}" if r['ap70'] is not None else 'n/a'
-        lines.append(f"{r['method']:<{w}}{r['delay_ms']:>9.0f}{ap50:>8}{ap70:>8}{r['bytes_per_agent_frame']:>19.0f}")
+        budget = '' if 'sharing' not in r else ('none' if r['budget_bytes'] is None else str(r['budget_bytes']))
+        lines.append(f"{r['method']:<{w}}{r['delay_ms']:>9.0f}{ap50:>8}{ap70:>8}{r['bytes_per_agent_frame']:>19.0f}"
+                     + (f"{r.get('sharing', ''):>9}{budget:>8}" if swept else ''))
     lines.append(f"({result['headline_class']} AP in %, BEV rotated IoU, within {result['max_range_m']:g} m of the "
                  f"ego; {result['channel']} latency channel, seed {result['seed']})")
     for d in result.get('differences', []):
         interval = (f"{100 * d['level']:.0f} % interval {100 * d['low']:+.1f} to {100 * d['high']:+.1f}"
                     if d['low'] is not None else 'no interval')
         value = f"{100 * d['difference']:+.1f}" if d['difference'] is not None else 'n/a'
-        lines.append(f"{d['a']} - {d['b']} at {d['delay_ms']:.0f} ms: {value} {result['headline_class']} AP@0.7 "
+        policy = f" ({d['sharing']}, budget {d['budget_bytes']})" if 'sharing' in d else ''
+        lines.append(f"{d['a']} - {d['b']} at {d['delay_ms']:.0f} ms{policy}: {value} {result['headline_class']} AP@0.7 "
                      f"({interval}; paired bootstrap, {d['resamples']} resamples of {d['groups']} scenes)")
     return '\n'.join(lines)

@@ -36,7 +36,7 @@ from .payloads import BoxList, RawPoints
 from .pose_buffer import NS_PER_S, BackJump, PoseBufferConfig, PoseBuffers, PoseLookupError
 from .reputation import Reputation, ReputationConfig, consistency_evidence, make_witness
 from .roi_boxes import decode_roi_boxes, roi_peaks
-from .sharing import SHARING_FORMATS, select_roi_cells, select_roi_peaks
+from .sharing import DEFAULT_SHARING, SHARING_FORMATS, select_roi_cells, select_roi_peaks
 from .trust import ROI_ATTRIBUTES, FlatTrust, ThresholdTrust, roi_attributes
 from .velocity_lending import LendingConfig, lend_velocities
 
@@ -160,7 +160,7 @@ def collaborator_message(det: Detections, agent, stamp_ns: int, roi_policy: dict
     """What a collaborator puts on the air for one scan: its ROI cells, or with ``roi_policy``
     ``format: compact`` one record per ROI (fusion.compact_codec) as the receiver decodes it."""
     policy = dict(roi_policy or {})
-    layout = policy.pop('format', SHARING_FORMATS[0])
+    layout = policy.pop('format', DEFAULT_SHARING)
     if layout not in SHARING_FORMATS:
         raise ValueError(f'sharing format must be one of {", ".join(SHARING_FORMATS)}, got {layout!r}')
     if layout == 'compact':
