@@ -40,11 +40,11 @@ def test_lied_pose_moves_and_turns():
     assert matrix_yaw(lied) == pytest.approx(0.3 + np.deg2rad(10.0))
 
 
-@pytest.mark.parametrize('kind', [FeatureMessage, BoxList])
-def test_attacks_change_only_the_attacker(setup, kind):
+@pytest.mark.parametrize('kind, layout', [(FeatureMessage, 'cells'), (FeatureMessage, 'compact'), (BoxList, None)])
+def test_attacks_change_only_the_attacker(setup, kind, layout):
     det, ds, cache = setup
     samples, egos = scene_samples(ds, 0)
-    payloads = _scene_payloads(cache, samples, kind, LOW_ROI)
+    payloads = _scene_payloads(cache, samples, kind, {**LOW_ROI, 'format': layout or 'cells'})
     ego, attacker = egos[0], 0
     rng = np.random.default_rng(0)
     for attack in A.ATTACKS:
@@ -63,16 +63,21 @@ def test_attacks_change_only_the_attacker(setup, kind):
     assert all(not np.allclose(noisy[k][1], payloads[k][1]) for k in payloads if k[1] != ego)
 
 
-def test_phantoms_are_copies_of_a_real_roi_at_free_places(setup):
+@pytest.mark.parametrize('layout', ['cells', 'compact'])
+def test_phantoms_are_copies_of_a_real_roi_at_free_places(setup, layout):
     det, ds, cache = setup
     samples, _ = scene_samples(ds, 0)
-    payloads = _scene_payloads(cache, samples, FeatureMessage, LOW_ROI)
+    payloads = _scene_payloads(cache, samples, FeatureMessage, {**LOW_ROI, 'format': layout})
     msg = payloads[(1, 0)][2]
     assert (msg.roi >= 0).any()
     places = np.array([[6.0, 6.0], [-6.0, -6.0]])
     out = A.with_phantoms(msg, places)
     new = np.setdiff1d(np.unique(out.roi), np.unique(msg.roi))
     assert len(new) == 2 and out.num_cells > msg.num_cells
+    if layout == 'compact':   # one record per object: its box moves with its peak
+        template = np.argmax(msg.score)
+        moved = out.boxes[msg.num_cells:, :2] - msg.boxes[template, :2]
+        assert np.allclose(moved, out.cells[msg.num_cells:] - msg.cells[template], atol=1e-4)
     for r, place in zip(new, places):
         cells = out.cells[out.roi == r]
         peak = cells[np.argmax(out.confidence[out.roi == r])]

@@ -89,6 +89,18 @@ def test_absurd_feature_values_are_rejected(harness, field, value, reason):
     assert _fed(harness, 'trust_fusion:v2x/features', spec) == {f'trust_fusion:{reason}': 1}
 
 
+@pytest.mark.parametrize('field,value,reason', [
+    ('label', 200, 'bad_features:bad_value'),
+    ('l', 0, 'bad_features:bad_value'),
+    ('cell', 65535, 'bad_features:out_of_grid'),
+    ('vx', 32767, 'bad_features:bad_velocity'),
+])
+def test_absurd_compact_records_are_rejected(harness, field, value, reason):
+    harness.t += fuzz.FRAME_NS
+    spec = harness.compact_features.copy(harness.t).set(field, value, 0)
+    assert _fed(harness, 'trust_fusion:v2x/features', spec) == {f'trust_fusion:{reason}': 1}
+
+
 @pytest.mark.parametrize('topic', ['trust_fusion:odom', 'trust_fusion:v2x/odom', 'lidar_detector:odom'])
 @pytest.mark.parametrize('position,quaternion', [((1e308, 0, 0), (0, 0, 0, 1)), ((0, 0, 0), (0, 0, 0, 3))])
 def test_absurd_poses_are_rejected(harness, topic, position, quaternion):

@@ -188,7 +188,8 @@ def _pose_matrix(position, orientation) -> np.ndarray:
         raise PoseError(PoseError.NON_FINITE, f'translation {t} or quaternion {q} holds NaN or inf')
     if np.abs(t).max() > MAX_POSE_TRANSLATION_M:
         raise PoseError(PoseError.FAR_AWAY, f'translation {t} lies beyond {MAX_POSE_TRANSLATION_M:g} m')
-    norm = float(np.linalg.norm(q))
+    # a unit quaternion has no component above 1; checked first, as squaring absurd ones overflows
+    norm = float(np.linalg.norm(q)) if np.abs(q).max() <= 1.0 + QUATERNION_NORM_TOLERANCE else np.inf
     if abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
         raise PoseError(PoseError.NOT_UNIT, f'quaternion {q} has norm {norm:.6g}')
     return geo.make_pose(t, quat_wxyz=q)

@@ -67,6 +67,22 @@ class Voxels:
     stats: VoxelStats
 
 
+# No LiDAR return lies this far away (m): a larger finite coordinate is a corrupt value (a float
+# read with the wrong byte order, say), whose squares would overflow in every range computation.
+MAX_POINT_ABS_M = 1e4
+
+
+def usable_points(points: np.ndarray) -> tuple[np.ndarray, int]:
+    """(N, 3+) points -> (the rows whose values are all finite and whose x, y, z lie within
+    MAX_POINT_ABS_M, how many rows were not)."""
+    pts = np.asarray(points)
+    if pts.ndim != 2 or len(pts) == 0:
+        return pts, 0
+    with np.errstate(invalid='ignore'):
+        ok = np.isfinite(pts).all(axis=1) & (np.abs(pts[:, :3]) <= MAX_POINT_ABS_M).all(axis=1)
+    return (pts, 0) if ok.all() else (pts[ok], int((~ok).sum()))
+
+
 def estimate_sensor_height(points: np.ndarray, default: float) -> float:
     """Height of the sensor above the ground (m) from the densest horizontal layer of returns.
 

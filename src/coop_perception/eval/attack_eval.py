@@ -39,7 +39,7 @@ from ..fusion.pose_buffer import NS_PER_S
 from ..fusion.reputation import ReputationConfig
 from ..geometry import invert_pose
 from .ap import HEADLINE_CLASS, APAccumulator
-from .fusion_eval import _run_ego, _scene_payloads, _Tally, scene_samples
+from .fusion_eval import _run_ego, _scene_payloads, _Tally, method_policy, scene_samples
 
 ATTACKS = ('phantom', 'shift', 'drop', 'replay')
 WARMUP_S = 1.0
@@ -86,11 +86,7 @@ def without_rois(item):
     if isinstance(item, BoxList):
         return BoxList(item.boxes[:0], item.scores[:0], item.labels[:0], item.velocities[:0],
                        None if item.velocity_std is None else item.velocity_std[:0])
-    keep = item.roi < 0
-    return replace(item, cells=item.cells[keep], features=item.features[keep], scale=item.scale[keep],
-                   confidence=item.confidence[keep], uncertainty=item.uncertainty[keep],
-                   velocity=item.velocity[keep], roi=item.roi[keep], score=item.score[keep],
-                   velocity_std=None if item.velocity_std is None else item.velocity_std[keep])
+    return item.take(item.roi < 0)
 
 
 def phantom_places(det, ego_xy: np.ndarray, rng, count: int = PHANTOMS) -> np.ndarray:
@@ -143,29 +139,21 @@ def with_phantoms(item, places: np.ndarray):
     taken = set(map(tuple, np.round(item.cells / size).astype(np.int64).tolist()))
     parts, next_roi = [], int(item.roi.max()) + 1
     for place in places:
-        shift = np.round((place - item.cells[peak]) / size) * size
-        moved = item.cells[cells] + shift.astype(np.float32)
+        shift = (np.round((place - item.cells[peak]) / size) * size).astype(np.float32)
+        moved = item.cells[cells] + shift
         keys = set(map(tuple, np.round(moved / size).astype(np.int64).tolist()))
         if keys & taken or not grid.inside(*grid.cells_of(moved[:, 0], moved[:, 1])).all():
             continue
         taken |= keys
-        parts.append((moved, np.full(len(cells), next_roi, np.int16)))
+        copy = item.take(cells)
+        boxes = None if copy.boxes is None else copy.boxes + np.concatenate([shift, np.zeros(5, np.float32)])
+        parts.append(replace(copy, cells=moved, roi=np.full(len(cells), next_roi, np.int16),
+                             velocity=np.zeros_like(copy.velocity), boxes=boxes))
         next_roi += 1
     if not parts:
         return item
-    reps = len(parts)
-    cat = np.concatenate
-    free = None if item.free_range is None else hidden_behind(item.free_range, [p[0] for p in parts], size)
-    return replace(item, cells=cat([item.cells, *(p[0] for p in parts)]), free_range=free,
-                   features=cat([item.features, np.tile(item.features[cells], (reps, 1))]),
-                   scale=cat([item.scale, np.tile(item.scale[cells], reps)]),
-                   confidence=cat([item.confidence, np.tile(item.confidence[cells], reps)]),
-                   uncertainty=cat([item.uncertainty, np.tile(item.uncertainty[cells], (reps, 1))]),
-                   velocity=cat([item.velocity, np.zeros((len(cells) * reps, 2), np.float32)]),
-                   velocity_std=None if item.velocity_std is None
-                   else cat([item.velocity_std, np.tile(item.velocity_std[cells], reps)]),
-                   roi=cat([item.roi, *(p[1] for p in parts)]),
-                   score=cat([item.score, np.tile(item.score[cells], reps)]))
+    free = None if item.free_range is None else hidden_behind(item.free_range, [p.cells for p in parts], size)
+    return replace(item.extended(*parts), free_range=free)
 
 
 def hidden_behind(free_range: np.ndarray, objects: list, cell_size: float) -> np.ndarray:
@@ -234,10 +222,10 @@ def evaluate_attacks(dataset, detector, cache, fusion_model, method: str, delay_
     scenarios = ['none', *attacks, *(f'pose_noise_{s:g}' for s in pose_noise)]
     rows = {s: _Row({v: _Tally(APAccumulator(classes, max_range=max_range)) for v in _VARIANTS}) for s in scenarios}
     oracle = _Tally(APAccumulator(classes, max_range=max_range))
-    kind = METHODS[method].payload
+    kind, roi_policy = METHODS[method].payload, method_policy(method, roi_policy)
 
     def config(on: bool) -> CooperativeConfig:
-        return CooperativeConfig(method=method, roi_policy=roi_policy or {}, gate=gate,
+        return CooperativeConfig(method=method, roi_policy=roi_policy, gate=gate,
                                  reputation=replace(rep, enabled=on))
 
     bar = tqdm(total=len(dataset.scenes), desc='eval attacks', unit='scene', disable=not progress)

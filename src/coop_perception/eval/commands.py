@@ -27,32 +27,7 @@ def add_cli(commands: Commands) -> None:
     add_json(p)
     add_detector_args(p)
 
-    p = commands.add('fusion', cmd_eval_fusion, 'AP of every fusion method under communication delay', group='eval')
-    add_dataset_args(p, 'the test preset')
-    add_cache_arg(p)
-    p.add_argument('--delays', default='0,100,200,300,500', help='mean latencies to sweep, ms')
-    p.add_argument('--methods', help=f'comma-separated fusion methods, of: {", ".join(METHODS)} (default: '
-                                     f'{DEFAULT_METHODS}; with --attack: trust)')
-    p.add_argument('--channel', default='uniform', choices=MEAN_LATENCY_MODELS, help='latency model')
-    p.add_argument('--seed', type=int, default=0, help='channel seed (and, with --attack, attacker and attack seed)')
-    p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
-    p.add_argument('--range', type=positive(float), default=50.0, help='evaluate within this of the ego, m')
-    p.add_argument('--plot', metavar='FILE.png', type=output_file,
-                   help='also draw AP@0.7 against the mean latency for every method')
-    p.add_argument('--bootstrap', type=non_negative(int), default=1000, metavar='N',
-                   help='resamples of the scenes for 90 %% intervals of trust - late and trust - '
-                        'trust_flat (car AP@0.7, paired); 0: none')
-    p.add_argument('--sharing', help=f'comma-separated wire layouts of the feature messages, of: '
-                                     f'{", ".join(SHARING_FORMATS)} (default: {DEFAULT_SHARING}); '
-                                     f'each a row of its own')
-    p.add_argument('--budgets', help='comma-separated byte budgets per collaborator frame to sweep, each a row '
-                                     "of its own (0: no limit; default: each layout's own)")
-    p.add_argument('--plot-bytes', metavar='FILE.png', type=output_file,
-                   help='also draw AP@0.7 against the bytes per collaborator frame (with --sharing/--budgets)')
-    _add_attack_args(p)
-    add_fusion_model_args(p)
-    add_json(p)
-    add_detector_args(p)
+    _add_eval_fusion(commands)
 
     p = commands.add('delay-oracles', cmd_delay_oracles, 'where AP goes under delay: ground truth swapped in, one '
                      'part at a time (a diagnosis)', group='eval')
@@ -104,6 +79,35 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--out', required=True, type=output_file, help='PNG to write')
     p.add_argument('--extent', type=positive(float), default=80.0, help='half width of the view, m')
     add_reading_args(p)
+
+
+def _add_eval_fusion(commands: Commands) -> None:
+    p = commands.add('fusion', cmd_eval_fusion, 'AP of every fusion method under communication delay', group='eval')
+    add_dataset_args(p, 'the test preset')
+    add_cache_arg(p)
+    p.add_argument('--delays', default='0,100,200,300,500', help='mean latencies to sweep, ms')
+    p.add_argument('--methods', help=f'comma-separated fusion methods, of: {", ".join(METHODS)} (default: '
+                                     f'{DEFAULT_METHODS}; with --attack: trust)')
+    p.add_argument('--channel', default='uniform', choices=MEAN_LATENCY_MODELS, help='latency model')
+    p.add_argument('--seed', type=int, default=0, help='channel seed (and, with --attack, attacker and attack seed)')
+    p.add_argument('--egos', help='comma-separated ego agents (default: every vehicle in turn)')
+    p.add_argument('--range', type=positive(float), default=50.0, help='evaluate within this of the ego, m')
+    p.add_argument('--plot', metavar='FILE.png', type=output_file,
+                   help='also draw AP@0.7 against the mean latency for every method')
+    p.add_argument('--bootstrap', type=non_negative(int), default=1000, metavar='N',
+                   help='resamples of the scenes for 90 %% intervals of trust - late and trust - '
+                        'trust_flat (car AP@0.7, paired); 0: none')
+    p.add_argument('--sharing', help=f'comma-separated wire layouts of the feature messages, of: '
+                                     f'{", ".join(SHARING_FORMATS)} (default: {DEFAULT_SHARING}); '
+                                     f'each a row of its own')
+    p.add_argument('--budgets', help='comma-separated byte budgets per collaborator frame to sweep, each a row '
+                                     "of its own (0: no limit; default: each layout's own)")
+    p.add_argument('--plot-bytes', metavar='FILE.png', type=output_file,
+                   help='also draw AP@0.7 against the bytes per collaborator frame (with --sharing/--budgets)')
+    _add_attack_args(p)
+    add_fusion_model_args(p)
+    add_json(p)
+    add_detector_args(p)
 
 
 def _add_attack_args(p) -> None:

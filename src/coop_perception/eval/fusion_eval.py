@@ -26,6 +26,17 @@ from .ap import HEADLINE_CLASS, APAccumulator
 from .bootstrap import ap_difference
 
 
+def method_policy(method: str, roi_policy: dict | None) -> dict:
+    """The roi policy ``method``'s collaborators send with: ``roi_policy``, in the method's own
+    wire layout where it needs one (fusion.methods), with that layout's budget when it differs."""
+    policy = dict(roi_policy or {})
+    need = METHODS[method].sharing
+    if need is not None and policy.get('format', DEFAULT_SHARING) != need:
+        policy.pop('max_bytes', None)
+        policy['format'] = need
+    return policy
+
+
 def _payload(kind: type, view, agent, points_fn, roi_policy):
     """(input for the pipeline, bytes on the wire) of one collaborator scan; ``kind`` is a
     method's payload type (fusion.methods)."""
@@ -97,12 +108,13 @@ def evaluate_fusion(dataset, detector, cache: FeatureCache, fusion_model, method
         samples, scene_egos = scene_samples(dataset, s, egos)
         payloads: dict = {}
         for name, delay in runs:
-            kind = METHODS[name].payload
-            if kind is not None and kind not in payloads:
-                payloads[kind] = _scene_payloads(cache, samples, kind, roi_policy)
+            kind, policy = METHODS[name].payload, method_policy(name, roi_policy)
+            key = (kind, policy.get('format'))
+            if kind is not None and key not in payloads:
+                payloads[key] = _scene_payloads(cache, samples, kind, policy)
             for ego in scene_egos:
-                _run_ego(tallies[(name, delay)], detector, cache, samples, ego, delay, payloads.get(kind, {}),
-                         fusion_model, CooperativeConfig(method=name, roi_policy=roi_policy or {}, gate=gate),
+                _run_ego(tallies[(name, delay)], detector, cache, samples, ego, delay, payloads.get(key, {}),
+                         fusion_model, CooperativeConfig(method=name, roi_policy=policy, gate=gate),
                          channel_model, seed)
             bar.update(1)
     bar.close()
@@ -234,6 +246,7 @@ def format_results(result: dict) -> str:
                     if d['low'] is not None else 'no interval')
         value = f"{100 * d['difference']:+.1f}" if d['difference'] is not None else 'n/a'
         policy = f" ({d['sharing']}, budget {d['budget_bytes']})" if 'sharing' in d else ''
-        lines.append(f"{d['a']} - {d['b']} at {d['delay_ms']:.0f} ms{policy}: {value} {result['headline_class']} AP@0.7 "
-                     f"({interval}; paired bootstrap, {d['resamples']} resamples of {d['groups']} scenes)")
+        lines.append(f"{d['a']} - {d['b']} at {d['delay_ms']:.0f} ms{policy}: {value} "
+                     f"{result['headline_class']} AP@0.7 ({interval}; paired bootstrap, {d['resamples']} "
+                     f"resamples of {d['groups']} scenes)")
     return '\n'.join(lines)

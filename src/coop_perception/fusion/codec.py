@@ -46,7 +46,7 @@ receiver decodes against its own copy and rejects cells that are not centres of 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Hashable, Sequence
 
 import numpy as np
@@ -136,6 +136,16 @@ class FeatureMessage:
     def num_cells(self) -> int:
         return len(self.cells)
 
+    def take(self, index) -> FeatureMessage:
+        """The message with the cells ``index`` (an index array or a bool mask) only."""
+        return replace(self, **{name: getattr(self, name)[index] for name in _PER_CELL
+                                if getattr(self, name) is not None})
+
+    def extended(self, *parts: FeatureMessage) -> FeatureMessage:
+        """The message with the cells of ``parts`` (messages of the same layout) appended."""
+        return replace(self, **{name: np.concatenate([getattr(m, name) for m in (self, *parts)])
+                                for name in _PER_CELL if getattr(self, name) is not None})
+
     @property
     def channels(self) -> int:
         return self.features.shape[1]
@@ -143,6 +153,11 @@ class FeatureMessage:
     def dequantised(self) -> np.ndarray:
         """(M, C) float32 features."""
         return dequantise(self.features, self.scale)
+
+
+# FeatureMessage fields with one row per cell
+_PER_CELL = ('cells', 'features', 'scale', 'confidence', 'uncertainty', 'velocity', 'roi', 'score', 'velocity_std',
+             'boxes', 'labels')
 
 
 # --------------------------------------------------------------------------- uncertainty

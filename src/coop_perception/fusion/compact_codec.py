@@ -1,4 +1,4 @@
-"""One-packet feature messages: one fixed-point record per ROI (docs/architecture.md §4.2).
+"""One-packet feature messages: one fixed-point record per ROI (docs/architecture.md §4.1.1).
 
 The cell layout (``codec``) sends every cell of an ROI with its attributes repeated in float32,
 111 bytes a cell, ~19 kB a frame. One ITS-G5 GeoNetworking packet holds 1,398 bytes. Here an ROI

@@ -32,6 +32,10 @@ class FusionMethod:
     # an upper bound that ignores delay
     delayed: bool
     summary: str
+    # feature methods: the wire layout they need (fusion.sharing.SHARING_FORMATS); 'cells' for a
+    # method that fuses cells and decodes no ROI boxes, which compact records (no features) leave
+    # with nothing; None: whichever the senders use
+    sharing: str | None = None
 
     @property
     def needs_fusion_model(self) -> bool:
@@ -47,12 +51,13 @@ class FusionMethod:
         return self.payload in (None, FeatureMessage)
 
 
-# name, payload, trust, fusion network, motion compensation, ROI boxes, delayed, summary
+# name, payload, trust, fusion network, motion compensation, ROI boxes, delayed, summary[, sharing]
 METHODS: dict[str, FusionMethod] = {row[0]: FusionMethod(*row) for row in (
     ('ego', None, None, False, False, False, True, 'the ego detector alone'),
     ('late', BoxList, None, False, True, False, True, "collaborators' boxes, motion-compensated, merged by NMS"),
     ('early', RawPoints, None, False, False, False, False, "collaborators' raw points detected with the ego's"),
-    ('max', FeatureMessage, None, False, False, False, True, 'element-wise max of the ego map and every ROI cell'),
+    ('max', FeatureMessage, None, False, False, False, True, 'element-wise max of the ego map and every ROI cell',
+     'cells'),
     ('trust', FeatureMessage, LEARNED, True, True, True, True, 'uncertainty trust, multi-scale fusion, ROI boxes'),
     ('gate', FeatureMessage, GATE, True, True, True, True, "'trust' with the calibrated threshold gate"),
     ('trust_flat', FeatureMessage, None, True, True, True, True, "'trust' with every trust fixed at 1 (ablation)"),

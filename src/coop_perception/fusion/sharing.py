@@ -32,7 +32,7 @@ COMPACT_MAX_BYTES = 1_398
 # Wire layouts a collaborator may share in (roi policy key ``format``): ``cells`` (fusion.codec,
 # select_roi_cells) or ``compact`` (fusion.compact_codec, select_roi_peaks).
 SHARING_FORMATS = ('cells', 'compact')
-DEFAULT_SHARING = 'cells'
+DEFAULT_SHARING = 'compact'
 
 
 class CellSelection(NamedTuple):

@@ -72,7 +72,8 @@ class FusionExamples:
 
     def __init__(self, dataset, cache: FeatureCache, roi_policy: dict | None = None):
         self.dataset, self.cache = dataset, cache
-        self.roi_policy = roi_policy or {}
+        # the network learns from collaborator cells, which compact records do not carry
+        self.roi_policy = {**(roi_policy or {}), 'format': 'cells'}
         self._velocities: dict = {}
         self.index = []
         # capture stamps (ns) per (scene, agent) and frame; missing scans never arrive

@@ -3,7 +3,8 @@
 
 Each input topic gets valid messages mutated by a seeded ``numpy`` Generator: PointCloud2 layouts
 (field types, counts, offsets, names, endianness, steps, lengths), values (NaN, inf, absurd
-dequantisation scales and velocities), stamps, frame ids and agent ids up to 2^31 and beyond;
+dequantisation scales and velocities; integer fields' extremes), feature messages in both
+layouts (cells and compact records), stamps, frame ids and agent ids up to 2^31 and beyond;
 odometry gets NaN, infinite, huge and non-unit poses. After every fuzzed message the node gets a
 valid frame (the detector a scan, the fusion an ego pose and map), so each case also runs the
 pipeline on whatever state the fuzzed message left. The harness checks that
@@ -41,6 +42,7 @@ EGO, COLLABORATOR, DETECTOR_AGENT = 1, 2, 2
 # Agent ids the mutations put into frame names: edges of the accepted range and far beyond it.
 AGENT_IDS = (0, 3, 62, 63, 64, 1023, 1024, 2**31 - 1, 2**31, 2**63, 2**64 + 5, 10**30)
 # Values written into float fields: non-finite, huge, tiny, and just outside physical bounds.
+# Integer fields (the compact layout's fixed-point values) get their type's extremes, 0 and 1.
 ODD_FLOATS = (np.nan, np.inf, -np.inf, 1e38, -1e38, 1e30, 1e6, -1e6, 1e-45, 101.0, -1.0, 8.0, 0.0)
 CLOUD_MUTATIONS = ('endianness', 'datatype', 'count', 'offset', 'drop_field', 'rename_field', 'duplicate_field',
                    'truncate', 'extend', 'point_step', 'row_step', 'width', 'height', 'value', 'scale', 'bytes',
@@ -137,16 +139,19 @@ def _mutate_values(spec: CloudSpec, kind: str, rng: np.random.Generator) -> None
         rec = np.frombuffer(spec.data, dtype, count=len(spec.data) // spec.point_step)
     except (pc.PointCloudError, ValueError, ZeroDivisionError):
         return
-    floats = [n for n in dtype.names if dtype.fields[n][0].kind == 'f' and dtype.fields[n][0].shape == ()]
-    if kind == 'scale' and 'scale' in floats:
+    scalars = [n for n in dtype.names if dtype.fields[n][0].kind in 'fiu' and dtype.fields[n][0].shape == ()]
+    if kind == 'scale' and 'scale' in scalars:
         name = 'scale'
-    elif floats:
-        name = str(rng.choice(floats))
+    elif scalars:
+        name = str(rng.choice(scalars))
     else:
         return
     if len(rec):
         rows = rng.integers(0, len(rec), size=int(rng.integers(1, len(rec) + 1)))
-        rec[name][rows] = rng.choice(ODD_FLOATS)
+        t = dtype.fields[name][0]
+        # integer fields (the compact layout's fixed-point values): their extremes and 0
+        rec[name][rows] = (rng.choice(ODD_FLOATS) if t.kind == 'f'
+                           else rng.choice([np.iinfo(t).min, np.iinfo(t).max, 0, 1]))
 
 
 def _mutate_layout(spec: CloudSpec, kind: str, rng: np.random.Generator) -> None:
@@ -293,6 +298,10 @@ class FuzzHarness:
         self.features = CloudSpec.from_buffer(*codec.encode(collaborator_message(det, COLLABORATOR, 0,
                                                                                  {'score_threshold': 0.0})),
                                               0, f'agent{COLLABORATOR}/lidar')
+        # the one-packet layout (fusion.compact_codec) arrives on the same topic
+        self.compact_features = CloudSpec.from_buffer(
+            *codec.encode(collaborator_message(det, COLLABORATOR, 0, {'score_threshold': 0.0, 'format': 'compact'})),
+            0, f'agent{COLLABORATOR}/lidar')
         self.ego_map = CloudSpec.from_buffer(*encode_ego_map(model.detect(valid_scan(1)), EGO, 0), 0,
                                              f'agent{EGO}/lidar')
         self.scan = scan_spec(valid_scan(3), 0, f'agent{DETECTOR_AGENT}/lidar')
@@ -329,7 +338,8 @@ class FuzzHarness:
             spec = odom_spec(agent, before if agent == COLLABORATOR else t)
             kinds = mutate_odom(spec, rng)
         else:
-            spec = {'lidar_detector:lidar': self.scan, 'trust_fusion:v2x/features': self.features,
+            features = self.compact_features if rng.random() < 0.5 else self.features
+            spec = {'lidar_detector:lidar': self.scan, 'trust_fusion:v2x/features': features,
                     'trust_fusion:coop/bev': self.ego_map}[topic].copy(before if 'features' in topic else t)
             kinds = mutate_cloud(spec, rng)
         if topic == 'trust_fusion:v2x/features':

@@ -27,6 +27,7 @@ from coop_perception.data import ros_msgs
 from coop_perception.data.bag import MARKER_ARRAY, ODOMETRY, POINTCLOUD2
 from coop_perception.data.objects import grid_extent, make_objects
 from coop_perception.detection.sweeps import SweepHistory
+from coop_perception.detection.voxelize import MAX_POINT_ABS_M, usable_points
 from coop_perception.fusion import codec, sharing
 from coop_perception.fusion.ego_map import encode_ego_map
 from coop_perception.fusion.pipeline import Sender, collaborator_message
@@ -61,8 +62,13 @@ PARAMS = (
           (0.0, 100.0)),
     Param('roi.min_confidence', sharing.ROI_MIN_CONFIDENCE,
           'sharing policy: ROI cells below this detector confidence are left out', (0.0, 1.0)),
-    Param('roi.max_bytes', sharing.ROI_MAX_BYTES, 'sharing policy: message data budget in bytes; 0: no limit',
-          (0, 1 << 30)),
+    Param('roi.format', sharing.DEFAULT_SHARING, "sharing policy: the feature messages' wire layout: cells "
+                                                 '(every ROI cell with its features, ~19 kB a scan) or compact '
+                                                 '(one 28-byte record per ROI, one V2X packet)',
+          choices=sharing.SHARING_FORMATS),
+    Param('roi.max_bytes', -1, f"sharing policy: message data budget in bytes; 0: no limit; -1: the layout's "
+                               f'own ({sharing.ROI_MAX_BYTES} cells, {sharing.COMPACT_MAX_BYTES} compact)',
+          (-1, 1 << 30)),
     Param('publish_bev', False, 'also publish the whole feature map on coop/bev (the ego agent, for its '
                                 'fusion node)'),
     Param('display_score_threshold', 0.3, 'lowest score drawn in coop/detections', (0.0, 1.0)),
@@ -88,7 +94,9 @@ class LidarDetectorNode(Node):
                                       device=p['device'])
         self.roi_policy = {'score_threshold': p['roi.score_threshold'], 'max_rois': p['roi.max_rois'],
                            'margin_m': p['roi.margin_m'], 'min_confidence': p['roi.min_confidence'],
-                           'max_bytes': p['roi.max_bytes'] or None}
+                           'format': p['roi.format']}
+        if p['roi.max_bytes'] >= 0:
+            self.roi_policy['max_bytes'] = p['roi.max_bytes'] or None
         self.fields = ('x', 'y', 'z', 'intensity') if self.detector.cfg.voxel.use_intensity else ('x', 'y', 'z')
         self.display_threshold = p['display_score_threshold']
         self.max_future_ns = int(p['max_future_s'] * 1e9)
@@ -146,6 +154,10 @@ class LidarDetectorNode(Node):
         except ros_msgs.PointCloudError as e:
             self.guard.reject('malformed_scan', str(e))
             return
+        points, bad = usable_points(points)
+        if bad:
+            self.guard.reject('nonfinite_points', f'{bad} of {bad + len(points)} points are NaN, infinite or '
+                                                  f'beyond {MAX_POINT_ABS_M:g} m (dropped, scan used)')
         try:
             T_world_sensor = self.poses.lookup(stamp)
         except PoseLookupError as e:
@@ -156,9 +168,6 @@ class LidarDetectorNode(Node):
         stacked, ages = self.sweeps.stack(points, T_world_sensor, stamp)
         det = self.detector.detect(stacked, ages=ages)
         self.detect_ms.add((time.perf_counter() - t0) * 1e3)
-        if det.stats.dropped_nonfinite:
-            self.guard.reject('nonfinite_points', f'{det.stats.dropped_nonfinite} of {len(stacked)} points '
-                                                  'are NaN or infinite (dropped, scan used)')
         if T_world_sensor is not None:
             det = self.sender.prepare(det, T_world_sensor, stamp)
         self.scans += 1

@@ -343,7 +343,7 @@ class TrustFusionNode(Node):
             return
         try:
             features = decode(**cv.cloud_layout(msg), grid=self.grid, channels=self.channels, agent_id=k,
-                              stamp_ns=stamp)
+                              stamp_ns=stamp, num_classes=len(self.detector.cfg.classes))
         except FeatureMessageError as e:
             self.guard.reject(f'bad_features:{e.reason}', f'agent {k}: {e}')
             return
