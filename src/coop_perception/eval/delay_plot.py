@@ -44,16 +44,22 @@ def plot_bytes_sweep(result: dict, path, metric: str = 'ap70') -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     rows = [r for r in result['results'] if r[metric] is not None]
     swept = sorted({(r['method'], r['delay_ms'], r['sharing']) for r in rows if 'sharing' in r})
+    delays = sorted({delay for _, delay, _ in swept})
+    colours = {}
     for method, delay, layout in swept:
-        line = sorted((r for r in rows if (r['method'], r['delay_ms'], r.get('sharing')) == (method, delay, layout)),
-                      key=lambda r: r['bytes_per_agent_frame'])
-        ax.plot([r['bytes_per_agent_frame'] for r in line], [100 * r[metric] for r in line], '-o', markersize=4,
+        # a budget too small for any ROI sends nothing, which a log axis cannot place
+        line = sorted((r for r in rows if (r['method'], r['delay_ms'], r.get('sharing')) == (method, delay, layout)
+                       and r['bytes_per_agent_frame'] > 0), key=lambda r: r['bytes_per_agent_frame'])
+        colour = colours.setdefault((method, layout), f'C{len(colours)}')
+        ax.plot([r['bytes_per_agent_frame'] for r in line], [100 * r[metric] for r in line],
+                ('-o', '--s', ':^')[min(delays.index(delay), 2)], color=colour, markersize=4,
                 label=f'{method} {layout}, {delay:.0f} ms')
     for r in rows:
         if 'sharing' in r or r['bytes_per_agent_frame'] > _MAX_PLOTTED_BYTES:
             continue
         if r['bytes_per_agent_frame'] > 0:
-            ax.plot(r['bytes_per_agent_frame'], 100 * r[metric], 's', markersize=6,
+            ax.plot(r['bytes_per_agent_frame'], 100 * r[metric], 'D', markersize=6, color='black',
+                    fillstyle='full' if r['delay_ms'] == rows[0]['delay_ms'] else 'none',
                     label=f"{r['method']}, {r['delay_ms']:.0f} ms")
         elif r['method'] == 'ego' and r['delay_ms'] == rows[0]['delay_ms']:
             ax.axhline(100 * r[metric], linestyle=':', color='grey', label='ego only')
