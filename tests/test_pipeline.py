@@ -45,8 +45,9 @@ def setup(detector, method, fusion=None, collaborator_stamps=(0,), roi_boxes=Tru
         pts = scan(2, shift=-5.0)
         payload = METHODS[method].payload
         if payload is FeatureMessage:
+            layout = {'format': METHODS[method].sharing} if METHODS[method].sharing else {}
             coop.add_input(2, stamp * MS, collaborator_message(detector.detect(pts), 2, stamp * MS,
-                                                               {'score_threshold': 0.02}))
+                                                               {'score_threshold': 0.02, **layout}))
         elif payload is BoxList:
             coop.add_input(2, stamp * MS, BoxList.from_detections(detector.detect(pts), 0.0))
         elif payload is RawPoints:
@@ -107,6 +108,15 @@ def test_wrong_input_kind_is_dropped(detector):
     out = coop.detect(100 * MS)
     assert out is not None and 3 not in out.ages_s
     assert coop.drops['wrong_input_kind'] == 2
+
+
+def test_compact_records_to_a_method_that_fuses_cells_are_dropped(detector):
+    coop = setup(detector, 'max', collaborator_stamps=())
+    coop.add_pose(3, 80 * MS, make_pose([0, 5, 1.8]))
+    records = collaborator_message(detector.detect(scan(3)), 3, 80 * MS, {'score_threshold': 0.02, 'format': 'compact'})
+    coop.add_input(3, 80 * MS, records)
+    out = coop.detect(100 * MS)
+    assert out is not None and 3 not in out.ages_s and coop.drops['needs_cells'] == 1
 
 
 def test_reset_forgets_everything(detector):

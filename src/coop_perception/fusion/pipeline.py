@@ -388,6 +388,10 @@ class CooperativeDetector:
             self._drop('wrong_input_kind', f'{self.method.name} fusion takes {payload.__name__}, agent {agent} '
                                            f'sent {type(item).__name__}')
             return
+        if self.method.sharing == 'cells' and getattr(item, 'boxes', None) is not None:
+            self._drop('needs_cells', f'{self.method.name} fusion fuses feature cells; agent {agent} sends '
+                                      f'compact records without them (its roi.format)')
+            return
         self._heard_from(agent, int(stamp_ns))
         buf = self._inputs[agent]
         if int(stamp_ns) in buf and not replace:
