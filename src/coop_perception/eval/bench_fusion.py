@@ -14,6 +14,7 @@ from ..fusion.codec import make_message
 from ..fusion.ego_map import ego_features
 from ..fusion.pipeline import CooperativeConfig, CooperativeDetector, Sender, collaborator_message
 from ..fusion.sharing import select_occupied_cells
+from .fusion_eval import method_policy
 
 STAGES = ('lending', 'reputation', 'warp', 'fusion', 'head_decode', 'roi_boxes', 'merge', 'total')
 
@@ -26,6 +27,7 @@ def bench_fusion(dataset, detector, cache, fusion_model, *, method: str = 'trust
     gets them, as an int8 map without boxes (fusion.ego_map), not as detections."""
     times: dict[str, list[float]] = {s: [] for s in STAGES}
     fused_with = []
+    policy = method_policy(method, None)
     bar = tqdm(total=frames, desc=f'bench fusion ({method})', unit='frame', disable=not progress)
     for s in range(len(dataset.scenes)):
         if len(times['total']) >= frames:
@@ -45,7 +47,7 @@ def bench_fusion(dataset, detector, cache, fusion_model, *, method: str = 'trust
                     _add_ego(coop, det, view.stamp_ns, ego_map)
                     ego_stamp = view.stamp_ns
                 else:
-                    coop.add_input(k, view.stamp_ns, collaborator_message(det, k, view.stamp_ns))
+                    coop.add_input(k, view.stamp_ns, collaborator_message(det, k, view.stamp_ns, policy))
             out = coop.detect(ego_stamp)
             if out is None or not out.ages_s:
                 continue
