@@ -53,7 +53,8 @@ class System:
         self.env = use_local_discovery(dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID)))
         self.spec = NodeSpec('lidar_detector', 'lidar_detector', f'agent{OTHER}', {
             'detector_config': models['detector_config'], 'detector_weights': models['detector_weights'],
-            'roi.score_threshold': 0.0, 'threads': 1}, uses_config=False)
+            'roi.score_threshold': 0.0, 'roi.format': 'cells', 'threads': 1},   # max fuses cells
+            uses_config=False)
         self.logs = tmp / 'logs'
         self.launch = None
         self.context = rclpy.Context()
@@ -80,7 +81,7 @@ class System:
         model = self.fusion.detector
         self.ego_map = encode_ego_map(model.detect(valid_scan(1)), EGO, 0)
         self.features = codec.encode(collaborator_message(model.detect(valid_scan(2)), OTHER, 0,
-                                                          {'score_threshold': 0.0}))
+                                                          {'score_threshold': 0.0, 'format': 'cells'}))
         points = valid_scan(3)
         self.scan = np.concatenate([points, np.zeros((len(points), 1), np.float32)], 1)
         self.t = time.time_ns() - 600 * S

@@ -66,7 +66,8 @@ def test_reputation_is_reported_and_drawn(tmp_path):
 
         def frame(stamp):
             pubs['v2x/odom'].publish(odom(2, stamp - S // 20))
-            msg = collaborator_message(detector.detect(valid_scan(7)), 2, stamp - S // 20, {'score_threshold': 0.0})
+            msg = collaborator_message(detector.detect(valid_scan(7)), 2, stamp - S // 20,
+                                       {'score_threshold': 0.0, 'format': 'cells'})   # max fuses cells
             pubs['v2x/features'].publish(cv.buffer_to_cloud(
                 *codec.encode(msg), ros_msgs.make_header(MSGS, stamp - S // 20, 'agent2/lidar'), MSGS))
             pubs['odom'].publish(odom(1, stamp))

@@ -34,6 +34,7 @@ DOMAIN_ID = 61
 MSGS = cv.RclpyMessages()
 CLOUD, ODOM, STRING = 'sensor_msgs/msg/PointCloud2', 'nav_msgs/msg/Odometry', 'std_msgs/msg/String'
 S = 1_000_000_000
+CELLS = {'score_threshold': 0.0, 'format': 'cells'}   # what the max fusion of these tests fuses
 
 
 @pytest.fixture(scope='module')
@@ -282,7 +283,7 @@ def test_fusion_uses_collaborators_rejects_bad_input_and_resets_when_time_jumps_
     def collaborator(stamp, agent=2, frame_id=None, message=None, with_pose=True):
         if with_pose:
             pubs['v2x/odom'].publish(odom_msg(agent, stamp))
-        msg = message or collaborator_message(detector.detect(valid_scan(7)), agent, stamp, {'score_threshold': 0.0})
+        msg = message or collaborator_message(detector.detect(valid_scan(7)), agent, stamp, CELLS)
         pubs['v2x/features'].publish(cv.buffer_to_cloud(
             *codec.encode(msg), ros_msgs.make_header(MSGS, stamp, frame_id or f'agent{agent}/lidar'), MSGS))
         ros.spin(timeout_s=0.1)

@@ -295,9 +295,8 @@ class FuzzHarness:
         self.t = start_ns
         model = self.fusion.detector
         det = model.detect(valid_scan(7))
-        self.features = CloudSpec.from_buffer(*codec.encode(collaborator_message(det, COLLABORATOR, 0,
-                                                                                 {'score_threshold': 0.0})),
-                                              0, f'agent{COLLABORATOR}/lidar')
+        self.features = CloudSpec.from_buffer(*codec.encode(collaborator_message(
+            det, COLLABORATOR, 0, {'score_threshold': 0.0, 'format': 'cells'})), 0, f'agent{COLLABORATOR}/lidar')
         # the one-packet layout (fusion.compact_codec) arrives on the same topic
         self.compact_features = CloudSpec.from_buffer(
             *codec.encode(collaborator_message(det, COLLABORATOR, 0, {'score_threshold': 0.0, 'format': 'compact'})),
