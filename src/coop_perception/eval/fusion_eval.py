@@ -145,14 +145,18 @@ def evaluate_sharing(dataset, detector, cache: FeatureCache, fusion_model, metho
     for i, policy in enumerate(policies):
         run = [m for m in methods if i == 0 or METHODS[m].payload is FeatureMessage]
         out = evaluate_fusion(dataset, detector, cache, fusion_model, run, delays_ms, roi_policy=policy, **kwargs)
-        tag = {'sharing': policy.get('format', DEFAULT_SHARING), 'budget_bytes': policy.get('max_bytes')}
         for row in out['results']:
-            results.append({**row, **(tag if METHODS[row['method']].payload is FeatureMessage else {})})
-        differences += [{**d, **tag} for d in out.get('differences', [])]
+            results.append({**row, **(_policy_tag(method_policy(row['method'], policy))
+                                      if METHODS[row['method']].payload is FeatureMessage else {})})
+        differences += [{**d, **_policy_tag(policy)} for d in out.get('differences', [])]
     out['results'] = results
     if differences:
         out['differences'] = differences
     return out
+
+
+def _policy_tag(policy: dict) -> dict:
+    return {'sharing': policy.get('format', DEFAULT_SHARING), 'budget_bytes': policy.get('max_bytes')}
 
 
 # (a, b): the comparisons the latency issue's targets are stated in
