@@ -25,15 +25,9 @@ def plot_delay_sweep(result: dict, path, metric: str = 'ap70') -> Path:
         flat = len({r[metric] for r in rows}) == 1 and len(rows) > 1
         ax.plot(delays, [100 * r[metric] for r in rows], '--' if flat else '-o', label=method, markersize=4)
     ax.set_xlabel('mean V2X latency (ms)')
-    ax.set_ylabel(f"{result['headline_class']} {METRICS[metric]} (%)")
-    ax.set_title(f"{result['channel']} latency channel, seed {result['seed']}, within {result['max_range_m']:g} m")
     ax.grid(alpha=0.3)
     ax.legend(loc='lower left', fontsize=8, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, result, metric, path)
 
 
 def plot_bytes_sweep(result: dict, path, metric: str = 'ap70') -> Path:
@@ -67,10 +61,15 @@ def plot_bytes_sweep(result: dict, path, metric: str = 'ap70') -> Path:
     ax.text(1398, ax.get_ylim()[0], ' one ITS-G5 packet', fontsize=7, color='grey', va='bottom')
     ax.set_xscale('log')
     ax.set_xlabel('bytes per collaborator frame')
-    ax.set_ylabel(f"{result['headline_class']} {METRICS[metric]} (%)")
-    ax.set_title(f"{result['channel']} latency channel, seed {result['seed']}, within {result['max_range_m']:g} m")
     ax.grid(alpha=0.3, which='both')
     ax.legend(loc='lower right', fontsize=7, ncol=2)
+    return _finish(fig, ax, result, metric, path)
+
+
+def _finish(fig, ax, result: dict, metric: str, path) -> Path:
+    """The y label and title every plot of a result has; written to ``path``."""
+    ax.set_ylabel(f"{result['headline_class']} {METRICS[metric]} (%)")
+    ax.set_title(f"{result['channel']} latency channel, seed {result['seed']}, within {result['max_range_m']:g} m")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -320,20 +320,43 @@ def _check_fields(fields: Sequence, channels: int) -> None:
     if missing:
         raise FeatureMessageError(FeatureMessageError.MISSING_FIELD, f'missing field(s) '
                                   f'{", ".join(missing)} (has: {", ".join(by_name) or "none"})')
-    for name, datatype in _EXPECTED_TYPES.items():
+    count = max(int(by_name['features'].count), 1)
+    if by_name['features'].datatype == INT8 and count != channels:
+        raise FeatureMessageError(FeatureMessageError.CHANNELS, f'features has count {count}, '
+                                                                f'this detector has {channels} channels')
+    check_field_types(by_name, _EXPECTED_TYPES, {'features': channels, FREE_RANGE_Q_FIELD: None})
+
+
+def check_field_types(by_name: dict, expected: dict[str, int], counts: dict[str, int | None]) -> None:
+    """FeatureMessageError (``layout``) for a field of ``by_name`` (name -> PointField) among
+    ``expected`` (name -> datatype) with another datatype, or another count than ``counts`` says
+    (1 when it does not name the field; None: any count)."""
+    for name, datatype in expected.items():
         f = by_name.get(name)
         if f is None:
             continue
         if int(f.datatype) != datatype:
             raise FeatureMessageError(FeatureMessageError.LAYOUT, f'field {name!r} has datatype '
                                                                   f'{int(f.datatype)}, expected {datatype}')
-        count = max(int(f.count), 1)  # some producers write 0 for scalars
-        if name == 'features' and count != channels:
-            raise FeatureMessageError(FeatureMessageError.CHANNELS, f'features has count {count}, '
-                                                                    f'this detector has {channels} channels')
-        if name not in ('features', FREE_RANGE_Q_FIELD) and count != 1:
+        count, want = max(int(f.count), 1), counts.get(name, 1)   # some producers write 0 for scalars
+        if want is not None and count != want:
             raise FeatureMessageError(FeatureMessageError.LAYOUT,
-                                      f'field {name!r} has count {count}, expected 1')
+                                      f'field {name!r} has count {count}, expected {want}')
+
+
+def read_records(fields: Sequence, data, point_step: int, *, width: int, height: int, row_step: int | None,
+                 is_bigendian: bool) -> np.ndarray:
+    """A cloud's data -> its records (height * width,) as a structured view, or
+    FeatureMessageError (``layout``) when the layout and the data disagree."""
+    if row_step is None:
+        row_step = width * point_step
+    try:
+        dtype = check_layout(fields, height=height, width=width, point_step=point_step,
+                             row_step=row_step, data_len=len(data), is_bigendian=is_bigendian,
+                             require=())
+    except ValueError as e:  # PointCloudError, or numpy refusing sizes beyond a C int (~2^32 steps)
+        raise FeatureMessageError(FeatureMessageError.LAYOUT, str(e)) from None
+    return buffer_to_array(data, dtype, height=height, width=width, row_step=row_step).reshape(-1)
 
 
 def check_message_values(msg: FeatureMessage) -> None:
@@ -402,21 +425,15 @@ def decode(fields: Sequence, data, point_step: int, *, width: int, grid: BevGrid
                               agent_id=agent_id, stamp_ns=stamp_ns, height=height, row_step=row_step,
                               is_bigendian=is_bigendian, num_classes=num_classes)
     _check_fields(fields, channels)
-    if row_step is None:
-        row_step = width * point_step
-    try:
-        dtype = check_layout(fields, height=height, width=width, point_step=point_step,
-                             row_step=row_step, data_len=len(data), is_bigendian=is_bigendian,
-                             require=())
-    except ValueError as e:  # PointCloudError, or numpy refusing sizes beyond a C int (~2^32 steps)
-        raise FeatureMessageError(FeatureMessageError.LAYOUT, str(e)) from None
-    rec = buffer_to_array(data, dtype, height=height, width=width, row_step=row_step).reshape(-1)
+    rec = read_records(fields, data, point_step, width=width, height=height, row_step=row_step,
+                       is_bigendian=is_bigendian)
+    names = rec.dtype.names
 
     def column(name):
         return rec[name].astype(np.float32)
 
     m = len(rec)
-    velocity = (np.stack([column('vx'), column('vy')], axis=1) if 'vx' in dtype.names
+    velocity = (np.stack([column('vx'), column('vy')], axis=1) if 'vx' in names
                 else np.zeros((m, 2), np.float32))
     msg = FeatureMessage(
         agent_id=agent_id, stamp_ns=int(stamp_ns), grid=grid,
@@ -426,7 +443,7 @@ def decode(fields: Sequence, data, point_step: int, *, width: int, grid: BevGrid
         uncertainty=np.stack([column(n) for n in MESSAGE_UNCERTAINTY_FIELDS], axis=1).reshape(m, 4),
         velocity=velocity.reshape(m, 2), roi=rec['roi'].astype(np.int16), score=column('score'),
         free_range=free_range_from_records(rec, m),
-        velocity_std=velocity_std_from_wire(rec[V_STD_Q_FIELD]) if V_STD_Q_FIELD in dtype.names else None)
+        velocity_std=velocity_std_from_wire(rec[V_STD_Q_FIELD]) if V_STD_Q_FIELD in names else None)
     check_message_values(msg)
     return msg
 

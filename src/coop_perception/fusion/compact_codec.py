@@ -35,12 +35,13 @@ from typing import TYPE_CHECKING, Hashable, Sequence
 import numpy as np
 
 from coop_perception.data.objects import MAX_SPEED_MPS
-from coop_perception.data.pointcloud import INT16, UINT8, UINT16, array_to_buffer, buffer_to_array, check_layout
+from coop_perception.data.pointcloud import INT16, UINT8, UINT16, array_to_buffer
 from coop_perception.detection.free_range import FREE_RANGE_BINS, to_wire
 
 from .codec import (FREE_RANGE_Q_FIELD, MESSAGE_UNCERTAINTY_FIELDS, V_STD_Q_FIELD, FeatureMessage,
-                    FeatureMessageError, check_message_values, free_range_count, free_range_from_records,
-                    message_uncertainty, velocity_std_from_wire, velocity_std_to_wire)
+                    FeatureMessageError, check_field_types, check_message_values, free_range_count,
+                    free_range_from_records, message_uncertainty, read_records, velocity_std_from_wire,
+                    velocity_std_to_wire)
 
 if TYPE_CHECKING:
     from coop_perception.bev_grid import BevGrid
@@ -73,7 +74,7 @@ _EXPECTED_TYPES = {CELL_FIELD: UINT16, **{n: INT16 for n in ('x', 'y', 'z', 'yaw
                    **{n: UINT16 for n in ('l', 'w', 'h')},
                    **{n: UINT8 for n in ('label', 'score', 'confidence', UNC_Q_FIELD, V_STD_Q_FIELD,
                                          FREE_RANGE_Q_FIELD)}}
-_COUNTS = {UNC_Q_FIELD: len(MESSAGE_UNCERTAINTY_FIELDS)}
+_COUNTS = {UNC_Q_FIELD: len(MESSAGE_UNCERTAINTY_FIELDS), FREE_RANGE_Q_FIELD: None}
 
 
 def is_compact(fields: Sequence) -> bool:
@@ -212,17 +213,7 @@ def _check_fields(fields: Sequence) -> None:
     if missing:
         raise FeatureMessageError(FeatureMessageError.MISSING_FIELD, f'missing field(s) {", ".join(missing)} '
                                                                      f'of the compact layout')
-    for name, datatype in _EXPECTED_TYPES.items():
-        f = by_name.get(name)
-        if f is None:
-            continue
-        if int(f.datatype) != datatype:
-            raise FeatureMessageError(FeatureMessageError.LAYOUT, f'field {name!r} has datatype '
-                                                                  f'{int(f.datatype)}, expected {datatype}')
-        count = max(int(f.count), 1)
-        if name != FREE_RANGE_Q_FIELD and count != _COUNTS.get(name, 1):
-            raise FeatureMessageError(FeatureMessageError.LAYOUT, f'field {name!r} has count {count}, '
-                                                                  f'expected {_COUNTS.get(name, 1)}')
+    check_field_types(by_name, _EXPECTED_TYPES, _COUNTS)
 
 
 def decode_compact(fields: Sequence, data, point_step: int, *, width: int, grid: BevGrid, channels: int,
@@ -231,13 +222,7 @@ def decode_compact(fields: Sequence, data, point_step: int, *, width: int, grid:
     """A received compact cloud -> FeatureMessage (arguments as ``codec.decode``), or
     FeatureMessageError."""
     _check_fields(fields)
-    if row_step is None:
-        row_step = width * point_step
-    try:
-        dtype = check_layout(fields, height=height, width=width, point_step=point_step, row_step=row_step,
-                             data_len=len(data), is_bigendian=is_bigendian, require=())
-    except ValueError as e:
-        raise FeatureMessageError(FeatureMessageError.LAYOUT, str(e)) from None
-    rec = buffer_to_array(data, dtype, height=height, width=width, row_step=row_step).reshape(-1)
+    rec = read_records(fields, data, point_step, width=width, height=height, row_step=row_step,
+                       is_bigendian=is_bigendian)
     return messages_from_records(rec, grid, channels, agent_id, stamp_ns, num_classes)
 
