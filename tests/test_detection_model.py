@@ -166,6 +166,20 @@ def test_detect_from_features_matches_detect(model):
     np.testing.assert_allclose(again.uncertainty, det.uncertainty, rtol=1e-4, atol=1e-6)
 
 
+def test_decode_regresses_kept_cells_like_full_box_maps(model):
+    feats = model.detect(scan(np.random.default_rng(5))).features
+    x = torch.from_numpy(feats)[None]
+    with torch.inference_mode():
+        full, lean = model.head(x), model.head(x, boxes=False)
+        assert 'reg' not in lean and 'reg_logvar' not in lean
+        a = decode(model.head, {**full, 'features': x}, model.cfg, model.grid(), 1.8, 4, {})
+        b = decode(model.head, {**lean, 'features': x}, model.cfg, model.grid(), 1.8, 4, {})
+    assert len(a.boxes) > 0
+    np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-5)
+    np.testing.assert_allclose(b.uncertainty, a.uncertainty, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(b.velocities, a.velocities, atol=1e-5)
+
+
 def test_apply_threads():
     before = torch.get_num_threads()
     try:

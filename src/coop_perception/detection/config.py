@@ -121,7 +121,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     # Backbone and head under bfloat16 autocast (training and inference); 'auto' where the CPU
-    # computes bf16 natively (AMX / AVX512-BF16), where it is several times faster than float32.
+    # has AMX (detection.model.native_bf16), where it is several times faster than float32.
     bf16: bool | str
     # torch threads for the process running the detector (0: torch's default). Entry points apply
     # it with model.apply_threads(); on shared cores one thread avoids stalls of 10x and more.

@@ -134,7 +134,8 @@ def decode(head, maps: dict[str, torch.Tensor], cfg: DetectorConfig,
     scores, flat = scores[sel], flat[sel]
     labels, rows, cols = flat // (H * W), (flat % (H * W)) // W, flat % W
 
-    reg = maps['reg'][b][:, rows, cols].T.cpu().numpy()
+    reg_all, logvar_all = _regression_at(head, maps, b, rows, cols)
+    reg = reg_all.cpu().numpy()
     boxes, vel = boxes_from_regression(reg, rows.cpu().numpy(), cols.cpu().numpy(), grid, sensor_height)
     scores_np, labels_np = scores.cpu().numpy(), labels.cpu().numpy()
     keep = []
@@ -146,8 +147,7 @@ def decode(head, maps: dict[str, torch.Tensor], cfg: DetectorConfig,
     keep_t = torch.from_numpy(keep).to(rows.device)
     rows, cols, labels = rows[keep_t], cols[keep_t], labels[keep_t]
 
-    ale = torch.cat([maps['reg_logvar'][b][:, rows, cols].T,
-                     maps['cls_logvar'][b][labels, rows, cols][:, None]], 1)
+    ale = torch.cat([logvar_all[keep_t], maps['cls_logvar'][b][labels, rows, cols][:, None]], 1)
     ale = torch.exp(ale.clamp(*LOGVAR_CLAMP)).cpu().numpy()
     timings['decode'] = time.perf_counter() - t
 
@@ -160,6 +160,17 @@ def decode(head, maps: dict[str, torch.Tensor], cfg: DetectorConfig,
         velocities=vel[keep], uncertainty=np.concatenate([ale, epi], 1).astype(np.float32),
         features=maps['features'][b].cpu().numpy(), confidence=confidence.cpu().numpy(),
         grid=grid, sensor_height=sensor_height, velocity_std=dc.velocity_std)
+
+
+def _regression_at(head, maps: dict[str, torch.Tensor], b: int, rows: torch.Tensor,
+                   cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reg (n, len(REG_FIELDS)) and reg_logvar (n, ..) of batch element ``b`` at the cells
+    (rows, cols): read from the maps, or regressed from the head inputs where the head left the
+    box maps out (``CenterHead.forward(boxes=False)``)."""
+    if 'reg' in maps:
+        return maps['reg'][b][:, rows, cols].T, maps['reg_logvar'][b][:, rows, cols].T
+    out = head.regress(maps['cells'][b][rows, cols].float())
+    return out['reg'].float(), out['reg_logvar'].float()
 
 
 def _mc_uncertainty(head, cells: torch.Tensor, labels: torch.Tensor, passes: int, seed: int) -> np.ndarray:

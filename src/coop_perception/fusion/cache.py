@@ -194,12 +194,13 @@ def add_scan_velocities(dataset, root, cfg: ScanVelocityConfig, progress: bool =
 
 def feature_cache(dataset, detector, weights, root, progress: bool = True) -> tuple[FeatureCache, int]:
     """The cached detector output of every agent view of ``dataset``, in ``root/<weights id>``:
-    keyed by the checkpoint file ``weights``, so a retrained detector never reads stale features.
+    keyed by the checkpoint file ``weights``, so a retrained detector never reads stale features,
+    and by the detector's precision (bfloat16 where the CPU has AMX, float32 elsewhere).
     Views not cached yet are computed now, views cached without a free-range profile get one
     from their scan, and every view its measured velocities (``add_scan_velocities``) where the
     detector config measures them. -> (cache, views written now)."""
     weights_id = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
-    folder = Path(root) / weights_id
+    folder = Path(root) / (weights_id + ('-bf16' if detector.bf16 else ''))
     written = build_cache(dataset, detector, folder, progress=progress)
     add_free_ranges(dataset, folder, progress=progress)
     sv = detector.cfg.scan_velocity

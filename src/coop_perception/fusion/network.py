@@ -37,13 +37,20 @@ def reduce_agents(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, t
 
 def reduce_sparse(ego: torch.Tensor, agents: list[SparseAgent]) -> tuple[torch.Tensor, torch.Tensor]:
     """`reduce_agents` for one ego map (C, H, W) and collaborators' non-negative cells -> max and
-    mean, each (C, H, W)."""
+    mean, each (C, H, W). Collaborators without cells (compact records) count in the mean only;
+    the max is then the ego map itself, not a copy."""
     C, H, W = ego.shape
-    mx, total = ego.reshape(C, -1).clone(), ego.reshape(C, -1).clone()
+    share = 1.0 / (1 + len(agents))
+    flat = ego.reshape(C, -1)
+    mx, mean = flat, flat * share
     for a in agents:
+        if not len(a.index):
+            continue
+        if mx is flat:
+            mx = flat.clone()
         mx[:, a.index] = torch.maximum(mx[:, a.index], a.values)
-        total.index_add_(1, a.index, a.values)
-    return mx.reshape(C, H, W), (total / (1 + len(agents))).reshape(C, H, W)
+        mean.index_add_(1, a.index, a.values, alpha=share)
+    return mx.reshape(C, H, W), mean.reshape(C, H, W)
 
 
 class AgentAttention(nn.Module):
@@ -56,12 +63,17 @@ class AgentAttention(nn.Module):
                                      nn.Linear(channels // reduction, channels))
 
     def forward(self, mx: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        fused, c = self.blend(mx, mean)
+        return fused * c[:, :, None, None]
+
+    def blend(self, mx: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` before its channel reweighting -> blended map (B, C, H, W) and channel
+        weights (B, C), which a following linear layer can take into its weights instead."""
         stats = torch.cat([mx.amax(1, keepdim=True), mx.mean(1, keepdim=True),
                            mean.amax(1, keepdim=True), mean.mean(1, keepdim=True)], 1)
         s = torch.sigmoid(self.spatial(stats))
         fused = torch.lerp(mean, mx, s)   # s * mx + (1 - s) * mean in one pass
-        c = torch.sigmoid(self.channel(fused.mean((2, 3))))[:, :, None, None]
-        return fused * c
+        return fused, torch.sigmoid(self.channel(fused.mean((2, 3))))
 
 
 class MultiScaleFusion(nn.Module):
@@ -96,15 +108,29 @@ class MultiScaleFusion(nn.Module):
 
     def forward_sparse(self, ego: torch.Tensor, agents: list[SparseAgent]) -> torch.Tensor:
         """The same fusion for one ego map (C, H, W) and its valid collaborators' cells (features
-        >= 0, see the module docstring) -> (1, C, H, W); equals ``forward`` on the dense stack."""
+        >= 0, see the module docstring) -> (1, C, H, W); equals ``forward`` on the dense stack.
+        Memory traffic, not arithmetic, is most of its time on a CPU: collaborators without cells
+        cost nothing but their share of the mean, and the fine scale's channel weights go into
+        the projection's weights instead of over the map."""
         C, H, W = ego.shape
-        fused = [self.attend[0](*(m[None] for m in reduce_sparse(ego, agents)))]
+        share = 1.0 / (1 + len(agents))
+        with_cells = [a for a in agents if len(a.index)]
+        fine, c = self.attend[0].blend(*(m[None] for m in reduce_sparse(ego, agents)))
+        weight, bias = self.project.weight, self.project.bias
+        delta = F.conv2d(fine, weight[:, :C] * c[0][None, :, None, None], bias)
         for s in range(1, self.scales):
             f = 2 ** s
-            # a coarse grid is small enough to stack densely
-            coarse = torch.stack([max_pool(ego, f)] + [pool_dense(a, H, W, f) for a in agents])
-            fused.append(self.attend[s](coarse.amax(0, keepdim=True), coarse.mean(0, keepdim=True)))
-        return self._merge(ego[None], fused)
+            # a coarse grid is small enough to reduce densely
+            mx = max_pool(ego, f)
+            total = mx.clone() if with_cells else mx
+            for a in with_cells:
+                pooled = pool_dense(a, H, W, f)
+                mx = torch.maximum(mx, pooled)
+                total += pooled
+            coarse = self.attend[s](mx[None], total[None] * share)
+            up = self.up[s - 1]
+            delta += up[-1](F.conv2d(up[:-1](coarse), weight[:, s * C:(s + 1) * C]))
+        return delta.add_(ego)
 
     def _merge(self, ego: torch.Tensor, fused: list[torch.Tensor]) -> torch.Tensor:
         """ego + project(cat(fine, upsampled coarse scales)). The 1x1 projection is split by scale
