@@ -37,6 +37,16 @@ def test_interpolate_pose_midpoint():
     assert g.matrix_yaw(g.interpolate_pose(T0, T1, 1.5)) == pytest.approx(1.5)
 
 
+def test_bev_iou_of_boxes_with_themselves_equals_the_pairwise_form():
+    rng = np.random.default_rng(0)
+    boxes = np.concatenate([rng.uniform(-8, 8, (60, 3)), rng.uniform(0.5, 5, (60, 3)),
+                            rng.uniform(-3, 3, (60, 1))], 1)
+    boxes[7, 3] = 0.0   # no area: overlaps nothing, itself included
+    pairwise = g.bev_iou(boxes, boxes.copy())
+    assert (pairwise[~np.eye(60, dtype=bool)] > 0).sum() > 20
+    np.testing.assert_allclose(g.bev_iou(boxes), pairwise, atol=1e-12)
+
+
 def test_bev_iou_hand_cases():
     a = np.array([[0, 0, 0, 4, 2, 1.5, 0.3]])
     assert g.bev_iou(a, a)[0, 0] == pytest.approx(1.0)

@@ -233,10 +233,12 @@ def _polygon_intersection_area(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(n_valid >= 3, area, 0.0)
 
 
-def bev_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
-    """Rotated bird's-eye-view IoU of every pair: (N, 7), (M, 7) -> (N, M) in [0, 1]."""
+def bev_iou(boxes_a: np.ndarray, boxes_b: np.ndarray | None = None) -> np.ndarray:
+    """Rotated bird's-eye-view IoU of every pair: (N, 7), (M, 7) -> (N, M) in [0, 1]. Without
+    ``boxes_b``, of ``boxes_a`` with themselves (N, N): each pair is computed once and mirrored."""
+    symmetric = boxes_b is None
     boxes_a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, BOX_DIM)
-    boxes_b = np.asarray(boxes_b, dtype=np.float64).reshape(-1, BOX_DIM)
+    boxes_b = boxes_a if symmetric else np.asarray(boxes_b, dtype=np.float64).reshape(-1, BOX_DIM)
     N, M = len(boxes_a), len(boxes_b)
     iou = np.zeros((N, M))
     if N == 0 or M == 0:
@@ -245,12 +247,15 @@ def bev_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
     ra = 0.5 * np.hypot(boxes_a[:, 3], boxes_a[:, 4])
     rb = 0.5 * np.hypot(boxes_b[:, 3], boxes_b[:, 4])
     dist = np.linalg.norm(boxes_a[:, None, :2] - boxes_b[None, :, :2], axis=-1)
-    ia, ib = np.nonzero(dist < ra[:, None] + rb[None, :])
-    if len(ia) == 0:
-        return iou
-    inter = _polygon_intersection_area(bev_corners(boxes_a)[ia], bev_corners(boxes_b)[ib])
+    near = dist < ra[:, None] + rb[None, :]
+    ia, ib = np.nonzero(np.triu(near, 1) if symmetric else near)
     area_a = boxes_a[:, 3] * boxes_a[:, 4]
     area_b = boxes_b[:, 3] * boxes_b[:, 4]
-    union = area_a[ia] + area_b[ib] - inter
-    iou[ia, ib] = np.clip(inter / np.maximum(union, 1e-9), 0.0, 1.0)
+    if len(ia):
+        inter = _polygon_intersection_area(bev_corners(boxes_a)[ia], bev_corners(boxes_b)[ib])
+        union = area_a[ia] + area_b[ib] - inter
+        iou[ia, ib] = np.clip(inter / np.maximum(union, 1e-9), 0.0, 1.0)
+    if symmetric:
+        iou[ib, ia] = iou[ia, ib]
+        iou[np.diag_indices(N)] = (area_a > 0).astype(np.float64)
     return iou

@@ -89,7 +89,7 @@ def boxes_from_regression(reg: np.ndarray, rows: np.ndarray, cols: np.ndarray, g
 def rotated_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy NMS with rotated BEV IoU: indices of kept boxes, by descending score."""
     order = np.argsort(-scores, kind='stable')
-    iou = bev_iou(boxes[order], boxes[order])
+    iou = bev_iou(boxes[order])
     suppressed = np.zeros(len(order), bool)
     keep = []
     for i in range(len(order)):

@@ -817,7 +817,7 @@ def _cluster_nms(boxes, scores, labels, iou_threshold) -> tuple[np.ndarray, list
     for k in np.unique(labels):
         idx = np.flatnonzero(labels == k)
         order = idx[np.argsort(-scores[idx], kind='stable')]
-        iou = bev_iou(boxes[order], boxes[order])
+        iou = bev_iou(boxes[order])
         free = np.ones(len(order), bool)
         for i in range(len(order)):
             if not free[i]:
