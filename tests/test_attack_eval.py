@@ -63,6 +63,27 @@ def test_attacks_change_only_the_attacker(setup, kind, layout):
     assert all(not np.allclose(noisy[k][1], payloads[k][1]) for k in payloads if k[1] != ego)
 
 
+def _free_places(msg, n: int) -> np.ndarray:
+    """``n`` places (m, cell centres) where a copy of any of the message's ROIs lands on free cells
+    inside the grid: what the untrained tiny detector sends differs with the CPU's precision."""
+    size = msg.grid.cell_size
+    reach = max(np.ptp(msg.cells[msg.roi == r], axis=0).max() for r in np.unique(msg.roi[msg.roi >= 0]))
+    margin = reach + size   # the copy's cells lie within ``reach`` of its peak
+    (x0, y0), (H, W) = msg.grid.origin, msg.grid.shape
+    xs = x0 + size * (np.arange(W) + 0.5)
+    ys = y0 + size * (np.arange(H) + 0.5)
+    grid = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+    inner = grid[(grid[:, 0] > x0 + margin) & (grid[:, 0] < x0 + W * size - margin)
+                 & (grid[:, 1] > y0 + margin) & (grid[:, 1] < y0 + H * size - margin)]
+    gap = np.linalg.norm(inner[:, None] - msg.cells[None], axis=-1).min(1)
+    free = inner[gap > margin]
+    assert len(free) >= n
+    picked = [free[0]]
+    while len(picked) < n:   # far from each other too
+        picked.append(free[np.argmax(np.linalg.norm(free[:, None] - np.array(picked)[None], axis=-1).min(1))])
+    return np.array(picked)
+
+
 @pytest.mark.parametrize('layout', ['cells', 'compact'])
 def test_phantoms_are_copies_of_a_real_roi_at_free_places(setup, layout):
     det, ds, cache = setup
@@ -70,7 +91,7 @@ def test_phantoms_are_copies_of_a_real_roi_at_free_places(setup, layout):
     payloads = _scene_payloads(cache, samples, FeatureMessage, {**LOW_ROI, 'format': layout})
     msg = payloads[(1, 0)][2]
     assert (msg.roi >= 0).any()
-    places = np.array([[6.0, 6.0], [-6.0, -6.0]])
+    places = _free_places(msg, 2)
     out = A.with_phantoms(msg, places)
     new = np.setdiff1d(np.unique(out.roi), np.unique(msg.roi))
     assert len(new) == 2 and out.num_cells > msg.num_cells

@@ -160,11 +160,17 @@ def hidden_behind(free_range: np.ndarray, objects: list, cell_size: float) -> np
     """A profile (B,) m cut so that each object (its cells, (n, 2) m, sender frame) stands in
     front of the first return: what a phantom sender reports to be consistent with its lie."""
     out = np.array(free_range, np.float32)
+    B = len(out)
     for cells in objects:
         corners = (cells[:, None, :] + np.array([[-1, -1], [-1, 1], [1, -1], [1, 1]]) * cell_size / 2).reshape(-1, 2)
         r = np.hypot(corners[:, 0], corners[:, 1])
-        bins = azimuth_bins(corners[:, 0], corners[:, 1], len(out))
-        np.minimum.at(out, bins, np.maximum(r.min() - cell_size, 0.0).astype(np.float32))
+        # every bin the object spans, not only those its corners fall in: near the sensor one
+        # cell covers several bins
+        mid = np.arctan2(cells[:, 1].mean(), cells[:, 0].mean())
+        rel = (np.arctan2(corners[:, 1], corners[:, 0]) - mid + np.pi) % (2 * np.pi) - np.pi
+        first, last = np.floor((mid + np.array([rel.min(), rel.max()]) + np.pi) * (B / (2 * np.pi))).astype(np.int64)
+        bins = np.arange(B) if last - first >= B // 2 else np.arange(first, last + 1) % B
+        out[bins] = np.minimum(out[bins], np.float32(max(r.min() - cell_size, 0.0)))
     return out
 
 
