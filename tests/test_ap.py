@@ -111,3 +111,19 @@ def test_auroc():
     assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
     assert auroc([1, 1, 1], [0, 1, 1]) == pytest.approx(0.5)  # ties count half
     assert auroc([0.2], [1]) is None
+
+
+def test_false_positives_per_scan_count_confident_unmatched_detections():
+    from coop_perception.eval.detector_eval import false_positives_per_scan
+
+    acc = APAccumulator(('car', 'pedestrian'), (0.3, 0.5, 0.7))
+    car = np.array([10.0, 0, 0, 4.5, 2.0, 1.5, 0])
+    far = car + np.array([20.0, 0, 0, 0, 0, 0, 0])
+    # on the car, a duplicate of it, a confident box on nothing, a faint one on nothing, a pedestrian
+    # labelled box on the car (wrong class)
+    boxes = np.stack([car, car, far, far + [0, 5, 0, 0, 0, 0, 0], car])
+    acc.add_frame(boxes, np.array([0.9, 0.6, 0.5, 0.2, 0.4]), np.array([0, 0, 0, 0, 1]),
+                  car[None], np.array([0]))
+    acc.add_frame(np.zeros((0, 7)), np.zeros(0), np.zeros(0), np.zeros((0, 7)), np.zeros(0))
+    fp = false_positives_per_scan(acc.detections(), 1, acc.classes, acc.frames)
+    assert fp == {'car': 1.0, 'pedestrian': 0.5, 'all': 1.5}

@@ -155,6 +155,7 @@ def test_evaluation_report_is_plain_json(model):
     assert report['frames'] == 2 and report['gt']['car'] == 2 and set(report['ap']) == set(CFG.classes)
     assert set(report['uncertainty']['auroc']) == {*UNCERTAINTY_FIELDS, 'ale_corner'}
     assert 'score_auroc' in report['uncertainty']
+    assert set(report['false_positives_per_scan']) == {*CFG.classes, 'all'}
     assert report['latency_ms']['median'] > 0
 
 

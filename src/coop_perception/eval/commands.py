@@ -147,7 +147,7 @@ def cmd_eval_detector(args) -> int:
     from coop_perception.detection.dataset import AgentViewExamples
 
     from .ap import format_ap_table
-    from .detector_eval import evaluate_detector
+    from .detector_eval import FALSE_POSITIVE_SCORE, evaluate_detector
 
     model = detector_from_args(args)
     agents = _comma_list('--agents', args.agents, int, 'agent ids') if args.agents else None
@@ -164,6 +164,9 @@ def cmd_eval_detector(args) -> int:
           if q['score_auroc'] is not None else '')
     for name, rho in q['error_spearman'].items():
         print(f'  Spearman({name}, squared centre error on TPs) = {rho:.3f}' if rho is not None else '')
+    fp = result['false_positives_per_scan']
+    print(f'false positives per scan (score >= {FALSE_POSITIVE_SCORE}, no ground truth at IoU {q["iou"]}): '
+          + ', '.join(f'{name} {value:.2f}' for name, value in fp.items()))
     print(f"median latency {result['latency_ms']['median']:.1f} ms over {result['frames']} scans")
     write_json(args, result)
     return 0

@@ -25,12 +25,16 @@ from .ap import IOU_THRESHOLDS, APAccumulator, auroc
 # separated them (0.77-0.83).
 HEADLINE_UNCERTAINTY = 'ale_corner'
 UNCERTAINTY_IOU = 0.5  # what counts as a true positive for the uncertainty metrics
+# False detections a user sees: those drawn in the BEV pictures (score >= 0.3) that match no ground
+# truth of their class at IoU 0.5 (duplicates included), per scan.
+FALSE_POSITIVE_SCORE = 0.3
 
 
 def evaluate_detector(model: Detector, examples: Sequence, *, max_range: float | None = None,
                       progress: bool = True) -> dict:
     """Detect on every example (sensor-frame scan + ground truth, e.g. AgentViewExamples) ->
-    JSON-ready {'ap', 'mean', 'gt', 'frames', 'uncertainty_auroc', 'uncertainty', 'latency_ms'}."""
+    JSON-ready {'ap', 'mean', 'gt', 'frames', 'uncertainty_auroc', 'uncertainty',
+    'false_positives_per_scan', 'latency_ms'}."""
     acc = APAccumulator(model.cfg.classes, IOU_THRESHOLDS, max_range)
     totals = []
     for i in tqdm(range(len(examples)), desc='eval detector', unit='scan', disable=not progress):
@@ -44,7 +48,19 @@ def evaluate_detector(model: Detector, examples: Sequence, *, max_range: float |
     quality = uncertainty_quality(acc.detections(), list(acc.iou_thresholds).index(UNCERTAINTY_IOU))
     out['uncertainty_auroc'] = quality['auroc'][HEADLINE_UNCERTAINTY]
     out['uncertainty'] = quality
+    out['false_positives_per_scan'] = false_positives_per_scan(
+        acc.detections(), list(acc.iou_thresholds).index(UNCERTAINTY_IOU), model.cfg.classes, acc.frames)
     out['latency_ms'] = {'median': float(np.median(totals)) if totals else None}
+    return out
+
+
+def false_positives_per_scan(det: dict[str, np.ndarray], t: int, classes: Sequence[str], frames: int) -> dict:
+    """From APAccumulator.detections() and IoU column ``t``: per class (and 'all') the detections
+    with score >= FALSE_POSITIVE_SCORE that match no ground truth, divided by ``frames``."""
+    false = (det['scores'] >= FALSE_POSITIVE_SCORE) & ~det['tp'][:, t] if len(det['scores']) else np.zeros(0, bool)
+    n = max(frames, 1)
+    out = {name: float((false & (det['labels'] == k)).sum() / n) for k, name in enumerate(classes)}
+    out['all'] = float(false.sum() / n)
     return out
 
 
