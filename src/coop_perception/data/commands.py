@@ -56,6 +56,17 @@ def height_range(text: str) -> tuple[float, float]:
     return low, high
 
 
+def clutter_density(text: str) -> float:
+    """argparse type of ``--clutter``: a density in [0, 4]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError('--clutter', f'expected a number, got {text!r}') from None
+    if not 0 <= value <= 4:
+        raise UserError('--clutter', f'need 0 <= DENSITY <= 4, got {text!r}')
+    return value
+
+
 def add_cli(commands: Commands) -> None:
     p = commands.add('synth', cmd_synth, 'generate synthetic multi-agent V2X scenes (V2X-Sim format)')
     p.add_argument('--out', required=True, type=output_folder, help='dataset root to write')
@@ -77,6 +88,9 @@ def add_cli(commands: Commands) -> None:
                         'keeps its own)')
     p.add_argument('--own-body', action='store_true',
                    help='rays can hit the scanning vehicle\'s own body: roof/hood returns and a blind zone around it')
+    p.add_argument('--clutter', type=clutter_density, metavar='DENSITY',
+                   help='street furniture and porous vegetation along the sidewalks: 1 is clutter-heavy (an item '
+                        'every 6-7 m of each sidewalk band), 0 none (default: the preset\'s, else 0)')
     p.add_argument('--mimic', choices=sorted(MIMICS),
                    help='write the scenes as that producer lays them out (v2xsim-real: the real V2X-Sim 2.0 '
                         'download; implies --synchronous and --version v2.0)')
@@ -113,7 +127,8 @@ def cmd_synth(args) -> int:
                          vehicles=args.agents - 1,
                          frames=args.frames or preset.get('frames', 40),
                          rate_hz=args.rate, synchronous=args.synchronous or layout.frame_counters,
-                         lidar_profiles=args.lidar, sensor_height=args.sensor_height, own_body=args.own_body)
+                         lidar_profiles=args.lidar, sensor_height=args.sensor_height, own_body=args.own_body,
+                         clutter=args.clutter if args.clutter is not None else preset.get('clutter', 0.0))
     out = Path(args.out)
     if (out / version).exists() and not args.overwrite:
         raise UserError(out / version, 'already exists (use --overwrite to replace it)')

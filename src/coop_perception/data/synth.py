@@ -17,7 +17,8 @@ from ..geometry import make_pose
 from . import roads
 from .lidar import LidarSimulator
 from .sensor_profiles import DEFAULT_PROFILE, PROFILES, SensorProfile
-from .town import MATERIAL, TRIANGLES_PER_BOX, boxes_to_mesh, build_town
+from .clutter import clear_of_actors, street_clutter
+from .town import MATERIAL, TRIANGLES_PER_BOX, boxes_to_mesh, build_town, with_clutter
 from .traffic import Actor, TrafficConfig, TrafficSimulator
 
 RSU_AGENT = 0
@@ -25,6 +26,9 @@ SCENE_EPOCH_US = 1_700_000_000_000_000  # arbitrary recording epoch; scenes are 
 # Seeds the draw of the agents' sensors apart from the world's generator, so that choosing other
 # profiles or heights never changes a scene's town or traffic.
 SENSOR_STREAM = 1
+# The same for the street clutter: a scene with clutter has the town and traffic of the one without.
+CLUTTER_STREAM = 2
+CLUTTER_CLEAR_STEP = 0.05  # s between the actor positions clutter is kept clear of (a walker moves ~7 cm)
 
 
 @dataclass
@@ -49,6 +53,9 @@ class ScenarioConfig:
     # bodies are boxes as wide as the car, which hide far more of the near ground from a low roof
     # mount than a real, rounded roof does.
     own_body: bool = False
+    # Street furniture and porous vegetation along the sidewalks (data/clutter.py): items per metre
+    # relative to the clutter-heavy 1.0; 0 leaves the town as it was.
+    clutter: float = 0.0
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
     layout: roads.RoadLayout = field(default_factory=roads.RoadLayout)
 
@@ -115,9 +122,11 @@ class Scenario:
         self.scene_index = scene_index
         self.rng = np.random.default_rng([cfg.seed, scene_index])
         self.world = build_town(cfg.layout, self.rng)
-        self.static_mesh = self.world.mesh()
         duration = cfg.frames / cfg.rate_hz + 0.5
         self.traffic = TrafficSimulator(cfg.layout, cfg.traffic, self.rng).run(duration)
+        if cfg.clutter > 0:
+            self.world = with_clutter(self.world, *self._street_clutter(duration))
+        self.static_mesh = self.world.mesh()
         self.parts = {a.id: actor_parts(a) for a in self.traffic.actors}
         self.vehicle_agents = self._pick_vehicle_agents(duration)
         self.agent_ids = [RSU_AGENT] + list(range(1, len(self.vehicle_agents) + 1))
@@ -132,6 +141,20 @@ class Scenario:
         corner = np.array([lay.half_width('N') + 1.5, lay.half_width('E') + 1.5])
         self.rsu_pose = make_pose([corner[0], corner[1], 0.0], yaw=-0.75 * np.pi)
         self.start_us = SCENE_EPOCH_US + scene_index * 1_000_000_000
+
+    def _street_clutter(self, duration: float) -> tuple[np.ndarray, list[str]]:
+        """The scene's clutter (its own generator), without what an actor passes through."""
+        boxes, materials = street_clutter(self.cfg.layout, self.cfg.clutter,
+                                          np.random.default_rng([self.cfg.seed, self.scene_index, CLUTTER_STREAM]))
+        xy, radius, height = [], [], []
+        for t in np.arange(0.0, duration + CLUTTER_CLEAR_STEP, CLUTTER_CLEAR_STEP):
+            ids, at, _, _ = self.traffic.state(t)
+            size = np.array([self.traffic.actors[a].size for a in ids]).reshape(-1, 3)
+            xy.append(at)
+            radius.append(0.5 * np.hypot(size[:, 0], size[:, 1]))
+            height.append(size[:, 2])
+        keep = clear_of_actors(boxes, np.concatenate(xy), np.concatenate(radius), np.concatenate(height))
+        return boxes[keep], [m for m, k in zip(materials, keep) if k]
 
     def _pick_vehicle_agents(self, duration: float) -> list[int]:
         """Cars/vans present for the whole scene near the intersection, spread over approaches."""
@@ -265,6 +288,9 @@ PRESETS = {
     'val': dict(seed=2000, scenes=4, frames=20),
     'test': dict(seed=3000, scenes=8, frames=20),
     'demo': dict(seed=4000, scenes=1, frames=40),
+    # the test scenes (same seed: same towns and traffic) with heavy street clutter, for counting
+    # what the clutter alone adds to the false detections
+    'test_clutter': dict(seed=3000, scenes=8, frames=20, clutter=1.0),
 }
 
 

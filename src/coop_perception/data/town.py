@@ -1,5 +1,6 @@
-"""Static world of the synthetic town (ground, buildings, walls, trees, bushes, poles) and the
-box-to-triangle-mesh conversion shared with the moving actors.
+"""Static world of the synthetic town (ground, buildings, walls, trees, bushes, poles; street
+clutter from ``clutter.py`` on request) and the box-to-triangle-mesh conversion shared with the
+moving actors.
 
 Everything static is a set of (N, 7) boxes with a material per box; meshes are plain numpy
 vertex/triangle arrays so the ray caster can take them as they are.
@@ -14,8 +15,10 @@ from ..geometry import box_corners
 from .roads import RoadLayout
 
 # Material ids index REFLECTIVITY; lidar intensity = reflectivity x incidence cosine.
-MATERIALS = ('ground', 'building', 'wall', 'vegetation', 'pole', 'vehicle', 'pedestrian', 'cyclist')
-REFLECTIVITY = np.array([0.12, 0.35, 0.3, 0.2, 0.5, 0.6, 0.3, 0.45], dtype=np.float32)
+# New materials go at the end: the ids of the others are in every generated scan's intensities.
+MATERIALS = ('ground', 'building', 'wall', 'vegetation', 'pole', 'vehicle', 'pedestrian', 'cyclist',
+             'metal', 'plastic', 'glass')
+REFLECTIVITY = np.array([0.12, 0.35, 0.3, 0.2, 0.5, 0.6, 0.3, 0.45, 0.55, 0.25, 0.08], dtype=np.float32)
 MATERIAL = {name: i for i, name in enumerate(MATERIALS)}
 
 # Triangles of a box whose corners come in box_corners order (bottom ccw, then top ccw).
@@ -119,3 +122,10 @@ def build_town(layout: RoadLayout, rng: np.random.Generator) -> StaticWorld:
             add(_box(sx * cx, sy * cy, 0.0, 0.3, 0.3, 6.5), 'pole')
     return StaticWorld(np.array(boxes, dtype=np.float64), np.array(mats, dtype=np.int32),
                        ground_size=layout.arm_length + 60.0)
+
+
+def with_clutter(world: StaticWorld, boxes: np.ndarray, materials: list[str]) -> StaticWorld:
+    """The world with more static boxes (N, 7) and their material names."""
+    mats = np.array([MATERIAL[m] for m in materials], np.int32)
+    return StaticWorld(np.concatenate([world.boxes, boxes.reshape(-1, 7)]),
+                       np.concatenate([world.materials, mats]), world.ground_size)
