@@ -5,6 +5,8 @@ CARLA blueprint ids (``vehicle.audi.tt``), so one table holds both vocabularies.
 """
 from __future__ import annotations
 
+import functools
+
 CLASSES = ('car', 'truck', 'pedestrian', 'cyclist')
 
 # CARLA 0.9 blueprint ids, grouped by the class they map to.
@@ -56,6 +58,7 @@ CATEGORY_CLASSES: dict[str, str | None] = {
 FALLBACK_KEY = 'vehicle'
 
 
+@functools.cache
 def _matching_key(name: str) -> str | None:
     best = None
     for key in CATEGORY_CLASSES:
@@ -64,6 +67,7 @@ def _matching_key(name: str) -> str | None:
     return best
 
 
+@functools.cache
 def category_to_label(name: str) -> int:
     """Category name -> index into CLASSES, or -1 for categories we do not detect or do not know."""
     key = _matching_key(name)

@@ -578,9 +578,10 @@ class V2XSimDataset:
         vel = np.zeros((M, 2))
         cats, insts = [], []
         agent_points: dict[int, np.ndarray] = {}
+        yaws = quat_wxyz_to_yaw(np.array([a['rotation'] for a in anns], np.float64).reshape(-1, 4))
         for i, a in enumerate(anns):
             w, l, h = a['size']
-            boxes[i] = [*a['translation'], l, w, h, quat_wxyz_to_yaw(np.array(a['rotation']))]
+            boxes[i] = [*a['translation'], l, w, h, yaws[i]]
             vel[i] = a['velocity'][:2] if 'velocity' in a else self._finite_difference_velocity(a)
             cats.append(self._t['category'][self._t['instance'][a['instance_token']]['category_token']]['name'])
             insts.append(a['instance_token'])
