@@ -5,6 +5,7 @@ import pytest
 
 from coop_perception import cli
 from coop_perception.data.clutter import CURB_BAND, FRONTAGE_BAND, clear_of_actors, street_clutter
+from coop_perception.data.commands import clutter_density
 from coop_perception.data.roads import RoadLayout
 from coop_perception.data.synth import PRESETS, Scenario, ScenarioConfig
 from coop_perception.data.traffic import TrafficConfig
@@ -94,7 +95,15 @@ def test_lidar_sees_the_clutter_and_through_hedges(pair):
 def test_preset_and_cli(tmp_path, capsys):
     assert PRESETS['test_clutter']['seed'] == PRESETS['test']['seed'] and PRESETS['test_clutter']['clutter'] > 0
     assert ScenarioConfig().clutter == 0.0
-    assert cli.main(['synth', '--out', str(tmp_path / 'x'), '--clutter', '9']) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('error: --clutter:'), err
+    for bad in ('9', '2:1', 'lots'):
+        assert cli.main(['synth', '--out', str(tmp_path / 'x'), '--clutter', bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('error: --clutter:'), err
     assert not (tmp_path / 'x').exists()
+    assert clutter_density('0:2') == (0.0, 2.0) and clutter_density('1.5') == 1.5
+
+
+def test_a_density_range_is_drawn_per_scene():
+    counts = {len(Scenario(ScenarioConfig(seed=5, vehicles=1, frames=1, traffic=QUICK, clutter=(0.0, 2.0)), n)
+                  .world.boxes) for n in range(3)}
+    assert len(counts) == 3

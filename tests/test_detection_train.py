@@ -13,6 +13,7 @@ from coop_perception.detection.config import load_config, with_overrides
 from coop_perception.detection.decode import boxes_from_regression
 from coop_perception.detection.targets import example_targets
 from coop_perception.detection.train import TrainExample, batch_indices, lr_at, prepare_batch, train
+from coop_perception.errors import UserError
 from coop_perception.geometry import points_in_boxes
 
 CFG = load_config(Path(__file__).parents[1] / 'models' / 'detector.yaml')
@@ -118,6 +119,26 @@ def test_resume_continues_where_it_stopped(tmp_path):
     train(small_train_config(iterations=6, checkpoint_every=2), examples, tmp_path / 'a', progress=False)
     log = [json.loads(line)['iteration'] for line in (tmp_path / 'a' / 'train_log.jsonl').read_text().splitlines()]
     assert log == [1, 2, 3, 4, 5, 6]  # no iteration repeated
+
+
+def test_fine_tuning_starts_from_given_weights_and_resumes_its_own_checkpoint(tmp_path):
+    examples = [toy_scene(np.random.default_rng(0))]
+    base = train(small_train_config(iterations=2), examples, tmp_path / 'base', progress=False).weights
+    start = load_detector(base).state_dict()
+    # zero iterations: the weights written are the ones it started from
+    tuned = train(small_train_config(iterations=0), examples, tmp_path / 'zero', progress=False, init=base).weights
+    assert all(torch.equal(v, load_detector(tuned).state_dict()[k]) for k, v in start.items())
+    fresh = train(small_train_config(iterations=0), examples, tmp_path / 'fresh', progress=False).weights
+    assert not all(torch.equal(v, load_detector(fresh).state_dict()[k]) for k, v in start.items())
+    # a run folder with a checkpoint resumes it; init is not applied on top
+    train(small_train_config(iterations=2), examples, tmp_path / 'tune', progress=False, init=base)
+    before = torch.load(tmp_path / 'tune' / 'checkpoint.pt', weights_only=True)['model']
+    train(small_train_config(iterations=2), examples, tmp_path / 'tune', progress=False, init=fresh)
+    after = load_detector(tmp_path / 'tune' / 'detector.pt').state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    bad = with_overrides(small_train_config(iterations=1), model={'head_channels': 16})
+    with pytest.raises(UserError, match='does not match the training config'):
+        train(bad, examples, tmp_path / 'bad', progress=False, init=base)
 
 
 def test_prepare_batch_handles_empty_examples():

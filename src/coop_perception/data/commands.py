@@ -56,15 +56,16 @@ def height_range(text: str) -> tuple[float, float]:
     return low, high
 
 
-def clutter_density(text: str) -> float:
-    """argparse type of ``--clutter``: a density in [0, 4]."""
+def clutter_density(text: str) -> float | tuple[float, float]:
+    """argparse type of ``--clutter``: a density ``D`` or a range ``LOW:HIGH`` drawn per scene,
+    within [0, 4]."""
     try:
-        value = float(text)
+        low, high = (float(v) for v in (text.split(':') if ':' in text else (text, text)))
     except ValueError:
-        raise UserError('--clutter', f'expected a number, got {text!r}') from None
-    if not 0 <= value <= 4:
-        raise UserError('--clutter', f'need 0 <= DENSITY <= 4, got {text!r}')
-    return value
+        raise UserError('--clutter', f'expected a number D or LOW:HIGH, got {text!r}') from None
+    if not 0 <= low <= high <= 4:
+        raise UserError('--clutter', f'need 0 <= LOW <= HIGH <= 4, got {text!r}')
+    return low if low == high else (low, high)
 
 
 def add_cli(commands: Commands) -> None:
@@ -88,9 +89,10 @@ def add_cli(commands: Commands) -> None:
                         'keeps its own)')
     p.add_argument('--own-body', action='store_true',
                    help='rays can hit the scanning vehicle\'s own body: roof/hood returns and a blind zone around it')
-    p.add_argument('--clutter', type=clutter_density, metavar='DENSITY',
+    p.add_argument('--clutter', type=clutter_density, metavar='D|LOW:HIGH',
                    help='street furniture and porous vegetation along the sidewalks: 1 is clutter-heavy (an item '
-                        'every 6-7 m of each sidewalk band), 0 none (default: the preset\'s, else 0)')
+                        'every 6-7 m of each sidewalk band), 0 none, LOW:HIGH drawn per scene (default: the '
+                        'preset\'s, else 0)')
     p.add_argument('--mimic', choices=sorted(MIMICS),
                    help='write the scenes as that producer lays them out (v2xsim-real: the real V2X-Sim 2.0 '
                         'download; implies --synchronous and --version v2.0)')

@@ -54,8 +54,8 @@ class ScenarioConfig:
     # mount than a real, rounded roof does.
     own_body: bool = False
     # Street furniture and porous vegetation along the sidewalks (data/clutter.py): items per metre
-    # relative to the clutter-heavy 1.0; 0 leaves the town as it was.
-    clutter: float = 0.0
+    # relative to the clutter-heavy 1.0; 0 leaves the town as it was; (low, high): drawn per scene.
+    clutter: float | tuple[float, float] = 0.0
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
     layout: roads.RoadLayout = field(default_factory=roads.RoadLayout)
 
@@ -124,7 +124,7 @@ class Scenario:
         self.world = build_town(cfg.layout, self.rng)
         duration = cfg.frames / cfg.rate_hz + 0.5
         self.traffic = TrafficSimulator(cfg.layout, cfg.traffic, self.rng).run(duration)
-        if cfg.clutter > 0:
+        if np.max(cfg.clutter) > 0:
             self.world = with_clutter(self.world, *self._street_clutter(duration))
         self.static_mesh = self.world.mesh()
         self.parts = {a.id: actor_parts(a) for a in self.traffic.actors}
@@ -144,8 +144,9 @@ class Scenario:
 
     def _street_clutter(self, duration: float) -> tuple[np.ndarray, list[str]]:
         """The scene's clutter (its own generator), without what an actor passes through."""
-        boxes, materials = street_clutter(self.cfg.layout, self.cfg.clutter,
-                                          np.random.default_rng([self.cfg.seed, self.scene_index, CLUTTER_STREAM]))
+        rng = np.random.default_rng([self.cfg.seed, self.scene_index, CLUTTER_STREAM])
+        density = self.cfg.clutter if np.isscalar(self.cfg.clutter) else rng.uniform(*self.cfg.clutter)
+        boxes, materials = street_clutter(self.cfg.layout, float(density), rng)
         xy, radius, height = [], [], []
         for t in np.arange(0.0, duration + CLUTTER_CLEAR_STEP, CLUTTER_CLEAR_STEP):
             ids, at, _, _ = self.traffic.state(t)

@@ -14,6 +14,9 @@ def add_cli(commands: Commands) -> None:
     add_dataset_args(p, 'the train preset')
     add_run_folder_args(p, 'override train.iterations')
     add_detector_args(p, weights=False)
+    p.add_argument('--init', metavar='WEIGHTS',
+                   help='start from these detector weights (fine-tuning; the config\'s train section sets the '
+                        'schedule); a checkpoint already in --out is resumed instead')
 
     p = commands.add('detector', cmd_bench_detector, 'per-stage detector latency on synthetic scans', group='bench')
     add_detector_args(p)
@@ -47,8 +50,12 @@ def cmd_train_detector(args) -> int:
     apply_threads(cfg)
     examples = AgentViewExamples(dataset_from_args(args), sweeps=cfg.voxel.sweeps,
                                  max_age_s=cfg.voxel.sweep_max_age_s)
-    print(f'training on {len(examples)} agent views from {args.data} -> {args.out}')
-    summary = train(cfg, examples, args.out, resume=not args.restart, device=resolve_device(args.device))
+    if args.init:
+        require_checkpoint(args.init, 'detector checkpoint', '')
+    print(f'training on {len(examples)} agent views from {args.data} -> {args.out}'
+          + (f', starting from {args.init}' if args.init else ''))
+    summary = train(cfg, examples, args.out, resume=not args.restart, device=resolve_device(args.device),
+                    init=args.init)
     print(f'wrote {summary.weights} after {summary.iterations} iterations; losses {summary.final_losses}')
     return 0
 

@@ -95,10 +95,12 @@ def batch_indices(it: int, n: int, batch_size: int, seed: int) -> list[int]:
 
 
 def train(cfg: DetectorConfig, examples: Sequence, out_dir: str | Path, *, resume: bool = True,
-          progress: bool = True, device: str | torch.device = 'cpu') -> TrainSummary:
+          progress: bool = True, device: str | torch.device = 'cpu', init: str | Path | None = None) -> TrainSummary:
     """Train for ``cfg.train.iterations`` on ``examples`` (len + indexing, items TrainExample or
     4/5-tuples), checkpointing to ``out_dir`` every ``cfg.train.checkpoint_every`` iterations.
     With ``resume`` an existing checkpoint there is continued (its architecture must match).
+    ``init``: a detector checkpoint whose weights a new run starts from (fine-tuning: a fresh
+    optimizer and schedule; ignored when a checkpoint is resumed).
     ``device``: where the network trains (batches are prepared on the CPU)."""
     tc = cfg.train
     if len(examples) == 0:
@@ -121,6 +123,12 @@ def train(cfg: DetectorConfig, examples: Sequence, out_dir: str | Path, *, resum
         start = int(ckpt['iteration'])
         log.info('resuming %s at iteration %d', out / CHECKPOINT, start)
         _truncate_log(out / LOG, start)
+    elif init is not None:
+        ckpt = read_checkpoint(init)
+        check_config(ckpt['config'], cfg, init, 'the training config')
+        model.load_state_dict(ckpt['model'])
+        log.info('starting from the weights of %s', init)
+        _truncate_log(out / LOG, 0)
 
     def checkpoint(it: int) -> None:
         # the training dropout masks are drawn on the device: its generator state resumes too
