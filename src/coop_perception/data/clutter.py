@@ -6,9 +6,9 @@ the curb band (0.3-0.8 m from the carriageway: bollards, signs, lamp posts, bins
 and the frontage band (3.0-4.0 m: fences, railings, porous hedges, planters, bus shelters, cabinets,
 dumpsters, small trees, grass). Pedestrians spread over the whole sidewalk, so whatever stands
 where one walks during the scene is left out (a gap in a fence or a hedge where people pass).
-Hedges, shrubs and crowns are clusters of small cubes, so beams pass
-through their gaps and return from inside them, as from leaves. Nothing here is labelled: every
-return on it is background. Boxes come as ``(N, 7)`` world-frame boxes (x, y, z centre, l, w, h,
+Hedges, shrubs and crowns are clusters of small cubes, so beams pass through their gaps and
+return from inside them, as from leaves. Nothing here is labelled: every return on it is
+background. Boxes come as ``(N, 7)`` world-frame boxes (x, y, z centre, l, w, h,
 yaw; m, rad) with a material name per box, drawn from the caller's generator only.
 """
 from __future__ import annotations

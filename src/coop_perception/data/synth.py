@@ -15,9 +15,9 @@ import numpy as np
 
 from ..geometry import make_pose
 from . import roads
+from .clutter import clear_of_actors, street_clutter
 from .lidar import LidarSimulator
 from .sensor_profiles import DEFAULT_PROFILE, PROFILES, SensorProfile
-from .clutter import clear_of_actors, street_clutter
 from .town import MATERIAL, TRIANGLES_PER_BOX, boxes_to_mesh, build_town, with_clutter
 from .traffic import Actor, TrafficConfig, TrafficSimulator
 

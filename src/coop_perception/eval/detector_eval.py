@@ -45,11 +45,11 @@ def evaluate_detector(model: Detector, examples: Sequence, *, max_range: float |
                       extra={**{name: det.uncertainty[:, j] for j, name in enumerate(UNCERTAINTY_FIELDS)},
                              'ale_corner': corner_variance(det.uncertainty, det.boxes)})
     out = acc.summary()
-    quality = uncertainty_quality(acc.detections(), list(acc.iou_thresholds).index(UNCERTAINTY_IOU))
+    det, t = acc.detections(), list(acc.iou_thresholds).index(UNCERTAINTY_IOU)
+    quality = uncertainty_quality(det, t)
     out['uncertainty_auroc'] = quality['auroc'][HEADLINE_UNCERTAINTY]
     out['uncertainty'] = quality
-    out['false_positives_per_scan'] = false_positives_per_scan(
-        acc.detections(), list(acc.iou_thresholds).index(UNCERTAINTY_IOU), model.cfg.classes, acc.frames)
+    out['false_positives_per_scan'] = false_positives_per_scan(det, t, model.cfg.classes, acc.frames)
     out['latency_ms'] = {'median': float(np.median(totals)) if totals else None}
     return out
 
