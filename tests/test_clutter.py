@@ -79,7 +79,7 @@ def test_no_actor_walks_through_clutter(pair):
         assert not np.any((d < reach) & (bottom[None] < top[:, None]))
 
 
-def test_lidar_sees_the_clutter_and_through_hedges(pair):
+def test_lidar_sees_the_clutter_and_vegetation_is_made_of_leaf_cubes(pair):
     plain, cluttered = pair
     a, b = plain.frame(1).scans, cluttered.frame(1).scans
     # the scans differ where clutter stands: points move closer to the sensor in some directions

@@ -168,8 +168,9 @@ def hidden_behind(free_range: np.ndarray, objects: list, cell_size: float) -> np
         # cell covers several bins
         mid = np.arctan2(cells[:, 1].mean(), cells[:, 0].mean())
         rel = (np.arctan2(corners[:, 1], corners[:, 0]) - mid + np.pi) % (2 * np.pi) - np.pi
-        first, last = np.floor((mid + np.array([rel.min(), rel.max()]) + np.pi) * (B / (2 * np.pi))).astype(np.int64)
-        bins = np.arange(B) if last - first >= B // 2 else np.arange(first, last + 1) % B
+        edges = mid + np.array([rel.min(), rel.max()])
+        first, last = azimuth_bins(np.cos(edges), np.sin(edges), B)
+        bins = np.arange(B) if np.ptp(edges) >= np.pi else (first + np.arange((last - first) % B + 1)) % B
         out[bins] = np.minimum(out[bins], np.float32(max(r.min() - cell_size, 0.0)))
     return out
 
