@@ -127,3 +127,27 @@ def test_false_positives_per_scan_count_confident_unmatched_detections():
     acc.add_frame(np.zeros((0, 7)), np.zeros(0), np.zeros(0), np.zeros((0, 7)), np.zeros(0))
     fp = false_positives_per_scan(acc.detections(), 1, acc.classes, acc.frames)
     assert fp == {'car': 1.0, 'pedestrian': 0.5, 'all': 1.5}
+
+
+def test_false_positives_split_by_what_they_overlap():
+    from coop_perception.eval.detector_eval import false_positive_kinds, nearest_ground_truth
+
+    acc = APAccumulator(('car', 'truck'), (0.3, 0.5, 0.7))
+    car = np.array([10.0, 0, 0, 4.5, 2.0, 1.5, 0])
+    truck = np.array([0.0, 10, 0, 6.0, 2.5, 3.0, 0])
+    gt, gt_labels = np.stack([car, truck]), np.array([0, 1])
+    # the car found, a duplicate of it (loose), a car box 2.5 m off it (loose), a car box on the truck
+    # (other class), a car box on nothing, a faint car box on nothing (not counted)
+    boxes = np.stack([car, car, car + [2.5, 0, 0, 0, 0, 0, 0], truck + [0, 0, 0, -1.5, -0.5, 0, 0],
+                      car + [20, 0, 0, 0, 0, 0, 0], car + [0, 20, 0, 0, 0, 0, 0]])
+    labels, scores = np.zeros(6, np.int64), np.array([0.9, 0.6, 0.5, 0.5, 0.5, 0.2])
+    near = nearest_ground_truth(boxes, labels, gt, gt_labels)
+    assert near['iou_same_class'][0] == pytest.approx(1.0) and near['iou_other_class'][0] == 0.0
+    assert 0.1 < near['iou_same_class'][2] < 0.5 and near['iou_other_class'][3] > 0.0
+    acc.add_frame(boxes, scores, labels, gt, gt_labels, extra=near)
+    acc.add_frame(np.zeros((0, 7)), np.zeros(0), np.zeros(0), np.zeros((0, 7)), np.zeros(0),
+                  extra=nearest_ground_truth(np.zeros((0, 7)), np.zeros(0), np.zeros((0, 7)), np.zeros(0)))
+    kinds = false_positive_kinds(acc.detections(), 1, acc.classes, acc.frames)
+    assert kinds['car'] == {'loose': 1.0, 'other_class': 0.5, 'nothing_there': 0.5}   # per scan of 2
+    assert kinds['truck'] == {'loose': 0.0, 'other_class': 0.0, 'nothing_there': 0.0}
+    assert kinds['all'] == kinds['car']

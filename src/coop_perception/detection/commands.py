@@ -17,6 +17,8 @@ def add_cli(commands: Commands) -> None:
     p.add_argument('--init', metavar='WEIGHTS',
                    help='start from these detector weights (fine-tuning; the config\'s train section sets the '
                         'schedule); a checkpoint already in --out is resumed instead')
+    p.add_argument('--lr', type=positive(float), help='override train.lr (peak learning rate)')
+    p.add_argument('--warmup', type=positive(int), help='override train.warmup_iterations')
 
     p = commands.add('detector', cmd_bench_detector, 'per-stage detector latency on synthetic scans', group='bench')
     add_detector_args(p)
@@ -45,8 +47,10 @@ def cmd_train_detector(args) -> int:
     from .train import train
 
     cfg = load_config(args.config)
-    if args.iterations:
-        cfg = with_overrides(cfg, train={'iterations': args.iterations})
+    schedule = {key: value for key, value in (('iterations', args.iterations), ('lr', args.lr),
+                                              ('warmup_iterations', args.warmup)) if value}
+    if schedule:
+        cfg = with_overrides(cfg, train=schedule)
     apply_threads(cfg)
     examples = AgentViewExamples(dataset_from_args(args), sweeps=cfg.voxel.sweeps,
                                  max_age_s=cfg.voxel.sweep_max_age_s)

@@ -167,6 +167,8 @@ def cmd_eval_detector(args) -> int:
     fp = result['false_positives_per_scan']
     print(f'false positives per scan (score >= {FALSE_POSITIVE_SCORE}, no ground truth at IoU {q["iou"]}): '
           + ', '.join(f'{name} {value:.2f}' for name, value in fp.items()))
+    for name, kinds in result['false_positive_kinds_per_scan'].items():
+        print(f'  {name:<10} ' + ', '.join(f"{kind.replace('_', ' ')} {value:.2f}" for kind, value in kinds.items()))
     print(f"median latency {result['latency_ms']['median']:.1f} ms over {result['frames']} scans")
     write_json(args, result)
     return 0

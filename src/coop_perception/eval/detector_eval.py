@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..detection.decode import UNCERTAINTY_FIELDS, corner_variance
 from ..detection.model import Detector
 from ..detection.train import TrainExample
+from ..geometry import bev_iou
 from .ap import IOU_THRESHOLDS, APAccumulator, auroc
 
 # The single number reported as "uncertainty_auroc": the aleatoric variance of a box corner (the
@@ -28,13 +29,16 @@ UNCERTAINTY_IOU = 0.5  # what counts as a true positive for the uncertainty metr
 # False detections a user sees: those drawn in the BEV pictures (score >= 0.3) that match no ground
 # truth of their class at IoU 0.5 (duplicates included), per scan.
 FALSE_POSITIVE_SCORE = 0.3
+# A false detection overlapping a ground-truth box by at least this much is a badly placed box (of
+# that object's class: 'loose'; of another class: 'other_class'); below it, 'nothing_there'.
+FALSE_POSITIVE_NEAR_IOU = 0.1
 
 
 def evaluate_detector(model: Detector, examples: Sequence, *, max_range: float | None = None,
                       progress: bool = True) -> dict:
     """Detect on every example (sensor-frame scan + ground truth, e.g. AgentViewExamples) ->
     JSON-ready {'ap', 'mean', 'gt', 'frames', 'uncertainty_auroc', 'uncertainty',
-    'false_positives_per_scan', 'latency_ms'}."""
+    'false_positives_per_scan', 'false_positive_kinds_per_scan', 'latency_ms'}."""
     acc = APAccumulator(model.cfg.classes, IOU_THRESHOLDS, max_range)
     totals = []
     for i in tqdm(range(len(examples)), desc='eval detector', unit='scan', disable=not progress):
@@ -43,13 +47,15 @@ def evaluate_detector(model: Detector, examples: Sequence, *, max_range: float |
         totals.append(det.timings_ms['total'])
         acc.add_frame(det.boxes, det.scores, det.labels, ex.boxes, ex.labels,
                       extra={**{name: det.uncertainty[:, j] for j, name in enumerate(UNCERTAINTY_FIELDS)},
-                             'ale_corner': corner_variance(det.uncertainty, det.boxes)})
+                             'ale_corner': corner_variance(det.uncertainty, det.boxes),
+                             **nearest_ground_truth(det.boxes, det.labels, ex.boxes, ex.labels)})
     out = acc.summary()
     det, t = acc.detections(), list(acc.iou_thresholds).index(UNCERTAINTY_IOU)
     quality = uncertainty_quality(det, t)
     out['uncertainty_auroc'] = quality['auroc'][HEADLINE_UNCERTAINTY]
     out['uncertainty'] = quality
     out['false_positives_per_scan'] = false_positives_per_scan(det, t, model.cfg.classes, acc.frames)
+    out['false_positive_kinds_per_scan'] = false_positive_kinds(det, t, model.cfg.classes, acc.frames)
     out['latency_ms'] = {'median': float(np.median(totals)) if totals else None}
     return out
 
@@ -61,6 +67,34 @@ def false_positives_per_scan(det: dict[str, np.ndarray], t: int, classes: Sequen
     n = max(frames, 1)
     out = {name: float((false & (det['labels'] == k)).sum() / n) for k, name in enumerate(classes)}
     out['all'] = float(false.sum() / n)
+    return out
+
+
+def nearest_ground_truth(boxes: np.ndarray, labels: np.ndarray, gt_boxes: np.ndarray,
+                         gt_labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per detection (N, 7) / (N,) against one frame's ground truth (M, 7) / (M,): the largest BEV
+    IoU with a ground-truth box of its own class ('iou_same_class', (N,)) and of any other class
+    ('iou_other_class', (N,)); 0 where there is none."""
+    iou = bev_iou(boxes, gt_boxes) if len(boxes) and len(gt_boxes) else np.zeros((len(boxes), len(gt_boxes)))
+    same = np.asarray(labels).reshape(-1, 1) == np.asarray(gt_labels).reshape(1, -1)
+    return {'iou_same_class': np.where(same, iou, 0.0).max(1, initial=0.0),
+            'iou_other_class': np.where(same, 0.0, iou).max(1, initial=0.0)}
+
+
+def false_positive_kinds(det: dict[str, np.ndarray], t: int, classes: Sequence[str], frames: int) -> dict:
+    """The false positives of :func:`false_positives_per_scan` by what they overlap, per class
+    (and 'all'): {'loose', 'other_class', 'nothing_there'} per scan. 'loose' includes duplicates of
+    an object already detected."""
+    if not len(det['scores']):
+        return {name: {'loose': 0.0, 'other_class': 0.0, 'nothing_there': 0.0} for name in (*classes, 'all')}
+    false = (det['scores'] >= FALSE_POSITIVE_SCORE) & ~det['tp'][:, t]
+    loose = det['iou_same_class'] >= FALSE_POSITIVE_NEAR_IOU
+    other = ~loose & (det['iou_other_class'] >= FALSE_POSITIVE_NEAR_IOU)
+    kinds = {'loose': loose, 'other_class': other, 'nothing_there': ~loose & ~other}
+    n = max(frames, 1)
+    out = {name: {kind: float((false & mask & (det['labels'] == k)).sum() / n) for kind, mask in kinds.items()}
+           for k, name in enumerate(classes)}
+    out['all'] = {kind: float((false & mask).sum() / n) for kind, mask in kinds.items()}
     return out
 
 
