@@ -92,6 +92,10 @@ class AugmentConfig:
     # With several sweeps: the chance that an example is trained on its newest sweep alone, so that
     # the first scan of a run, a scan without a pose and a single file are still detected well.
     single_sweep: float = 0.0
+    # Ground-truth sampling (detection.gt_database): objects of each class (in `classes` order)
+    # pasted into every example from other training scans with at least this many returns; 0: off.
+    gt_sampling: tuple[int, ...] = (0, 0, 0, 0)
+    gt_sampling_min_points: int = 5
 
 
 @dataclass(frozen=True)
@@ -350,6 +354,11 @@ def _validate(cfg: DetectorConfig, source: str) -> None:
         fail(f"runtime.bf16 must be true, false or 'auto', got {cfg.runtime.bf16!r}")
     if not isinstance(cfg.runtime.threads, int) or cfg.runtime.threads < 0:
         fail('runtime.threads must be an integer >= 0')
+    aug = cfg.train.augment
+    if (len(aug.gt_sampling) != len(cfg.classes) or any(n < 0 for n in aug.gt_sampling)
+            or aug.gt_sampling_min_points < 1):
+        fail(f'train.augment.gt_sampling must be {len(cfg.classes)} counts >= 0 (one per class) and '
+             'train.augment.gt_sampling_min_points >= 1')
     lo, hi = cfg.train.augment.scale
     if not 0 < lo <= hi:
         fail('train.augment.scale must be 0 < low <= high')

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .augment import augment_scene
 from .checkpoint import check_config, read_checkpoint, save_checkpoint
 from .config import DetectorConfig, TrainConfig
+from .gt_database import GroundTruthDatabase, build_database, paste_objects
 from .model import Detector
 from .targets import Targets, batch_targets, detection_loss, example_targets
 from .voxelize import resolve_sensor_height, voxelize
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = 'checkpoint.pt'  # latest full training state, overwritten
 FINAL = 'detector.pt'  # weights + config only, what gets shipped
 LOG = 'train_log.jsonl'
+GT_DATABASE = 'gt_database.npz'  # objects pasted by ground-truth sampling, built once per run
 _LR_FLOOR = 0.01  # cosine decay ends at this fraction of the peak learning rate
 
 
@@ -56,8 +58,10 @@ class TrainSummary:
     weights: Path
 
 
-def prepare_batch(examples: Sequence, cfg: DetectorConfig, rng: np.random.Generator | None) -> Batch:
-    """Voxelise and build targets for a list of examples; ``rng`` None disables augmentation."""
+def prepare_batch(examples: Sequence, cfg: DetectorConfig, rng: np.random.Generator | None,
+                  database: GroundTruthDatabase | None = None) -> Batch:
+    """Voxelise and build targets for a list of examples; ``rng`` None disables augmentation,
+    ``database`` (with ``train.augment.gt_sampling``) pastes objects from other scans."""
     coords, feats, per_example = [], [], []
     for b, ex in enumerate(examples):
         ex = TrainExample(*ex)
@@ -65,13 +69,16 @@ def prepare_batch(examples: Sequence, cfg: DetectorConfig, rng: np.random.Genera
         if ages is not None and rng is not None and rng.random() < cfg.train.augment.single_sweep:
             pts, ages = pts[ages == 0], ages[ages == 0]
         h = resolve_sensor_height(pts if ages is None else pts[ages == 0], cfg.voxel, ex.sensor_height)
-        boxes, vel = ex.boxes, ex.velocities
+        boxes, labels, vel = ex.boxes, ex.labels, ex.velocities
+        if rng is not None and database is not None:
+            pts, ages, boxes, labels, vel = paste_objects(pts, ages, boxes, labels, vel, h, database,
+                                                          cfg.train.augment.gt_sampling, rng)
         if rng is not None:
             pts, boxes, vel, h = augment_scene(pts, boxes, vel, h, cfg.train.augment, rng)
         vox = voxelize(pts, cfg.voxel, h, ages)
         coords.append(np.pad(vox.coords, ((0, 0), (1, 0)), constant_values=b))
         feats.append(vox.features)
-        per_example.append(example_targets(boxes, ex.labels, vel, h, cfg))
+        per_example.append(example_targets(boxes, labels, vel, h, cfg))
     return Batch(torch.from_numpy(np.concatenate(coords)), torch.from_numpy(np.concatenate(feats)),
                  len(per_example), batch_targets(per_example, cfg))
 
@@ -130,6 +137,8 @@ def train(cfg: DetectorConfig, examples: Sequence, out_dir: str | Path, *, resum
         log.info('starting from the weights of %s', init)
         _truncate_log(out / LOG, 0)
 
+    database = ground_truth_database(cfg, examples, out, progress) if any(tc.augment.gt_sampling) else None
+
     def checkpoint(it: int) -> None:
         # the training dropout masks are drawn on the device: its generator state resumes too
         cuda_rng = {'cuda_rng': torch.cuda.get_rng_state(device)} if device.type == 'cuda' else {}
@@ -142,7 +151,7 @@ def train(cfg: DetectorConfig, examples: Sequence, out_dir: str | Path, *, resum
         for it in range(start, tc.iterations):
             t0 = time.perf_counter()
             idx = batch_indices(it, len(examples), tc.batch_size, tc.seed)
-            batch = prepare_batch([examples[i] for i in idx], cfg, np.random.default_rng([tc.seed, it]))
+            batch = prepare_batch([examples[i] for i in idx], cfg, np.random.default_rng([tc.seed, it]), database)
             for g in opt.param_groups:
                 g['lr'] = lr_at(it, tc)
             if len(batch.features) == 0:
@@ -167,6 +176,19 @@ def train(cfg: DetectorConfig, examples: Sequence, out_dir: str | Path, *, resum
     bar.close()
     save_checkpoint(out / FINAL, model.eval().cpu())
     return TrainSummary(tc.iterations, losses, out / CHECKPOINT, out / FINAL)
+
+
+def ground_truth_database(cfg: DetectorConfig, examples: Sequence, out: Path, progress: bool) -> GroundTruthDatabase:
+    """The run folder's database of objects to paste, built from ``examples`` on the first start
+    and read back when the run resumes."""
+    path = out / GT_DATABASE
+    if path.exists():
+        return GroundTruthDatabase.load(path)
+    db = build_database(examples, cfg.voxel, cfg.train.augment.gt_sampling_min_points, progress)
+    log.info('ground-truth database: %d objects (%s)', len(db),
+             ', '.join(f'{name} {int((db.labels == k).sum())}' for k, name in enumerate(cfg.classes)))
+    db.save(path)
+    return db
 
 
 def _truncate_log(path: Path, last: int) -> None:
