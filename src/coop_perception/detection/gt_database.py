@@ -61,8 +61,8 @@ class GroundTruthDatabase:
 
 def build_database(examples: Sequence, voxel_cfg, min_points: int, progress: bool = True) -> GroundTruthDatabase:
     """Every ground-truth object with at least ``min_points`` returns in the newest sweep of
-    ``examples`` (TrainExample-like items, sensor frame), heights made relative to the ground
-    (``resolve_sensor_height`` with ``voxel_cfg``, as training does)."""
+    ``examples`` (TrainExample-like items, sensor frame; ignored labels, -1, left out), heights made
+    relative to the ground (``resolve_sensor_height`` with ``voxel_cfg``, as training does)."""
     from .train import TrainExample  # train builds the database: imported here, not at the top
 
     boxes, labels, vels, pts, counts = [], [], [], [], []
@@ -74,7 +74,7 @@ def build_database(examples: Sequence, voxel_cfg, min_points: int, progress: boo
             continue
         h, width = resolve_sensor_height(scan, voxel_cfg, ex.sensor_height), scan.shape[1]
         inside = points_in_boxes(scan, grown(ex.boxes))
-        for j in np.flatnonzero(inside.sum(1) >= min_points):
+        for j in np.flatnonzero((inside.sum(1) >= min_points) & (np.asarray(ex.labels) >= 0)):
             obj = np.array(scan[inside[j]], np.float32)
             obj[:, 2] += h
             box = np.array(ex.boxes[j], np.float64)
@@ -105,7 +105,7 @@ def paste_objects(points: np.ndarray, ages: np.ndarray | None, boxes: np.ndarray
     points (N, C) with ``ages`` (N,) or None, boxes (B, 7), labels (B,), velocities (B, 2), the
     sensor ``sensor_height`` m above the ground. Candidates overlapping a box of the scan or one
     already pasted (BEV, grown by the margin) are dropped. -> (points, ages, boxes, labels,
-    velocities), new arrays; pasted points have age 0."""
+    velocities): new arrays when anything was pasted (its points at age 0), else the inputs."""
     chosen: list[int] = []
     for k, n in enumerate(per_class):
         pool = np.flatnonzero(db.labels == k)
