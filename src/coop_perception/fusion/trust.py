@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
 # score (0..1), the four uncertainties (codec order), age (s) = ego stamp - capture stamp,
@@ -128,7 +129,7 @@ class BoxTrust:
     def trust(self, attributes: np.ndarray) -> np.ndarray:
         """(n, 8) attributes -> (n,) trust in (0, 1)."""
         x = (box_trust_features(attributes) - np.asarray(self.mean)) / np.asarray(self.std)
-        return 1.0 / (1.0 + np.exp(-(x @ np.asarray(self.weights) + self.bias)))
+        return expit(x @ np.asarray(self.weights) + self.bias)  # no overflow warning for extreme inputs
 
     @classmethod
     def fit(cls, features: np.ndarray, is_true_positive: np.ndarray, l2: float = 1e-2) -> 'BoxTrust':
